@@ -1,0 +1,68 @@
+"""The layer registry and the decoding interface every sequence layer shares.
+
+Models name their mixers with plain strings ("stu", "lds", "attn", ...) so configs stay
+serializable; `build_layer` turns a name into a module. Other projects add layers with
+`@register_layer("name")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_layer(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Class decorator: make a layer buildable as `build_layer(name, **kwargs)`."""
+
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"layer name {name!r} is already registered to {_REGISTRY[name]!r}")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_layers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_layer(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered layer; every layer maps (batch, seq, dim) -> (batch, seq, dim)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown layer {name!r}; registered layers: {', '.join(available_layers())}")
+    return _REGISTRY[name](**kwargs)
+
+
+class SequenceLayer(nn.Module):
+    """Base of every mixer: a full-sequence forward plus an incremental decoding interface.
+
+    Decoding: `state = layer.init_state(batch)`, or `y, state = layer.prefill(x)` for a prompt,
+    then `y_t, state = layer.step(x_t, state)` one token at a time (x_t: (batch, dim)).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        raise NotImplementedError
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Run a prompt and return its outputs and the state after it.
+
+        This default steps token by token (always correct); layers override it with a fast path.
+        """
+        state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        ys = []
+        for t in range(x.shape[1]):
+            y_t, state = self.step(x[:, t], state)
+            ys.append(y_t)
+        return torch.stack(ys, dim=1), state
