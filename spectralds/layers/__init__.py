@@ -1,5 +1,23 @@
 """Sequence layers (mixers) behind one registry: build_layer("stu" | "stu_t" | "lds" | "attn", ...)."""
 
-from spectralds.layers.registry import SequenceLayer, available_layers, build_layer, register_layer
+# Importing the layer modules registers them.
+from spectralds.layers import attention, lds, stu  # noqa: E402, F401
+from spectralds.layers.registry import (
+    SequenceLayer,
+    available_layers,
+    build_layer,
+    layer_spec,
+    layer_specs,
+    register_layer,
+    restore_layers,
+)
 
-__all__ = ["SequenceLayer", "available_layers", "build_layer", "register_layer"]
+__all__ = [
+    "SequenceLayer",
+    "available_layers",
+    "build_layer",
+    "layer_spec",
+    "layer_specs",
+    "register_layer",
+    "restore_layers",
+]

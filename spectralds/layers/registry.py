@@ -36,7 +36,45 @@ def build_layer(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered layer; every layer maps (batch, seq, dim) -> (batch, seq, dim)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown layer {name!r}; registered layers: {', '.join(available_layers())}")
-    return _REGISTRY[name](**kwargs)
+    layer = _REGISTRY[name](**kwargs)
+    # Remembered so a checkpoint can rebuild the same architecture before its weights load.
+    layer._build_spec = {"name": name, **kwargs}
+    return layer
+
+
+def layer_spec(layer: nn.Module) -> dict[str, Any] | None:
+    """The `build_layer` arguments that rebuild `layer` now (a layer may refine them via `spec()`)."""
+    if hasattr(layer, "spec"):
+        return layer.spec()
+    return getattr(layer, "_build_spec", None)
+
+
+def layer_specs(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Specs of every registry-built layer inside `module`, by submodule path."""
+    specs = {}
+    for path, sub in module.named_modules():
+        spec = layer_spec(sub) if path else None
+        if spec is not None:
+            specs[path] = spec
+    return specs
+
+
+def restore_layers(module: nn.Module, specs: dict[str, dict[str, Any]]) -> list[str]:
+    """Rebuild the submodules whose saved spec differs from the current one; returns their paths.
+
+    Call it before `load_state_dict` (e.g. in `on_load_checkpoint`), so a checkpoint written after
+    an STU -> LDS swap or a pruning loads into the architecture it was saved from.
+    """
+    rebuilt = []
+    for path, spec in specs.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        current = getattr(parent, attr, None)
+        if current is None or layer_spec(current) != spec:
+            kwargs = dict(spec)
+            setattr(parent, attr, build_layer(kwargs.pop("name"), **kwargs))
+            rebuilt.append(path)
+    return rebuilt
 
 
 class SequenceLayer(nn.Module):
@@ -49,7 +87,9 @@ class SequenceLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         raise NotImplementedError
 
-    def init_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ):
         raise NotImplementedError
 
     def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:

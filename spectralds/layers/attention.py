@@ -1,0 +1,135 @@
+"""Causal sliding-window multi-head attention with rotary position embeddings (RoPE).
+
+Token t attends to tokens t - window + 1 .. t (all earlier tokens when window_size is None). Queries
+and keys are rotated by their position in the sequence, so attention scores depend on positions only
+through their difference. Kernels: flash-attn on CUDA fp16/bf16 when it is installed; otherwise
+PyTorch SDPA with an explicit mask, or plain math when a logit soft cap is set (SDPA has none).
+Decoding keeps a KV cache of at most `window_size` entries, stored after rotation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectralds.layers.registry import SequenceLayer, register_layer
+
+try:
+    from flash_attn import flash_attn_func
+except ImportError:  # optional dependency: spectralds[gpu]
+    flash_attn_func = None
+
+
+class KVCache(NamedTuple):
+    k: torch.Tensor  # (batch, heads, cached, head_dim), already rotated
+    v: torch.Tensor
+    pos: int  # position of the next token
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate channel pairs (i, i + head_dim/2) of x (..., T, head_dim) by positions (T,) * theta^(-2i/hd)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    angles = positions.to(torch.float64)[:, None] * freqs  # float64: exact angles at large positions
+    cos, sin = _at_least_float32(angles.cos(), x.dtype), _at_least_float32(angles.sin(), x.dtype)
+    x1, x2 = _at_least_float32(x[..., :half]), _at_least_float32(x[..., half:])
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def _at_least_float32(t: torch.Tensor, like: torch.dtype | None = None) -> torch.Tensor:
+    """Half-precision math (RoPE, softmax logits) runs in float32; float64 stays float64."""
+    return t.to(torch.promote_types(like or t.dtype, torch.float32))
+
+
+def window_mask(T: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
+    """(T, T) boolean, True where query t may attend to key s: t - window < s <= t."""
+    lag = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]
+    return (lag >= 0) & (lag < window) if window is not None else lag >= 0
+
+
+@register_layer("attn")
+class SlidingWindowAttention(SequenceLayer):
+    """Multi-head causal attention over a sliding window, with RoPE and an optional logit soft cap.
+
+    seq_len, when set, is the longest input `forward` accepts (decoding steps are not limited).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        window_size: int | None = None,
+        seq_len: int | None = None,
+        rope_theta: float = 10000.0,
+        softcap: float | None = None,
+        dropout: float = 0.0,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} must split into {num_heads} heads of even size (RoPE rotates pairs)")
+        if window_size is not None and window_size < 1:
+            raise ValueError(f"window_size must be positive or None, got {window_size}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
+        self.softcap, self.dropout = softcap, dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, T, D) -> q, k, v each (B, heads, T, head_dim), q and k rotated."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prefill(x)[0]
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """Outputs for a prompt and a cache holding its last `window_size` keys and values."""
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"attention expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        T = x.shape[1]
+        if self.seq_len is not None and T > self.seq_len:
+            raise ValueError(f"sequence length {T} exceeds the attention seq_len {self.seq_len}")
+        q, k, v = self._qkv(x, torch.arange(T, device=x.device))
+        y = self._attend(q, k, v)  # (B, heads, T, head_dim)
+        keep = T if self.window_size is None else min(T, self.window_size)
+        return self.o_proj(y.transpose(1, 2).flatten(2)), KVCache(k[:, :, T - keep :], v[:, :, T - keep :], T)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            window = (-1, -1) if self.window_size is None else (self.window_size - 1, 0)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, T, heads, hd)
+            y = flash_attn_func(
+                q, k, v, dropout_p=p, causal=True, window_size=window, softcap=self.softcap or 0.0
+            )
+            return y.transpose(1, 2)
+        mask = window_mask(q.shape[2], self.window_size, q.device)
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        scores = _at_least_float32(q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        scores = self.softcap * torch.tanh(scores / self.softcap)
+        weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), p)
+        return weights.to(v.dtype) @ v
+
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(empty, empty, 0)
+
+    def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One token against the cache; the cache keeps only the last `window_size` entries."""
+        q, k, v = self._qkv(x_t[:, None], torch.tensor([state.pos], device=x_t.device))
+        k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+        if self.window_size is not None:
+            k, v = k[:, :, -self.window_size :], v[:, :, -self.window_size :]
+        scores = _at_least_float32(q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, heads, 1, cached)
+        if self.softcap is not None:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+        y = scores.softmax(-1).to(v.dtype) @ v
+        return self.o_proj(y.flatten(1)), KVCache(k, v, state.pos + 1)

@@ -1,0 +1,7 @@
+"""LightningModules built from the layer registry."""
+
+from spectralds.models.lm import LanguageModel
+from spectralds.models.regression import SequenceRegression
+from spectralds.models.schedules import WarmupCosineLR
+
+__all__ = ["LanguageModel", "SequenceRegression", "WarmupCosineLR"]

@@ -1,0 +1,159 @@
+"""Language models: Flash STU (all STU or STU/attention hybrid), Transformer, and distilled LDS.
+
+All three are the same module with a different `layer_pattern`; a distilled model is an STU model
+whose mixers were swapped for "lds" layers (by `spectralds.callbacks.STUToLDSDistillation`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from spectralds.layers.blocks import Block, RMSNorm
+from spectralds.models.common import (
+    build_mixers,
+    default_optimizer,
+    guard_loss,
+    load_layer_specs,
+    save_layer_specs,
+)
+
+
+class LanguageModel(L.LightningModule):
+    """Decoder-only LM: embedding -> pre-norm blocks (mixer + SwiGLU MLP) -> RMSNorm -> tied head."""
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        dim: int = 128,
+        num_layers: int = 4,
+        layer_pattern: list[str] | None = None,
+        seq_len: int = 256,
+        num_filters: int = 24,
+        layer_kwargs: dict[str, dict[str, Any]] | None = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        norm_eps: float = 1e-6,
+        nonfinite_loss: str = "stop",
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        layer_pattern = list(layer_pattern or ["stu"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.hparams["layer_pattern"] = layer_pattern
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.seq_len = seq_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.dropout = nn.Dropout(dropout)
+        mixers = build_mixers(num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs)
+        hidden = int(mlp_ratio * dim) if mlp_ratio else None
+        self.blocks = nn.ModuleList(Block(dim, m, hidden, norm_eps, dropout) for m in mixers)
+        self.norm = RMSNorm(dim, norm_eps)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self._init_weights(num_layers)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.val_nll = torchmetrics.MeanMetric()
+        self.test_nll = torchmetrics.MeanMetric()
+        self._step_start: float | None = None
+
+    def _init_weights(self, num_layers: int) -> None:
+        std = self.hparams.dim**-0.5
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            # Residual output projections start smaller so the residual stream grows slowly.
+            if name.endswith(("mixer.out_proj", "mlp.w2")):
+                module.weight.data.mul_((2 * num_layers) ** -0.5)
+
+    # ---- forward / decoding -------------------------------------------------------------
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.shape[1] > self.seq_len:
+            raise ValueError(f"input of {idx.shape[1]} tokens exceeds the model's seq_len {self.seq_len}")
+        x = self.dropout(self.embed(idx))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+        """Logits of the last prompt position and the per-block decoding states."""
+        x = self.embed(idx)
+        states = []
+        for block in self.blocks:
+            x, state = block.prefill(x)
+            states.append(state)
+        return self.head(self.norm(x[:, -1])), states
+
+    def step(self, token: torch.Tensor, states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        x = self.embed(token)
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=True):
+            x, state = block.step(x, state)
+            new_states.append(state)
+        return self.head(self.norm(x)), new_states
+
+    # ---- training -----------------------------------------------------------------------
+    def _nll(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._nll(batch).mean()
+        if guard_loss(loss, self.global_step, self.hparams.nonfinite_loss) is None:
+            return None  # Lightning skips the optimizer step
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._step_start is not None:
+            elapsed = time.perf_counter() - self._step_start
+            tokens = batch[0].numel() * self.trainer.world_size
+            self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        nll = self._nll(batch)
+        self.val_nll.update(nll)  # token-weighted mean, reduced across ranks by torchmetrics
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_nll.compute()
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=False)
+        self.val_nll.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.test_nll.update(self._nll(batch))
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_nll.compute()
+        self.log_dict({"test/loss": loss, "test/ppl": loss.exp()})
+        self.test_nll.reset()
+
+    def configure_optimizers(self):
+        # Built here from the callables (never at CLI time) so swapped layers get fresh optimizers.
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_layer_specs(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        load_layer_specs(self, checkpoint)

@@ -1,0 +1,104 @@
+"""Sequence-to-sequence regression (the SpectraLDS paper's synthetic LDS task): MSE per position."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from spectralds.layers.blocks import Block
+from spectralds.models.common import (
+    build_mixers,
+    default_optimizer,
+    guard_loss,
+    load_layer_specs,
+    save_layer_specs,
+)
+
+
+class SequenceRegression(L.LightningModule):
+    """in_proj -> blocks (mixer, optional MLP) -> out_proj; no norm by default, so a single linear
+    mixer can represent an LDS exactly."""
+
+    def __init__(
+        self,
+        d_in: int = 16,
+        d_out: int = 16,
+        dim: int = 32,
+        num_layers: int = 1,
+        layer_pattern: list[str] | None = None,
+        seq_len: int = 256,
+        num_filters: int = 24,
+        layer_kwargs: dict[str, dict[str, Any]] | None = None,
+        mlp_ratio: float = 0.0,
+        nonfinite_loss: str = "stop",
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        layer_pattern = list(layer_pattern or ["stu"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.hparams["layer_pattern"] = layer_pattern
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.in_proj = nn.Linear(d_in, dim, bias=False)
+        mixers = build_mixers(num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs)
+        hidden = int(mlp_ratio * dim) if mlp_ratio else None
+        self.blocks = nn.ModuleList(Block(dim, m, hidden, dropout=0.0) for m in mixers)
+        self.out_proj = nn.Linear(dim, d_out, bias=False)
+        self.val_mse = torchmetrics.MeanSquaredError()
+        self.test_mse = torchmetrics.MeanSquaredError()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        x = self.in_proj(u)
+        for block in self.blocks:
+            x = block(x)
+        return self.out_proj(x)
+
+    def per_position_mse(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(T,) mean squared error at each position, for length-generalization plots."""
+        return (self(u) - y).pow(2).mean(dim=(0, 2))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        u, y = batch
+        loss = F.mse_loss(self(u), y)
+        if guard_loss(loss, self.global_step, self.hparams.nonfinite_loss) is None:
+            return None  # Lightning skips the optimizer step
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        u, y = batch
+        self.val_mse.update(self(u), y)
+
+    def on_validation_epoch_end(self) -> None:
+        mse = self.val_mse.compute()
+        self.log_dict({"val/mse": mse, "val/loss": mse}, prog_bar=True)
+        self.val_mse.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        u, y = batch
+        self.test_mse.update(self(u), y)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/mse", self.test_mse.compute())
+        self.test_mse.reset()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_layer_specs(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        load_layer_specs(self, checkpoint)

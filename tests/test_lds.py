@@ -1,0 +1,300 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectralds.layers.lds import LDS
+from spectralds.layers.registry import build_layer
+
+F64 = torch.float64
+
+
+def random_system(h: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Poles of both signs, some within 1e-4 of the unit circle, one exactly 0 and one exactly -1."""
+    g = torch.Generator().manual_seed(seed)
+    A = (1 - 10 ** (-4 * torch.rand(h, generator=g, dtype=F64))) * torch.where(
+        torch.arange(h) % 2 == 0, 1, -1
+    )
+    if h >= 4:
+        A[2], A[3] = 0.0, -1.0
+    return A, torch.randn(h, generator=g, dtype=F64), torch.randn(h, 2 * K, generator=g, dtype=F64)
+
+
+def fitted_lds(dim, h=10, K=3, mode="exact", dtype=F64, chunk_size=16, seed=0, **kw) -> LDS:
+    torch.manual_seed(seed)
+    layer = LDS(
+        dim, num_filters=K, state_dim=h, mode=mode, learnable=False, dtype=dtype, chunk_size=chunk_size, **kw
+    )
+    layer.set_system(*random_system(h, K, seed))
+    return layer
+
+
+def recurrence(u, A, B, C):
+    """Plain step-by-step reference: U (batch, T, ch, 2K) and the final state, in float64."""
+    x = torch.zeros(u.shape[0], u.shape[2], A.shape[0], dtype=F64)
+    out = []
+    for t in range(u.shape[1]):
+        x = A * x + B * u[:, t, :, None].double()
+        out.append(x @ C)
+    return torch.stack(out, dim=1), x
+
+
+def convolution(u, A, B, C):
+    """Direct causal O(T^2) convolution with the impulse response sum_j C_jk B_j A_j^t."""
+    T = u.shape[1]
+    t = torch.arange(T, dtype=F64)
+    G = (A ** t[:, None] * B) @ C  # (T, 2K)
+    lag = t[:, None] - t[None, :]
+    kernel = torch.where((lag >= 0)[..., None], G[lag.clamp(min=0).long()], 0.0)  # (t, s, 2K)
+    return torch.einsum("tsk,bsi->btik", kernel, u.double())
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 37, 200])
+def test_chunked_scan_matches_recurrence_and_convolution_float64(T):
+    layer = fitted_lds(3)
+    u = torch.randn(2, T, 3, dtype=F64)
+    U, state = layer.scan(u, layer.C)
+    U_rec, state_rec = recurrence(u, layer.A, layer.B, layer.C)
+    assert rel_err(U, U_rec) < 1e-12
+    assert rel_err(U, convolution(u, layer.A, layer.B, layer.C)) < 1e-12
+    assert rel_err(state, state_rec) < 1e-12
+    assert torch.allclose(layer.features(u), U)
+
+
+def test_float32_scan_accuracy_on_long_sequences():
+    # Poles within 1e-4 of +-1 and 2000 steps: float32 stays within 1e-5 of the float64 recurrence.
+    layer = fitted_lds(4, h=16, K=4, dtype=torch.float32, chunk_size=64)
+    u = torch.randn(2, 2000, 4, dtype=F64)
+    U, state = layer.scan(u.float(), layer.C)
+    assert U.dtype == torch.float32
+    U_rec, state_rec = recurrence(u, layer.A, layer.B, layer.C)
+    assert rel_err(U, U_rec) < 1e-5
+    assert rel_err(state, state_rec) < 1e-5
+
+
+def test_impulse_response_is_the_response_to_a_unit_impulse():
+    layer = fitted_lds(1)
+    impulse = torch.zeros(1, 40, 1, dtype=F64)
+    impulse[0, 0, 0] = 1.0
+    assert rel_err(layer.impulse_response(40), layer.features(impulse)[0, :, 0]) < 1e-13
+    assert layer.impulse_response(40).dtype == F64
+
+
+def test_exact_mode_applies_both_projections():
+    layer = fitted_lds(3, K=3, dim_out=5)
+    x = torch.randn(2, 30, 3, dtype=F64)
+    U = convolution(x, layer.A, layer.B, layer.C)
+    expected = torch.einsum("btik,kio->bto", U[..., :3], layer.M_phi_plus) + torch.einsum(
+        "btik,kio->bto", U[..., 3:], layer.M_phi_minus
+    )
+    assert layer(x).shape == (2, 30, 5)
+    assert rel_err(layer(x), expected) < 1e-12
+
+
+def test_tensordot_mode_projects_inputs_then_filters():
+    layer = fitted_lds(3, K=3, mode="tensordot", dim_out=4)
+    x = torch.randn(2, 30, 3, dtype=F64)
+    U = convolution(x @ layer.M_inputs, layer.A, layer.B, layer.C)  # (B, T, d_out, 2K)
+    expected = (U[..., :3] * layer.M_filters_plus.T).sum(-1) + (U[..., 3:] * layer.M_filters_minus.T).sum(-1)
+    assert rel_err(layer(x), expected) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["exact", "tensordot"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_prefill_then_steps_equals_forward(mode, dtype):
+    layer = fitted_lds(3, mode=mode, dtype=dtype, dim_out=2 if mode == "tensordot" else None)
+    layer.to(dtype)
+    x = torch.randn(2, 45, 3, dtype=dtype)
+    y_full = layer(x)
+    y_pre, state = layer.prefill(x[:, :29])
+    ys = [y_pre]
+    for t in range(29, 45):
+        y_t, state = layer.step(x[:, t], state)
+        assert state.shape == (2, layer.channels, layer.state_dim)  # O(1) state: never grows with t
+        ys.append(y_t[:, None])
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert rel_err(torch.cat(ys, dim=1), y_full) < tol
+    assert rel_err(layer.prefill(x)[1], state) < tol
+
+
+def test_steps_from_init_state_match_recurrence():
+    layer = fitted_lds(2, K=2)
+    x = torch.randn(3, 20, 2, dtype=F64)
+    state = layer.init_state(3)
+    assert state.shape == (3, 2, 10) and not state.any()
+    ys = []
+    for t in range(20):
+        y_t, state = layer.step(x[:, t], state)
+        ys.append(y_t)
+    U, final = recurrence(x, layer.A, layer.B, layer.C)
+    expected = torch.einsum("btik,kio->bto", U, torch.cat([layer.M_phi_plus, layer.M_phi_minus]))
+    assert rel_err(torch.stack(ys, 1), expected) < 1e-12
+    assert rel_err(state, final) < 1e-12
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_keep_states_shrinks_the_system(learnable):
+    layer = fitted_lds(3, h=10, K=2)
+    if learnable:
+        layer.set_system(*layer.system(), learnable=True)
+    keep = torch.tensor([0, 3, 4, 9])
+    A, B, C = (p.detach()[keep] for p in layer.system())
+    layer.keep_states(keep)
+    assert layer.state_dim == 4
+    assert [tuple(p.shape) for p in layer.system()] == [(4,), (4,), (4, 4)]
+    assert torch.equal(layer.system()[0].detach(), A)
+    assert (layer.A_raw if learnable else layer.A).shape == (4,)
+    x = torch.randn(1, 25, 3, dtype=F64)
+    U = convolution(x, A, B, C)
+    expected = torch.einsum("btik,kio->bto", U, torch.cat([layer.M_phi_plus, layer.M_phi_minus]))
+    assert rel_err(layer(x), expected) < 1e-12
+    with pytest.raises(ValueError, match="keep_states"):
+        layer.keep_states(torch.tensor([7]))
+    with pytest.raises(ValueError, match="distinct"):
+        layer.keep_states(torch.tensor([0, 0]))
+
+
+def test_invalid_systems_raise_clear_errors():
+    layer = LDS(2, num_filters=2, state_dim=3, learnable=False)
+    A, B, C = torch.tensor([0.5, -0.9, 1.0], dtype=F64), torch.ones(3, dtype=F64), torch.ones(3, 4, dtype=F64)
+    layer.set_system(A, B, C)  # |a| = 1 is allowed
+    with pytest.raises(ValueError, match="unstable"):
+        layer.set_system(torch.tensor([0.5, -1.0001, 0.2]), B, C)
+    with pytest.raises(ValueError, match="C \\(h, 4\\)"):
+        layer.set_system(A, B, torch.ones(3, 6))
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.set_system(A, torch.tensor([1.0, float("nan"), 1.0]), C)
+    with pytest.raises(ValueError, match="mode"):
+        LDS(2, mode="approx")
+
+
+def test_seq_len_limit():
+    layer = fitted_lds(2, seq_len=32)
+    layer(torch.randn(1, 32, 2, dtype=F64))
+    with pytest.raises(ValueError, match="exceeds the LDS seq_len 32"):
+        layer(torch.randn(1, 33, 2, dtype=F64))
+    with pytest.raises(ValueError, match="expects input"):
+        layer(torch.randn(1, 8, 3, dtype=F64))
+
+
+def test_learnable_system_stays_stable_and_trains():
+    layer = LDS(3, num_filters=2, state_dim=6, mode="tensordot", dtype=F64, chunk_size=4)
+    with torch.no_grad():
+        layer.A_raw.copy_(torch.tensor([50.0, -50.0, 0.0, 3.0, -3.0, 0.1]))  # a = +-1 (saturated), 0, ...
+    assert layer.system()[0].abs().max() <= 1
+    x = torch.randn(2, 11, 3, dtype=F64)
+    layer(x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert layer.A_raw.grad[3:].abs().min() > 0
+
+
+def test_learnable_gradients_match_finite_differences():
+    layer = LDS(2, num_filters=1, state_dim=3, dtype=F64, chunk_size=4)
+    x = torch.randn(1, 9, 2, dtype=F64, requires_grad=True)
+    params = (layer.A_raw, layer.B, layer.C, layer.M_phi_plus)
+
+    def f(x, A_raw, B, C, M):
+        return torch.func.functional_call(layer, {"A_raw": A_raw, "B": B, "C": C, "M_phi_plus": M}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_fitted_float64_buffers_survive_dtype_casts():
+    layer = fitted_lds(2, dtype=torch.float32)
+    A = layer.A.clone()
+    layer.to(torch.bfloat16)
+    assert layer.A.dtype == F64 and torch.equal(layer.A, A)
+    assert layer.M_phi_plus.dtype == torch.bfloat16
+    layer.float()
+    x = torch.randn(1, 20, 2)
+    U = recurrence(x, layer.A, layer.B, layer.C)[0]
+    assert rel_err(layer.features(x), U) < 1e-5
+
+
+def test_scan_ignores_autocast():
+    layer = fitted_lds(2, dtype=torch.float32)
+    x = torch.randn(1, 50, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        U = layer.features(x)
+    assert U.dtype == torch.float32
+    assert rel_err(U, recurrence(x, layer.A, layer.B, layer.C)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_pruned_state_dict_loads_into_a_fresh_layer(learnable):
+    layer = fitted_lds(2, h=10, K=2, mode="tensordot")
+    if learnable:
+        layer.set_system(*layer.system(), learnable=True)
+    layer.keep_states(torch.tensor([1, 2, 5]))
+    fresh = LDS(2, num_filters=2, state_dim=10, mode="tensordot", learnable=not learnable, dtype=F64)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.state_dim == 3 and fresh.learnable == learnable
+    x = torch.randn(1, 20, 2, dtype=F64)
+    assert rel_err(fresh(x), layer(x)) < 1e-12  # chunk sizes differ: equal up to rounding
+
+
+def test_registered_as_lds():
+    layer = build_layer("lds", dim=4, num_filters=2, state_dim=5)
+    assert isinstance(layer, LDS) and layer(torch.randn(1, 7, 4)).shape == (1, 7, 4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 4),
+    T=st.integers(1, 150),
+    h=st.integers(1, 12),
+    K=st.integers(1, 3),
+    chunk_size=st.sampled_from([1, 3, 8, 32]),
+    dtype=st.sampled_from([torch.float32, F64]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_scan_equals_recurrence(batch, channels, T, h, K, chunk_size, dtype, seed):
+    layer = fitted_lds(channels, h=h, K=K, dtype=dtype, chunk_size=chunk_size, seed=seed)
+    u = torch.randn(batch, T, channels, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    U, state = layer.scan(u.to(dtype), layer.C)
+    U_rec, state_rec = recurrence(u, layer.A, layer.B, layer.C)
+    tol = 1e-12 if dtype == F64 else 2e-5
+    assert U.shape == (batch, T, channels, 2 * K)
+    assert rel_err(U, U_rec) < tol and rel_err(state, state_rec) < tol
+
+
+def test_spec_rebuilds_the_layer_as_it_is_now():
+    layer = fitted_lds(2, h=10, K=2, mode="tensordot")
+    layer.keep_states(torch.tensor([0, 4, 7]))
+    spec = layer.spec()
+    assert spec["state_dim"] == 3 and spec["learnable"] is False and spec["dtype"] == "float64"
+    kwargs = dict(spec)
+    rebuilt = build_layer(kwargs.pop("name"), **kwargs)
+    rebuilt.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 20, 2, dtype=F64)
+    assert rebuilt.spec() == spec and torch.equal(rebuilt(x), layer(x))
+
+
+@pytest.mark.parametrize("mode", ["exact", "tensordot"])
+def test_step_cache_follows_parameter_updates_and_new_systems(mode):
+    layer = fitted_lds(2, h=6, K=2, mode=mode)
+    x = torch.randn(1, 5, 2, dtype=F64)
+
+    def decode():
+        state, ys = layer.init_state(1), []
+        with torch.no_grad():
+            for t in range(5):
+                y_t, state = layer.step(x[:, t], state)
+                ys.append(y_t)
+        return torch.stack(ys, dim=1)
+
+    assert rel_err(decode(), layer(x)) < 1e-12
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(1.5)  # in place, like an optimizer step
+    assert rel_err(decode(), layer(x)) < 1e-12
+    layer.set_system(*random_system(6, 2, seed=5))
+    assert rel_err(decode(), layer(x)) < 1e-12
+    layer.keep_states(torch.tensor([0, 1]))
+    assert rel_err(decode(), layer(x)) < 1e-12

@@ -1,0 +1,104 @@
+"""LightningModules: shapes, decoding == forward, checkpoints rebuild swapped layers."""
+
+import pytest
+import torch
+
+from spectralds.generate import generate, sample_next, set_decode_method
+from spectralds.layers import layer_specs
+from spectralds.models import LanguageModel, SequenceRegression, WarmupCosineLR
+
+
+def tiny_lm(pattern=("stu",), **kw) -> LanguageModel:
+    torch.manual_seed(0)
+    args = dict(vocab_size=32, dim=16, num_layers=2, layer_pattern=list(pattern), seq_len=32, num_filters=4)
+    args["layer_kwargs"] = {"attn": {"num_heads": 2, "window_size": 8}}
+    args.update(kw)
+    return LanguageModel(**args).eval()
+
+
+@pytest.mark.parametrize("pattern", [("stu",), ("stu_t",), ("stu", "attn"), ("attn",), ("lds",)])
+def test_forward_shape_and_decoding_matches_forward(pattern):
+    model = tiny_lm(pattern).double()
+    idx = torch.randint(0, 32, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        logits, states = model.prefill(idx[:, :12])
+        torch.testing.assert_close(logits, full[:, 11], rtol=1e-6, atol=1e-6)
+        for t in range(12, 20):
+            logits, states = model.step(idx[:, t], states)
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-6, atol=1e-6)
+    assert full.shape == (2, 20, 32)
+
+
+def test_layer_pattern_alternates():
+    model = tiny_lm(("stu", "attn"), num_layers=4)
+    names = [type(b.mixer).__name__ for b in model.blocks]
+    assert names == ["STU", "SlidingWindowAttention", "STU", "SlidingWindowAttention"]
+
+
+def test_tied_embeddings():
+    model = tiny_lm()
+    assert model.head.weight is model.embed.weight
+
+
+def test_generation_greedy_same_for_naive_and_futurefill():
+    model = tiny_lm()
+    prompt = torch.randint(0, 32, (1, 5))
+    set_decode_method(model, "naive")
+    a = generate(model, prompt, 20)
+    assert set_decode_method(model, "futurefill") == 2
+    b = generate(model, prompt, 20)
+    assert torch.equal(a, b) and a.shape == (1, 25)
+    # greedy generation == argmax of the full forward on the generated text
+    with torch.no_grad():
+        logits = model(a[:, :-1])
+    assert torch.equal(logits.argmax(-1)[:, 4:], a[:, 5:])
+
+
+def test_generation_errors():
+    model = tiny_lm()
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(model, torch.zeros(1, 30, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="unknown decode"):
+        set_decode_method(model, "fast")
+
+
+def test_sampling_top_k_only_picks_top_tokens():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    picks = sample_next(logits, temperature=1.0, top_k=2, generator=gen)
+    assert set(picks.tolist()) == {1, 2}
+
+
+def test_layer_specs_roundtrip_rebuilds_lds():
+    from spectralds.layers import restore_layers
+    from spectralds.layers.lds import LDS
+
+    stu_model, lds_model = tiny_lm(("stu",)), tiny_lm(("lds",), layer_kwargs=None)
+    specs = layer_specs(lds_model)
+    rebuilt = restore_layers(stu_model, specs)
+    assert rebuilt == ["blocks.0.mixer", "blocks.1.mixer"]
+    assert all(isinstance(b.mixer, LDS) for b in stu_model.blocks)
+    stu_model.load_state_dict(lds_model.state_dict())
+
+
+def test_regression_model_shapes():
+    model = SequenceRegression(d_in=3, d_out=2, dim=8, seq_len=16, num_filters=4)
+    assert model(torch.randn(4, 16, 3)).shape == (4, 16, 2)
+    assert model.per_position_mse(torch.randn(4, 16, 3), torch.randn(4, 16, 2)).shape == (16,)
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(120):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55, abs=1e-6) and lrs[115] == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        WarmupCosineLR(opt, warmup_steps=10, total_steps=10)
