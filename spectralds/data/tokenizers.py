@@ -1,0 +1,207 @@
+"""Tokenizers behind one small interface: ``encode``, ``decode``, ``vocab_size`` and ``name``.
+
+* :class:`ByteTokenizer`: the 256 UTF-8 byte values; needs no file and no training.
+* :class:`BPETokenizer`: a Hugging Face ``tokenizers`` model, trained locally (byte-level BPE) or read
+  from a ``tokenizer.json`` file.
+* :class:`TiktokenTokenizer`: a ``.tiktoken`` rank file read from a local path (never downloaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+# The pre-tokenization regexes that OpenAI's encodings were trained with. A rank file does not
+# record its regex, so the right one has to be named when the file is loaded.
+TIKTOKEN_PATTERNS = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    "cl100k": (
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+        r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+    ),
+}
+
+
+class Tokenizer:
+    """The interface every tokenizer implements (text <-> token ids in ``[0, vocab_size)``)."""
+
+    name: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode several texts; subclasses override this where the library runs it in parallel."""
+        return [self.encode(text) for text in texts]
+
+    @property
+    def fingerprint(self) -> str:
+        """A string that changes whenever the text -> ids mapping changes (keys the token caches)."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer(Tokenizer):
+    """One token per UTF-8 byte; decoding replaces invalid byte sequences with U+FFFD."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class BPETokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers.Tokenizer``; special tokens are neither added nor skipped."""
+
+    def __init__(self, tokenizer, name: str = "bpe"):
+        self.backend = tokenizer
+        self.name = name
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Train a byte-level BPE on ``texts``; the result has at most ``vocab_size`` tokens.
+
+        Byte-level means every string can be encoded (no unknown token) and decoding is exact.
+        """
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet):
+            raise ValueError(f"BPE vocab_size must be at least {len(alphabet)} (all bytes), got {vocab_size}")
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend, name=f"bpe-{vocab_size}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
+        """Load a ``tokenizer.json`` written by :meth:`save` or by any Hugging Face tokenizer."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = _existing_file(path, "tokenizer file")
+        return cls(HFTokenizer.from_file(str(path)), name=f"bpe:{path.name}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer as JSON, atomically (a reader never sees a partial file)."""
+        _atomic_write_text(Path(path), self.backend.to_str())
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return "bpe:" + hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A byte-level BPE read from a local ``.tiktoken`` rank file with ``tiktoken``.
+
+    ``pattern`` is the pre-tokenization regex the ranks were trained with: a key of
+    :data:`TIKTOKEN_PATTERNS` ("cl100k", "gpt2") or a regex. Special tokens in the text are encoded
+    as plain text; ``special_tokens`` only extends the vocabulary (and ``decode``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        pattern: str = "cl100k",
+        special_tokens: dict[str, int] | None = None,
+    ):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        path = _existing_file(path, "tiktoken file")
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        # tiktoken caches what it reads under a key made from the path alone; passing the hash of
+        # the current contents makes it drop a stale copy if the file changed since.
+        ranks = load_tiktoken_bpe(str(path), expected_hash=digest)
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"{path} is not a byte-level BPE: {len(missing)} of the 256 bytes have no rank")
+        self.pattern = TIKTOKEN_PATTERNS.get(pattern, pattern)
+        self.special_tokens = dict(special_tokens or {})
+        self.name = f"tiktoken:{path.name}"
+        self.backend = tiktoken.Encoding(
+            self.name, pat_str=self.pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+        self.vocab_size = self.backend.n_vocab
+        identity = f"{digest}|{self.pattern}|{sorted(self.special_tokens.items())}"
+        self._fingerprint = "tiktoken:" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.backend.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], errors="replace")
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+
+def build_tokenizer(
+    spec: str,
+    corpus_files: Sequence[str | os.PathLike] | None = None,
+    vocab_size: int | None = None,
+) -> Tokenizer:
+    """Build a tokenizer from a short spec.
+
+    ``"byte"``; ``"bpe"`` (train a byte-level BPE of ``vocab_size`` tokens on ``corpus_files``);
+    a path to a ``tokenizer.json``; or a path to a ``.tiktoken`` file (cl100k pre-tokenization).
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "bpe":
+        if not corpus_files or vocab_size is None:
+            raise ValueError("tokenizer 'bpe' needs corpus_files and vocab_size to train on")
+        files = [_existing_file(f, "corpus file") for f in corpus_files]
+        texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
+        return BPETokenizer.train(texts, vocab_size)
+    path = Path(spec).expanduser()
+    if path.suffix == ".json":
+        return BPETokenizer.from_file(path)
+    if path.suffix == ".tiktoken":
+        return TiktokenTokenizer(path)
+    raise ValueError(
+        f"unknown tokenizer {spec!r}: expected 'byte', 'bpe', a path to tokenizer.json or to a .tiktoken file"
+    )
+
+
+def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
