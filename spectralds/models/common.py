@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -41,6 +43,7 @@ def build_mixers(
 
 def save_layer_specs(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     checkpoint["spectralds_layers"] = layer_specs(module)
+    checkpoint["spectralds_model"] = type(module).__name__
 
 
 def load_layer_specs(module: nn.Module, checkpoint: dict[str, Any]) -> None:
@@ -48,10 +51,54 @@ def load_layer_specs(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     restore_layers(module, checkpoint.get("spectralds_layers", {}))
 
 
-def guard_loss(loss: torch.Tensor, step: int, policy: str) -> torch.Tensor | None:
-    """Non-finite loss: "stop" raises naming the step, "skip" drops the step (returns None)."""
-    if torch.isfinite(loss):
+def guard_loss(module: L.LightningModule, loss: torch.Tensor, policy: str) -> torch.Tensor | None:
+    """Non-finite loss: "stop" raises naming the step, "skip" drops the step (returns None).
+
+    The ranks agree first, so under DDP they all skip or all stop together.
+    """
+    finite = bool(torch.isfinite(loss))
+    if module._trainer is not None:
+        finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
+    if finite:
         return loss
     if policy == "skip":
         return None
-    raise FloatingPointError(f"non-finite training loss ({loss.item()}) at global step {step}; stopping")
+    raise FloatingPointError(
+        f"non-finite training loss ({loss.item()}) at global step {module.global_step}; stopping "
+        "(set the model's nonfinite_loss: skip to skip such steps instead)"
+    )
+
+
+class SpectralModule(L.LightningModule):
+    """What every spectralds model shares: optimizers built from injected callables (so swapped
+    layers get fresh ones), throughput and learning-rate logging, and checkpoints that remember
+    swapped/pruned layers."""
+
+    optimizer_factory: Any
+    scheduler_factory: Any
+    _step_start: float | None = None
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._step_start is None:
+            return
+        elapsed = max(time.perf_counter() - self._step_start, 1e-9)
+        tokens = batch[0].shape[0] * batch[0].shape[1] * self.trainer.world_size
+        self.log("train/tokens_per_sec", tokens / elapsed)
+        if self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_layer_specs(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        load_layer_specs(self, checkpoint)

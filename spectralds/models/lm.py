@@ -6,10 +6,8 @@ whose mixers were swapped for "lds" layers (by `spectralds.callbacks.STUToLDSDis
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -17,16 +15,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spectralds.layers.blocks import Block, RMSNorm
-from spectralds.models.common import (
-    build_mixers,
-    default_optimizer,
-    guard_loss,
-    load_layer_specs,
-    save_layer_specs,
-)
+from spectralds.models.common import SpectralModule, build_mixers, default_optimizer, guard_loss
 
 
-class LanguageModel(L.LightningModule):
+class LanguageModel(SpectralModule):
     """Decoder-only LM: embedding -> pre-norm blocks (mixer + SwiGLU MLP) -> RMSNorm -> tied head."""
 
     def __init__(
@@ -66,7 +58,6 @@ class LanguageModel(L.LightningModule):
             self.head.weight = self.embed.weight
         self.val_nll = torchmetrics.MeanMetric()
         self.test_nll = torchmetrics.MeanMetric()
-        self._step_start: float | None = None
 
     def _init_weights(self, num_layers: int) -> None:
         std = self.hparams.dim**-0.5
@@ -78,6 +69,16 @@ class LanguageModel(L.LightningModule):
             # Residual output projections start smaller so the residual stream grows slowly.
             if name.endswith(("mixer.out_proj", "mlp.w2")):
                 module.weight.data.mul_((2 * num_layers) ** -0.5)
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if getattr(data, "seq_len", 0) > self.seq_len:
+            raise ValueError(f"data seq_len {data.seq_len} exceeds the model's seq_len {self.seq_len}")
+        if getattr(data, "vocab_size", 0) > self.hparams.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {data.vocab_size} tokens but the model's vocab_size is "
+                f"{self.hparams.vocab_size}"
+            )
 
     # ---- forward / decoding -------------------------------------------------------------
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -113,19 +114,10 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._nll(batch).mean()
-        if guard_loss(loss, self.global_step, self.hparams.nonfinite_loss) is None:
+        if guard_loss(self, loss, self.hparams.nonfinite_loss) is None:
             return None  # Lightning skips the optimizer step
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._step_start is not None:
-            elapsed = time.perf_counter() - self._step_start
-            tokens = batch[0].numel() * self.trainer.world_size
-            self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         nll = self._nll(batch)
@@ -143,17 +135,3 @@ class LanguageModel(L.LightningModule):
         loss = self.test_nll.compute()
         self.log_dict({"test/loss": loss, "test/ppl": loss.exp()})
         self.test_nll.reset()
-
-    def configure_optimizers(self):
-        # Built here from the callables (never at CLI time) so swapped layers get fresh optimizers.
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_layer_specs(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_layer_specs(self, checkpoint)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -12,16 +11,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spectralds.layers.blocks import Block
-from spectralds.models.common import (
-    build_mixers,
-    default_optimizer,
-    guard_loss,
-    load_layer_specs,
-    save_layer_specs,
-)
+from spectralds.models.common import SpectralModule, build_mixers, default_optimizer, guard_loss
 
 
-class SequenceRegression(L.LightningModule):
+class SequenceRegression(SpectralModule):
     """in_proj -> blocks (mixer, optional MLP) -> out_proj; no norm by default, so a single linear
     mixer can represent an LDS exactly."""
 
@@ -68,7 +61,7 @@ class SequenceRegression(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         u, y = batch
         loss = F.mse_loss(self(u), y)
-        if guard_loss(loss, self.global_step, self.hparams.nonfinite_loss) is None:
+        if guard_loss(self, loss, self.hparams.nonfinite_loss) is None:
             return None  # Lightning skips the optimizer step
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -89,16 +82,3 @@ class SequenceRegression(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log("test/mse", self.test_mse.compute())
         self.test_mse.reset()
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_layer_specs(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_layer_specs(self, checkpoint)

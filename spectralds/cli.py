@@ -1,0 +1,155 @@
+"""`spectralds` command line: LightningCLI (fit/validate/test/predict) plus distill-filters and generate.
+
+This is the one place where exceptions become one-line user errors; set SPECTRALDS_DEBUG=1 for
+the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger
+
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+
+
+class LoggedSaveConfigCallback(SaveConfigCallback):
+    """Saves the resolved config to the run's log dir (Lightning) and logs it as TensorBoard hparams."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.logger, Logger):
+            trainer.logger.log_hyperparams(_flatten(self.config.as_dict()))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+class SpectraLDSCLI(LightningCLI):
+    """Model and data chosen by class_path; optimizer/scheduler are callables in the model's init."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=L.LightningModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=LoggedSaveConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf"},
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "default"},
+                }
+            },
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+
+def distill_filters_main(argv: list[str]) -> None:
+    from spectralds.distill import fit_filters, save_fit
+
+    p = argparse.ArgumentParser(
+        prog="spectralds distill-filters", description="Fit one diagonal LDS to the 2K spectral filters."
+    )
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--num-filters", type=int, default=24)
+    p.add_argument("--state-dim", type=int, default=80)
+    p.add_argument("--variant", default="hankel")
+    p.add_argument("--method", default=None, help="fit method (default: the library's best)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"cannot write to {out_dir}")
+    kwargs = {"method": a.method} if a.method else {}
+    fit = fit_filters(
+        a.seq_len, a.num_filters, a.state_dim, variant=a.variant, progress=not a.no_progress, **kwargs
+    )
+    save_fit(fit, a.out)
+    print(
+        f"wrote {a.out}: {fit.state_dim} states, relative MSE float64 {fit.rel_mse_f64:.3e}, "
+        f"float32 {fit.rel_mse_f32:.3e}, worst filter {max(fit.rel_mse_f64_per_filter):.3e}"
+    )
+
+
+def generate_main(argv: list[str]) -> None:
+    import torch
+
+    from spectralds.checkpoint import load_model, read_checkpoint, tokenizer_spec
+    from spectralds.data import build_tokenizer
+    from spectralds.generate import generate, set_decode_method
+
+    p = argparse.ArgumentParser(prog="spectralds generate", description="Generate text from a checkpoint.")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the one the model trained with)")
+    p.add_argument("--decode", choices=["futurefill", "naive"], default="futurefill", help="STU decoding")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    checkpoint = read_checkpoint(a.ckpt)
+    model = load_model(a.ckpt, checkpoint=checkpoint)
+    set_decode_method(model, a.decode)
+    spec = a.tokenizer or tokenizer_spec(checkpoint)
+    if spec == "bpe":
+        raise ValueError(
+            "this model used a BPE tokenizer trained on its corpus: pass --tokenizer tokenizer.json"
+        )
+    tokenizer = build_tokenizer(spec)
+    prompt = torch.tensor([tokenizer.encode(a.prompt)], dtype=torch.long)
+    if prompt.shape[1] == 0:
+        raise ValueError("the prompt is empty")
+    generator = torch.Generator().manual_seed(a.seed)
+    out = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, generator)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+def _user_message(error: BaseException) -> str:
+    """First line of the error that matters: jsonargparse wraps failures of a class's __init__."""
+    while error.__cause__ is not None and (
+        "Union subtypes" in str(error) or type(error).__module__.startswith("jsonargparse")
+    ):
+        error = error.__cause__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+SUBCOMMANDS = {"distill-filters": distill_filters_main, "generate": generate_main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            SUBCOMMANDS[argv[0]](argv[1:])
+        else:  # LightningCLI reads sys.argv itself and warns when given both
+            SpectraLDSCLI(args=None if from_command_line else argv)
+    except USER_ERRORS as e:
+        if os.environ.get("SPECTRALDS_DEBUG"):
+            raise
+        print(f"spectralds: error: {_user_message(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
