@@ -1,0 +1,6 @@
+"""Lightning callbacks: plug distillation and pruning into any LightningModule holding STU layers."""
+
+from spectralds.callbacks.distillation import STUToLDSDistillation
+from spectralds.callbacks.pruning import LayerAdaptiveStatePruning
+
+__all__ = ["LayerAdaptiveStatePruning", "STUToLDSDistillation"]

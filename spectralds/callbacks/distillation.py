@@ -1,0 +1,131 @@
+"""STUToLDSDistillation: swap every STU layer of a LightningModule for its fitted LDS layer."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from spectralds.callbacks._common import log_figure, log_scalars, rebuild_optimizers, run_validation
+from spectralds.distill import LDSFit, get_fit, load_fit
+from spectralds.distill.convert import convert_stu_layers, find_stu_layers
+from spectralds.layers import layer_specs
+
+
+class STUToLDSDistillation(Callback):
+    """Replace the STU layers (found by type, anywhere in the module) with LDS layers carrying their M.
+
+    Args:
+        state_dim: states of the fitted LDS (shared by all layers); None: min(80, seq_len // 4), even.
+        method: filter-fit method (None: the library's best).
+        fit_path: load this LDS file instead of fitting (it must match the layers' L, K and variant).
+        at_step / at_epoch: swap after this global step / at the end of this epoch (0-based) and keep
+            training the LDS model; default (both None): at the end of training.
+        validate: run validation before and after the swap and log both losses.
+        save_path: where to save a checkpoint of the swapped model at the end of training
+            ("auto": <log_dir>/checkpoints/lds.ckpt; None: don't).
+    """
+
+    def __init__(
+        self,
+        state_dim: int | None = None,
+        method: str | None = None,
+        fit_path: str | None = None,
+        at_step: int | None = None,
+        at_epoch: int | None = None,
+        validate: bool = True,
+        save_path: str | None = "auto",
+        log_plot: bool = True,
+    ) -> None:
+        if at_step is not None and at_epoch is not None:
+            raise ValueError("give at_step or at_epoch, not both")
+        self.state_dim, self.method, self.fit_path = state_dim, method, fit_path
+        self.at_step, self.at_epoch = at_step, at_epoch
+        self.validate, self.save_path, self.log_plot = validate, save_path, log_plot
+        self.done = False
+        self.results: dict[str, float] = {}
+        self.reports: list = []
+
+    # ---- when ---------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.done and not find_stu_layers(pl_module):
+            raise ValueError(f"STUToLDSDistillation: no STU layer in {type(pl_module).__name__} to distill")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.done and self.at_step is not None and trainer.global_step >= self.at_step:
+            self.distill(trainer, pl_module, continue_training=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.done and self.at_epoch is not None and trainer.current_epoch >= self.at_epoch:
+            self.distill(trainer, pl_module, continue_training=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.done and self.at_step is None and self.at_epoch is None:
+            self.distill(trainer, pl_module, continue_training=False)
+            if self.save_path:
+                path = self.save_path
+                if path == "auto":
+                    log_dir = trainer.log_dir or trainer.default_root_dir
+                    path = os.path.join(log_dir, "checkpoints", "lds.ckpt")
+                trainer.save_checkpoint(path)
+                rank_zero_info(f"saved the distilled LDS model to {path}")
+
+    # ---- what ---------------------------------------------------------------------------------
+    def fit_for(self, trainer: L.Trainer, stu: torch.nn.Module) -> LDSFit:
+        if self.fit_path is not None:
+            return load_fit(self.fit_path, expect_num_filters=stu.num_filters, expect_variant=stu.variant)
+        kwargs = {"method": self.method} if self.method else {}
+        state_dim = self.state_dim or max(2, min(80, stu.seq_len // 4) // 2 * 2)
+        args = (stu.seq_len, stu.num_filters, state_dim, stu.variant)
+        if trainer.world_size > 1:  # rank 0 fits and caches; the others then read the same bytes
+            if trainer.is_global_zero:
+                get_fit(*args, **kwargs)
+            trainer.strategy.barrier("spectralds-fit")
+        return get_fit(*args, **kwargs)
+
+    def distill(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
+        before = run_validation(trainer) if self.validate else {}
+        fits: dict[tuple, LDSFit] = {}
+
+        def get(stu):  # noqa: ANN001, ANN202
+            key = (stu.seq_len, stu.num_filters, stu.variant)
+            if key not in fits:
+                fits[key] = self.fit_for(trainer, stu)
+            return fits[key]
+
+        self.reports = convert_stu_layers(pl_module, get)
+        self.done = True
+        after = run_validation(trainer) if self.validate else {}
+        if continue_training:
+            rebuild_optimizers(trainer, pl_module)
+        self.results = {f"distill/{k.replace('/', '_')}_stu": v for k, v in before.items()}
+        self.results.update({f"distill/{k.replace('/', '_')}_lds": v for k, v in after.items()})
+        self.results.update({f"distill/layer_rel_mse/{r.path}": r.rel_mse for r in self.reports})
+        log_scalars(trainer, self.results)
+        if self.log_plot and trainer.is_global_zero and fits:
+            from spectralds.distill.plots import filter_fit_figure
+
+            log_figure(trainer, "distill/filters_vs_lds", filter_fit_figure(next(iter(fits.values()))))
+        self._print_summary(before, after)
+
+    def _print_summary(self, before: dict[str, float], after: dict[str, float]) -> None:
+        lines = ["STU -> LDS distillation", f"{'layer':<28}{'states':>8}{'rel. MSE vs STU':>18}"]
+        lines += [f"{r.path:<28}{r.state_dim:>8}{r.rel_mse:>18.3e}" for r in self.reports]
+        for key in sorted(set(before) & set(after)):
+            lines.append(f"{key:<28} STU {before[key]:.4f}   LDS {after[key]:.4f}")
+        rank_zero_info("\n".join(lines))
+
+    # ---- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"done": self.done, "results": self.results}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.done = state_dict.get("done", False)
+        self.results = state_dict.get("results", {})
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Lets any LightningModule rebuild the swapped layers: see spectralds.layers.restore_layers.
+        checkpoint["spectralds_layers"] = layer_specs(pl_module)
