@@ -1,0 +1,263 @@
+"""Decode benchmark: per-token generation time and memory after a prompt of length P (issue 7.1).
+
+    python tools/bench_decode.py                                  # CPU defaults: one layer, dim 32, K 24
+    python tools/bench_decode.py --model --num-layers 4           # a whole small LanguageModel instead
+    python tools/bench_decode.py --device cuda --dtype bfloat16 --json decode.json --plot decode.png
+
+Methods: STU with the naive cached convolution (O(t) per token) and with FutureFill, the distilled LDS
+(O(1) per token), attention with a full KV cache and with a sliding window. For each (method, P):
+
+  1. prefill the prompt once: its wall time is "prefill s";
+  2. run --warmup decode steps (untimed);
+  3. --repeats times: copy that state, time --new-tokens steps as one block (CUDA synchronized);
+     "ms/token" = median block time / new tokens. Everything runs under torch.inference_mode().
+
+"state MB" is exact: the bytes of every tensor in the decoding state after step 2. "peak MB" is the
+memory growth over steps 1-2 (CUDA: max_memory_allocated; CPU: sampled resident set size).
+Full attention cannot prefill 64k tokens on a CPU (its O(P^2) prompt pass): above --attn-prefill-max
+its KV cache is filled with random keys/values of the right shape instead (prefill "synthetic"); the
+decode step costs the same, since it only sees the cache's shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+
+import torch
+from _bench_common import (
+    DTYPES,
+    PeakMemory,
+    add_common_args,
+    format_table,
+    plot_panels,
+    setup,
+    synchronize,
+    tensor_bytes,
+    write_json,
+)
+
+from spectralds.generate import set_decode_method
+from spectralds.layers import build_layer
+from spectralds.layers.attention import KVCache, SlidingWindowAttention
+
+METHODS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
+LDS_FLATNESS_LIMIT = 1.3  # the LDS step does not depend on t: ms/token at the longest P vs the shortest
+
+
+def mixer_spec(method: str, args: argparse.Namespace) -> tuple[str, dict, str | None]:
+    """A method name -> (registry layer name, its kwargs, STU decode method or None)."""
+    if method in ("attn-full", "attn-window"):
+        window = None if method == "attn-full" else args.window
+        return "attn", {"window_size": window, "num_heads": args.num_heads}, None
+    if method == "lds":
+        kwargs = {"num_filters": args.num_filters, "state_dim": args.lds_states, "learnable": False}
+        return "lds", kwargs, None
+    layer, _, decode = method.partition("-")  # "stu-naive", "stu_t-futurefill", ...
+    if layer in ("stu", "stu_t") and decode in ("naive", "futurefill"):
+        return layer, {"num_filters": args.num_filters}, decode
+    raise SystemExit(f"error: unknown method {method!r}; known: {', '.join(METHODS)} (also stu_t-*)")
+
+
+def lds_system(seq_len: int, args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], str]:
+    """The fitted SpectraLDS system (`spectralds.distill.get_fit`, cached on disk) or a random stable one.
+
+    --lds-system auto falls back to the random one when no fit can be had for these sizes.
+    """
+    if args.lds_system != "random-stable":
+        try:
+            from spectralds.distill import get_fit
+
+            start = time.perf_counter()
+            fit = get_fit(seq_len, args.num_filters, args.lds_states)
+            print(f"LDS fit for seq_len {seq_len}: {time.perf_counter() - start:.1f} s (cached afterwards)")
+            return (fit.A, fit.B, fit.C), "fitted"
+        except (ImportError, ValueError) as err:
+            if args.lds_system == "fitted":
+                raise
+            print(f"note: no fitted LDS ({err}); the LDS uses a random stable system instead")
+    # Decode time depends only on the system's size, not its values: a stand-in times the same.
+    g = torch.Generator().manual_seed(args.seed)
+    h = args.lds_states
+    A = (1 - torch.logspace(-0.3, -4, h, dtype=torch.float64)) * (1 - 2 * (torch.arange(h) % 2))
+    C = torch.randn(h, 2 * args.num_filters, generator=g, dtype=torch.float64) / math.sqrt(h)
+    return (A, (1 - A**2).sqrt(), C), "random-stable"
+
+
+def build(method: str, args: argparse.Namespace, seq_len: int, system) -> torch.nn.Module:
+    """One layer, or with --model a LanguageModel whose mixers are all this method's layer."""
+    name, kwargs, decode = mixer_spec(method, args)
+    if args.model:
+        from spectralds.models.lm import LanguageModel  # imports Lightning: only when asked for
+
+        module = LanguageModel(
+            vocab_size=args.vocab_size, dim=args.dim, num_layers=args.num_layers, layer_pattern=[name],
+            seq_len=seq_len, num_filters=args.num_filters, layer_kwargs={name: kwargs},
+        )
+    else:
+        module = build_layer(name, dim=args.dim, seq_len=seq_len, **kwargs)
+    for sub in module.modules():
+        if hasattr(sub, "set_system"):
+            sub.set_system(*system)
+    if decode is not None:
+        set_decode_method(module, decode)
+    return module.to(args.device, DTYPES[args.dtype]).eval()
+
+
+def synthetic_state(module: torch.nn.Module, batch: int, prompt_len: int):
+    """The KV cache(s) a prefill of `prompt_len` tokens would leave, filled with random values."""
+
+    def cache(attn: SlidingWindowAttention) -> KVCache:
+        p = next(attn.parameters())
+        kept = prompt_len if attn.window_size is None else min(prompt_len, attn.window_size)
+        shape = (batch, attn.num_heads, kept, attn.head_dim)
+        return KVCache(torch.randn(shape, device=p.device, dtype=p.dtype),
+                       torch.randn(shape, device=p.device, dtype=p.dtype), prompt_len)
+
+    if hasattr(module, "blocks"):  # a LanguageModel: one cache per block
+        return [cache(block.mixer) for block in module.blocks]
+    return cache(module)
+
+
+@torch.inference_mode()
+def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, device) -> dict:
+    """Prefill, warm up, then time decode steps; returns one record (see the module docstring)."""
+    batch, n, dtype = args.batch, args.new_tokens, DTYPES[args.dtype]
+    if args.model:  # token ids in, logits out
+        prompt = torch.randint(args.vocab_size, (batch, prompt_len), device=device)
+        tokens = torch.randint(args.vocab_size, (args.warmup + n, batch), device=device)
+    else:  # activations in, activations out
+        prompt = torch.randn(batch, prompt_len, args.dim, device=device, dtype=dtype)
+        tokens = torch.randn(args.warmup + n, batch, args.dim, device=device, dtype=dtype)
+
+    synthetic = method.startswith("attn") and prompt_len > args.attn_prefill_max
+    with PeakMemory(device) as peak:
+        synchronize(device)
+        start = time.perf_counter()
+        state = synthetic_state(module, batch, prompt_len) if synthetic else module.prefill(prompt)[1]
+        synchronize(device)
+        prefill_s = time.perf_counter() - start
+        for x in tokens[: args.warmup]:
+            state = module.step(x, state)[1]
+        synchronize(device)
+
+    times = []
+    for _ in range(args.repeats):
+        s = copy.deepcopy(state)  # every repeat decodes the same positions from the same state
+        synchronize(device)
+        start = time.perf_counter()
+        for x in tokens[args.warmup :]:
+            s = module.step(x, s)[1]
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {
+        "method": method,
+        "prompt_len": prompt_len,
+        "ms_per_token": 1e3 * statistics.median(times) / n,
+        "prefill_s": None if synthetic else prefill_s,
+        "prefill": "synthetic" if synthetic else "real",
+        "state_mb": tensor_bytes(state) / 2**20,
+        "peak_mem_mb": peak.mb,
+        "device": str(device),
+        "dtype": args.dtype,
+    }
+
+
+def report(records: list[dict], system_label: str) -> None:
+    """The table, each STU method's slowdown against the LDS per P, and the LDS flatness check."""
+    print(format_table(records, [
+        ("method", "method", "s"), ("prompt_len", "prompt_len", "d"), ("ms/token", "ms_per_token", ".3f"),
+        ("prefill s", "prefill_s", ".3f"), ("state MB", "state_mb", ".4g"), ("peak MB", "peak_mem_mb", ".1f"),
+        ("LDS system", "system", "s"),
+    ]))
+    lds = {r["prompt_len"]: r["ms_per_token"] for r in records if r["method"] == "lds"}
+    if lds and any(r["method"].startswith("stu") for r in records):
+        print(f"\nms/token relative to the LDS ({system_label} system):")
+        for p, base in lds.items():
+            ratios = [f"{r['method']} {r['ms_per_token'] / base:.2f}x" for r in records
+                      if r["prompt_len"] == p and r["method"].startswith("stu")]
+            print(f"  P={p}: " + ", ".join(ratios))
+    if len(lds) > 1:
+        short, long = min(lds), max(lds)
+        ratio = lds[long] / lds[short]
+        verdict = "flat" if ratio <= LDS_FLATNESS_LIMIT else f"NOT flat (limit {LDS_FLATNESS_LIMIT}x)"
+        print(f"LDS flatness: ms/token at P={long} / P={short} = {ratio:.2f} -> {verdict}")
+    synthetic = sorted({r["prompt_len"] for r in records if r["prefill"] == "synthetic"})
+    if synthetic:
+        print(f"attention at P in {synthetic}: KV cache synthesized (random values, real shape), no prefill")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_common_args(parser)
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=None)
+    parser.add_argument("--new-tokens", type=int, default=None, help="timed decode steps per repeat")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--num-filters", type=int, default=None, help="K, the number of spectral filters")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--window", type=int, default=1024, help="sliding window of attn-window")
+    parser.add_argument("--lds-states", type=int, default=80)
+    parser.add_argument("--lds-system", choices=["auto", "fitted", "random-stable"], default="auto",
+                        help="auto: the fit from spectralds.distill.get_fit when it can be had, else random")
+    parser.add_argument("--attn-prefill-max", type=int, default=4096,
+                        help="longer attention prompts get a synthetic KV cache instead of a prefill")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--layer", dest="model", action="store_false", help="time one layer (default)")
+    mode.add_argument("--model", dest="model", action="store_true", help="time a full small LanguageModel")
+    parser.set_defaults(model=False)
+    parser.add_argument("--num-layers", type=int, default=2, help="layers of the --model")
+    parser.add_argument("--vocab-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"prompt_lens": [32, 64] if quick else [1024, 4096, 16384, 65536],
+                "new_tokens": 4 if quick else 64, "dim": 16 if quick else 32,
+                "num_filters": 4 if quick else 24, "repeats": 1 if quick else 5, "warmup": 1 if quick else 8}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if min(args.prompt_lens) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("prompt lengths, --new-tokens and --repeats must be positive, --warmup >= 0")
+    for method in args.methods:
+        mixer_spec(method, args)  # fail on a bad name before any work
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = setup(args)
+    seq_len = max(args.prompt_lens) + args.warmup + args.new_tokens  # every decoded position fits
+    system, system_label = lds_system(seq_len, args) if "lds" in args.methods else (None, "none")
+    what = f"LanguageModel with {args.num_layers} layers" if args.model else "single layer"
+    print(f"{what}, dim {args.dim}, K {args.num_filters}, batch {args.batch}, seq_len {seq_len}, "
+          f"{args.dtype}, {args.new_tokens} timed tokens x {args.repeats} repeats, LDS: {system_label} "
+          f"system with {args.lds_states} states\n", flush=True)
+
+    records = []
+    for method in args.methods:
+        module = build(method, args, seq_len, system)
+        for prompt_len in sorted(args.prompt_lens):
+            record = bench_one(module, method, prompt_len, args, device)
+            record["system"] = system_label if method == "lds" else None
+            records.append(record)
+            print(f"  {method:15} P={prompt_len:<6} {record['ms_per_token']:8.3f} ms/token", flush=True)
+        del module
+    print()
+    report(records, system_label)
+    if args.json:
+        write_json(args.json, records, args)
+    if args.plot:
+        title = f"decode, {what}, dim {args.dim}, K {args.num_filters}, {args.dtype} on {device}"
+        plot_panels(args.plot, [{"x": "prompt_len", "y": "ms_per_token", "ylabel": "ms / token"},
+                                {"x": "prompt_len", "y": "state_mb", "ylabel": "decode state (MB)"}],
+                    records, "method", title)
+    return records
+
+
+if __name__ == "__main__":
+    main()

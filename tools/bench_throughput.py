@@ -1,0 +1,229 @@
+"""Training throughput benchmark: tokens/s (forward + backward) of single layers and small models (issue 7.2).
+
+    python tools/bench_throughput.py                               # CPU defaults: seq 1k and 4k, dim 64
+    python tools/bench_throughput.py --device cuda --dtype bfloat16 --json tp.json --plot tp.png
+    python tools/bench_throughput.py --configs stu lds model-stu --seq-lens 8192 --batch 4
+
+Configs: the layers stu, stu_t, lds, attn (full causal), attn-window, and LanguageModels model-stu
+(all STU), model-hybrid (STU / windowed attention), model-transformer (full attention), model-lds.
+One timed training step = forward, a scalar loss (mean square for a layer, cross-entropy on random
+tokens for a model), backward; no optimizer step. ms/step is the median over --repeats after --warmup
+untimed steps (CUDA synchronized); tokens/s = batch * seq / that median.
+
+FLOPs (--flops, on by default on CUDA): the matmul FLOPs torch.utils.flop_counter sees in one step
+(FFTs and elementwise ops are not counted), with attention's score and value products counted
+analytically instead, over the query-key pairs the causal window really uses (forward 4 * dim per
+pair, backward twice that). MFU = FLOPs / time / peak, the peak from --peak-tflops or a small table
+of GPUs (dense bf16 / fp32 tensor-core figures). peak MB: CUDA max_memory_allocated; CPU: sampled RSS
+growth over the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from _bench_common import (
+    PeakMemory,
+    add_common_args,
+    format_table,
+    median_seconds,
+    plot_panels,
+    setup,
+    write_json,
+)
+from torch.utils.flop_counter import FlopCounterMode
+
+from spectralds.layers import build_layer
+from spectralds.layers.attention import SlidingWindowAttention
+
+LAYER_CONFIGS = ("stu", "stu_t", "lds", "attn", "attn-window")
+MODEL_CONFIGS = ("model-stu", "model-hybrid", "model-transformer", "model-lds")
+# Dense peak TFLOP/s by GPU name fragment (first match wins) and dtype; fp32 is without TF32.
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.4, "float32": 66.9},
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.2},
+    "H100": {"bfloat16": 989.4, "float32": 66.9},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+}
+
+
+def build(config: str, seq_len: int, args: argparse.Namespace) -> torch.nn.Module:
+    """A layer or a LanguageModel for `config`, sized by the command line."""
+    attn_full = {"num_heads": args.num_heads, "window_size": None}
+    attn_window = {"num_heads": args.num_heads, "window_size": args.window}
+    if config in LAYER_CONFIGS:
+        name, kwargs = {
+            "stu": ("stu", {"num_filters": args.num_filters}),
+            "stu_t": ("stu_t", {"num_filters": args.num_filters}),
+            "lds": ("lds", {"num_filters": args.num_filters, "state_dim": args.lds_states}),
+            "attn": ("attn", attn_full),
+            "attn-window": ("attn", attn_window),
+        }[config]
+        return build_layer(name, dim=args.dim, seq_len=seq_len, **kwargs)
+    from spectralds.models.lm import LanguageModel  # imports Lightning: only when a model is asked for
+
+    pattern, attn = {
+        "model-stu": (["stu"], attn_full),
+        "model-hybrid": (["stu", "attn"], attn_window),
+        "model-transformer": (["attn"], attn_full),
+        "model-lds": (["lds"], attn_full),
+    }[config]
+    return LanguageModel(
+        vocab_size=args.vocab_size, dim=args.dim, num_layers=args.num_layers, layer_pattern=pattern,
+        seq_len=seq_len, num_filters=args.num_filters,
+        layer_kwargs={"attn": attn, "lds": {"state_dim": args.lds_states}},
+    )
+
+
+def training_step(module: torch.nn.Module, config: str, seq_len: int, args, device) -> Callable[[], None]:
+    """A closure running one forward + backward on fixed random inputs."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    if config in LAYER_CONFIGS:
+        # requires_grad: inside a network every layer also computes the gradient of its input.
+        x = torch.randn(args.batch, seq_len, args.dim, device=device, requires_grad=True)
+
+        def loss() -> torch.Tensor:
+            return module(x).float().square().mean()
+    else:
+        ids = torch.randint(args.vocab_size, (args.batch, seq_len + 1), device=device)
+
+        def loss() -> torch.Tensor:
+            logits = module(ids[:, :-1])
+            return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        with autocast:
+            value = loss()
+        value.backward()
+
+    return step
+
+
+def attended_pairs(seq_len: int, window: int | None) -> int:
+    """Query-key pairs of causal attention: sum over t of min(t + 1, window)."""
+    if window is None or window >= seq_len:
+        return seq_len * (seq_len + 1) // 2
+    return window * (window + 1) // 2 + (seq_len - window) * window
+
+
+def step_flops(step: Callable[[], None], module: torch.nn.Module, batch: int, seq_len: int) -> int:
+    """FLOPs of one training step: counted matmuls plus analytic attention products (module docstring)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    counts = counter.get_flop_counts().get("Global", {})
+    # Counted attention kernels assume a dense T x T score matrix: replace them by the exact pair count.
+    counted_attention = sum(v for op, v in counts.items() if "attention" in str(op))
+    attention = sum(
+        12 * batch * m.dim * attended_pairs(seq_len, m.window_size)
+        for m in module.modules() if isinstance(m, SlidingWindowAttention)
+    )
+    return counter.get_total_flops() - counted_attention + attention
+
+
+def peak_tflops(args: argparse.Namespace) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peaks.get(args.dtype) for key, peaks in PEAK_TFLOPS.items() if key in name), None)
+
+
+def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch.device) -> dict:
+    module = build(config, seq_len, args).to(device).train()
+    step = training_step(module, config, seq_len, args, device)
+    with PeakMemory(device) as peak:
+        step()  # also the first warm-up step
+    flops = step_flops(step, module, args.batch, seq_len) if args.flops else None
+    seconds = median_seconds(step, args.repeats, args.warmup, device)
+    peak_tf = peak_tflops(args)
+    achieved = flops / seconds / 1e12 if flops is not None else None
+    return {
+        "config": config,
+        "seq_len": seq_len,
+        "batch": args.batch,
+        "ms_per_step": 1e3 * seconds,
+        "tokens_per_s": args.batch * seq_len / seconds,
+        "gflop_per_step": flops / 1e9 if flops is not None else None,
+        "tflops": achieved,
+        "mfu": achieved / peak_tf if achieved is not None and peak_tf else None,
+        "peak_mem_mb": peak.mb,
+        "params": sum(p.numel() for p in module.parameters()),
+        "device": str(device),
+        "dtype": args.dtype,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_common_args(parser)
+    parser.add_argument("--configs", nargs="+", default=[*LAYER_CONFIGS, *MODEL_CONFIGS],
+                        choices=[*LAYER_CONFIGS, *MODEL_CONFIGS])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--num-filters", type=int, default=None, help="K, the number of spectral filters")
+    parser.add_argument("--num-layers", type=int, default=None, help="layers of the model-* configs")
+    parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--window", type=int, default=1024, help="window of attn-window, model-hybrid")
+    parser.add_argument("--lds-states", type=int, default=80)
+    parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
+                        help="count FLOPs and MFU (default: on with CUDA, off on CPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (TFLOP/s)")
+    args = parser.parse_args(argv)
+    cuda, quick = args.device == "cuda", args.quick
+    defaults = {  # quick / CPU / CUDA
+        "seq_lens": [64, 128] if quick else [1024, 4096, 8192] if cuda else [1024, 4096],
+        "batch": 1 if quick else 8 if cuda else 1,
+        "dim": 16 if quick else 512 if cuda else 64,
+        "num_filters": 4 if quick else 24,
+        "num_layers": 1 if quick else 4 if cuda else 2,
+        "repeats": 1 if quick else 10 if cuda else 3,
+        "warmup": 0 if quick else 3 if cuda else 1,
+        "flops": cuda,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if min(args.seq_lens) < 1 or min(args.batch, args.dim, args.repeats) < 1 or args.warmup < 0:
+        parser.error("sequence lengths, --batch, --dim and --repeats must be positive, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = setup(args)
+    print(f"dim {args.dim}, K {args.num_filters}, batch {args.batch}, models with {args.num_layers} layers, "
+          f"{args.dtype}, median of {args.repeats} after {args.warmup} warm-up steps\n", flush=True)
+    records = []
+    for config in args.configs:
+        for seq_len in args.seq_lens:
+            records.append(bench_one(config, seq_len, args, device))
+            r = records[-1]
+            print(f"  {config:18} seq={seq_len:<6} {r['ms_per_step']:9.1f} ms/step "
+                  f"{r['tokens_per_s']:10.0f} tokens/s", flush=True)
+    print()
+    print(format_table(records, [
+        ("config", "config", "s"), ("seq", "seq_len", "d"), ("batch", "batch", "d"),
+        ("ms/step", "ms_per_step", ".1f"), ("tokens/s", "tokens_per_s", ".0f"),
+        ("GFLOP/step", "gflop_per_step", ".2f"), ("TFLOP/s", "tflops", ".3f"), ("MFU", "mfu", ".1%"),
+        ("peak MB", "peak_mem_mb", ".0f"), ("params", "params", ",d"),
+    ]))
+    if args.json:
+        write_json(args.json, records, args)
+    if args.plot:
+        title = f"training fwd+bwd, dim {args.dim}, batch {args.batch}, {args.dtype} on {device}"
+        plot_panels(args.plot, [{"x": "seq_len", "y": "tokens_per_s", "ylabel": "tokens / s"}],
+                    records, "config", title)
+    return records
+
+
+if __name__ == "__main__":
+    main()
