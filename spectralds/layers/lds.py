@@ -255,7 +255,7 @@ class LDS(SequenceLayer):
                 out = out.permute(1, 2, 0, 3, 4)
             # Stored as (B, T, F, ch) so the exact readout can contract (k, i) without copying M.
             out = out.permute(0, 1, 3, 4, 2).reshape(batch, n * c, F, ch)[:, n * c - T :]
-        return out.transpose(2, 3), ends[:, -1]
+        return out.transpose(2, 3), ends[:, -1].clone()  # a view would keep every chunk-end state alive
 
     def _scan_chunks(self, local: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
         """ends[n] = sum_{m <= n} decay^(n - m) local[m] over dim 1, in log2(N) doubling steps."""

@@ -67,7 +67,7 @@ class LanguageModel(SpectralModule):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             # Residual output projections start smaller so the residual stream grows slowly.
-            if name.endswith(("mixer.out_proj", "mlp.w2")):
+            if name.endswith(("mixer.o_proj", "mlp.w2")):
                 module.weight.data.mul_((2 * num_layers) ** -0.5)
 
     def setup(self, stage: str) -> None:

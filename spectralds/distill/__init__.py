@@ -1,0 +1,33 @@
+"""Distillation: spectral filters -> diagonal LDS (fit), STU layers -> LDS layers, state pruning."""
+
+from spectralds.distill.fit import (
+    METHODS,
+    LDSFit,
+    cancellation_factor,
+    fit_filters,
+    float32_check,
+    float32_recurrence,
+    get_fit,
+    hankel_singular_values,
+    impulse_response,
+    relative_mse,
+    target_filters,
+)
+from spectralds.distill.lds_file import load_fit, predicted_float32_error, save_fit
+
+__all__ = [
+    "METHODS",
+    "LDSFit",
+    "cancellation_factor",
+    "fit_filters",
+    "float32_check",
+    "float32_recurrence",
+    "get_fit",
+    "hankel_singular_values",
+    "impulse_response",
+    "load_fit",
+    "predicted_float32_error",
+    "relative_mse",
+    "save_fit",
+    "target_filters",
+]
