@@ -293,7 +293,7 @@ class _SpectralConvLayer(SequenceLayer):
             y = self.forward(x)
         else:
             # One FFT gives the prompt's outputs and its contribution to every later position.
-            state.future = self._sequence_conv(x, self.seq_len)
+            state.future = self._sequence_conv(x, self.seq_len).clone()  # own compact storage, not a view
             y = state.future[:, :length].to(x.dtype)
             state.inputs = state.inputs[..., : min(_INITIAL_CACHE, self.seq_len - length)]
         state.pos = state.start = length
