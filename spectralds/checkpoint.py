@@ -39,7 +39,8 @@ def load_model(
     name = model_class or checkpoint.get("spectralds_model", "LanguageModel")
     if name not in MODEL_CLASSES:
         raise ValueError(f"checkpoint {path} holds an unknown model class {name!r}")
-    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    # LightningCLI adds private keys such as "_class_path"; they are not constructor arguments.
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     try:
         model = MODEL_CLASSES[name](**hparams)
         model.on_load_checkpoint(checkpoint)

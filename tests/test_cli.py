@@ -105,3 +105,35 @@ def test_unwritable_output_dir(capsys):
     ]
     err = one_line_error(capsys, args)
     assert err.startswith("spectralds: error:") and "/proc/runs" in err
+
+
+def test_distill_filters_writes_a_validated_file(tmp_path, capsys):
+    from spectralds.distill import load_fit
+
+    out = tmp_path / "lds.safetensors"
+    args = ["distill-filters", "--seq-len", "256", "--num-filters", "8", "--state-dim", "24"]
+    assert run_cli([*args, "--out", str(out), "--no-progress"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    fit = load_fit(out, expect_seq_len=256, expect_num_filters=8, expect_variant="hankel")
+    assert fit.A.shape == (24,) and fit.C.shape == (24, 16) and fit.A.abs().max() <= 1
+    assert fit.rel_mse_f64 < 1e-10 and len(fit.rel_mse_f64_per_filter) == 16
+    err = one_line_error(capsys, [*args, "--out", "/proc/nope/lds.safetensors"])
+    assert err.startswith("spectralds: error:")
+
+
+def test_generate_from_checkpoint_and_bad_checkpoints(tmp_path, capsys):
+    args = ["fit", "--config", TINY, f"--data.source={CORPUS}", "--trainer.logger.init_args.name=gen"]
+    assert run_cli(args) == 0
+    ckpt = next((tmp_path / "runs" / "gen" / "version_0" / "checkpoints").glob("*.ckpt"))
+    capsys.readouterr()
+    assert run_cli(["generate", "--ckpt", str(ckpt), "--prompt", "def f(", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def f(")
+    err = one_line_error(capsys, ["generate", "--ckpt", str(ckpt), "--prompt", "x" * 40])
+    assert "exceeds the model's context of 32 tokens" in err
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(ckpt.read_bytes()[:1000])
+    err = one_line_error(capsys, ["generate", "--ckpt", str(corrupt), "--prompt", "x"])
+    assert err.startswith(f"spectralds: error: checkpoint {corrupt} could not be read")
+    assert corrupt.stat().st_size == 1000  # nothing overwritten
+    err = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "missing.ckpt"), "--prompt", "x"])
+    assert "does not exist" in err
