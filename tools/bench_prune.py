@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--val-batches", type=int, default=16)
+    p.add_argument("--no-refit", action="store_true", help="keep C as fitted (no least-squares re-solve)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(a.threads)
     checkpoint = read_checkpoint(a.ckpt)
     model = load_model(a.ckpt, checkpoint=checkpoint)
-    data = TextDataModule(**checkpoint.get("datamodule_hyper_parameters", {}))
+    data_args = checkpoint.get("datamodule_hyper_parameters", {})
+    data = TextDataModule(**{k: v for k, v in data_args.items() if not k.startswith("_")})
     data.prepare_data()
     data.setup("validate")
     batches = [b for _, b in zip(range(a.val_batches), data.val_dataloader(), strict=False)]
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for method in a.methods:
         for ratio in a.ratios:
             pruned = copy.deepcopy(model)
-            reports = prune_lds_layers(pruned, ratio, method) if ratio > 0 else []
+            reports = prune_lds_layers(pruned, ratio, method, refit=not a.no_refit) if ratio > 0 else []
             kept = sum(r.states_after for r in reports) if reports else None
             loss = val_loss(pruned, batches)
             records.append(

@@ -117,7 +117,8 @@ class SyntheticLDSDataModule(L.LightningDataModule):
             raise ValueError(f"noise must be non-negative, got {noise}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be non-negative, got {num_workers}")
-        self.save_hyperparameters()
+        # Not merged into the logger: the CLI logs the whole config, and model and data seq_len may differ.
+        self.save_hyperparameters(logger=False)
         self.seq_len, self.val_seq_len = seq_len, val_seq_len or seq_len
         self.batch_size, self.num_train, self.num_val = batch_size, num_train, num_val
         self.noise, self.seed, self.num_workers = noise, seed, num_workers

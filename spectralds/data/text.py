@@ -86,7 +86,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be non-negative, got {num_workers}")
-        self.save_hyperparameters()
+        # Not merged into the logger: the CLI logs the whole config, and model and data seq_len may differ.
+        self.save_hyperparameters(logger=False)
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
         self.val_fraction, self.max_bytes, self.seed = val_fraction, max_bytes, seed
         self.num_workers, self.bpe_vocab_size = num_workers, bpe_vocab_size

@@ -77,8 +77,28 @@ def find_lds_layers(module: nn.Module) -> list[tuple[str, LDS]]:
     return [(path, sub) for path, sub in module.named_modules() if isinstance(sub, LDS)]
 
 
-def prune_lds_layers(module: nn.Module, ratio: float, method: str = "last") -> list[PruneReport]:
-    """Prune the LDS layers of `module` in place (their A, B, C shrink); returns states kept per layer."""
+def refit_readout(layer: LDS, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> None:
+    """Least-squares C for the kept states so they reproduce the full system's 2K responses.
+
+    A distilled system's states cancel one another (sum_j |B_j C_jk| far exceeds the filters), so
+    deleting states without re-solving C breaks the filters; re-solving keeps the best fit the
+    remaining poles allow. Only the layer's own copy of the system changes.
+    """
+    kept_A, kept_B, _ = (p.detach().double() for p in layer.system())
+    t = torch.arange(length, dtype=torch.float64, device=kept_A.device)[:, None]
+    target = (A.double() ** t * B.double()) @ C.double()  # (length, 2K), the unpruned responses
+    basis = kept_A**t * kept_B
+    new_C = torch.linalg.lstsq(basis, target, driver="gelsd").solution
+    layer.set_system(kept_A, kept_B, new_C, learnable=False)
+
+
+def prune_lds_layers(
+    module: nn.Module, ratio: float, method: str = "last", refit: bool = True
+) -> list[PruneReport]:
+    """Prune the LDS layers of `module` in place (their A, B, C shrink); returns states kept per layer.
+
+    With `refit`, each pruned fixed (fitted) layer re-solves its C for the states it keeps.
+    """
     layers = find_lds_layers(module)
     if not layers:
         raise ValueError(
@@ -88,6 +108,9 @@ def prune_lds_layers(module: nn.Module, ratio: float, method: str = "last") -> l
     reports = []
     for (path, layer), idx in zip(layers, keep, strict=True):
         before = layer.state_dim
+        full = tuple(p.detach().clone() for p in layer.system())
         layer.keep_states(idx)
+        if refit and not layer.learnable and layer.state_dim < before:
+            refit_readout(layer, *full, length=layer.seq_len or 8192)
         reports.append(PruneReport(path, before, layer.state_dim))
     return reports

@@ -15,8 +15,10 @@ from spectralds.models.common import SpectralModule, build_mixers, default_optim
 
 
 class SequenceRegression(SpectralModule):
-    """in_proj -> blocks (mixer, optional MLP) -> out_proj; no norm by default, so a single linear
-    mixer can represent an LDS exactly."""
+    """in_proj -> pre-norm blocks (RMSNorm, mixer, optional MLP) -> out_proj; no MLP by default.
+
+    Note: the block's RMSNorm before the mixer makes the model not exactly linear, which limits how
+    closely it fits a linear system (see tools/length_generalization.md)."""
 
     def __init__(
         self,
