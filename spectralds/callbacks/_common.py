@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+from spectralds.layers import layer_specs
 
 
 def run_validation(trainer: L.Trainer) -> dict[str, float]:
@@ -39,3 +42,41 @@ def log_figure(trainer: L.Trainer, tag: str, figure) -> None:  # noqa: ANN001 - 
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             experiment.add_figure(tag, figure, global_step=trainer.global_step)
+
+
+class OneShotLayerChange(Callback):
+    """A change applied once: after `at_step`, at the end of epoch `at_epoch`, or (default) at the end of
+    training. Subclasses implement `apply(trainer, pl_module, continue_training)` and set `self.done`."""
+
+    def __init__(self, at_step: int | None, at_epoch: int | None) -> None:
+        if at_step is not None and at_epoch is not None:
+            raise ValueError("give at_step or at_epoch, not both")
+        self.at_step, self.at_epoch = at_step, at_epoch
+        self.done = False
+        self.results: dict[str, float] = {}
+
+    def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.done and self.at_step is not None and trainer.global_step >= self.at_step:
+            self.apply(trainer, pl_module, continue_training=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.done and self.at_epoch is not None and trainer.current_epoch >= self.at_epoch:
+            self.apply(trainer, pl_module, continue_training=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.done and self.at_step is None and self.at_epoch is None:
+            self.apply(trainer, pl_module, continue_training=False)
+
+    def state_dict(self) -> dict:
+        return {"done": self.done, "results": self.results}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.done = state_dict.get("done", False)
+        self.results = state_dict.get("results", {})
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Lets any LightningModule rebuild the changed layers: see spectralds.layers.restore_layers.
+        checkpoint["spectralds_layers"] = layer_specs(pl_module)

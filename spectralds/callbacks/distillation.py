@@ -6,16 +6,20 @@ import os
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from spectralds.callbacks._common import log_figure, log_scalars, rebuild_optimizers, run_validation
+from spectralds.callbacks._common import (
+    OneShotLayerChange,
+    log_figure,
+    log_scalars,
+    rebuild_optimizers,
+    run_validation,
+)
 from spectralds.distill import LDSFit, get_fit, load_fit
 from spectralds.distill.convert import convert_stu_layers, find_stu_layers
-from spectralds.layers import layer_specs
 
 
-class STUToLDSDistillation(Callback):
+class STUToLDSDistillation(OneShotLayerChange):
     """Replace the STU layers (found by type, anywhere in the module) with LDS layers carrying their M.
 
     Args:
@@ -40,13 +44,9 @@ class STUToLDSDistillation(Callback):
         save_path: str | None = "auto",
         log_plot: bool = True,
     ) -> None:
-        if at_step is not None and at_epoch is not None:
-            raise ValueError("give at_step or at_epoch, not both")
+        super().__init__(at_step, at_epoch)
         self.state_dim, self.method, self.fit_path = state_dim, method, fit_path
-        self.at_step, self.at_epoch = at_step, at_epoch
         self.validate, self.save_path, self.log_plot = validate, save_path, log_plot
-        self.done = False
-        self.results: dict[str, float] = {}
         self.reports: list = []
 
     # ---- when ---------------------------------------------------------------------------------
@@ -54,17 +54,9 @@ class STUToLDSDistillation(Callback):
         if not self.done and not find_stu_layers(pl_module):
             raise ValueError(f"STUToLDSDistillation: no STU layer in {type(pl_module).__name__} to distill")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self.done and self.at_step is not None and trainer.global_step >= self.at_step:
-            self.distill(trainer, pl_module, continue_training=True)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not self.done and self.at_epoch is not None and trainer.current_epoch >= self.at_epoch:
-            self.distill(trainer, pl_module, continue_training=True)
-
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.done and self.at_step is None and self.at_epoch is None:
-            self.distill(trainer, pl_module, continue_training=False)
+        super().on_train_end(trainer, pl_module)
+        if self.done and self.at_step is None and self.at_epoch is None:
             if self.save_path:
                 path = self.save_path
                 if path == "auto":
@@ -86,7 +78,7 @@ class STUToLDSDistillation(Callback):
             trainer.strategy.barrier("spectralds-fit")
         return get_fit(*args, **kwargs)
 
-    def distill(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
+    def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         before = run_validation(trainer) if self.validate else {}
         fits: dict[tuple, LDSFit] = {}
 
@@ -117,15 +109,3 @@ class STUToLDSDistillation(Callback):
         for key in sorted(set(before) & set(after)):
             lines.append(f"{key:<28} STU {before[key]:.4f}   LDS {after[key]:.4f}")
         rank_zero_info("\n".join(lines))
-
-    # ---- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"done": self.done, "results": self.results}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.done = state_dict.get("done", False)
-        self.results = state_dict.get("results", {})
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        # Lets any LightningModule rebuild the swapped layers: see spectralds.layers.restore_layers.
-        checkpoint["spectralds_layers"] = layer_specs(pl_module)

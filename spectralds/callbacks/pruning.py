@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from spectralds.callbacks._common import log_scalars, rebuild_optimizers, run_validation
+from spectralds.callbacks._common import OneShotLayerChange, log_scalars, rebuild_optimizers, run_validation
 from spectralds.distill.prune import METHODS, find_lds_layers, prune_lds_layers
-from spectralds.layers import layer_specs
 
 
-class LayerAdaptiveStatePruning(Callback):
+class LayerAdaptiveStatePruning(OneShotLayerChange):
     """Prune `ratio` of all LDS states, scored by LAST (or "uniform"/"global" baselines).
 
     Put it after STUToLDSDistillation in the callback list: by default both act at the end of
@@ -31,25 +29,11 @@ class LayerAdaptiveStatePruning(Callback):
             raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
         if method not in METHODS:
             raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
-        self.ratio, self.method, self.at_step, self.at_epoch = ratio, method, at_step, at_epoch
-        self.validate = validate
-        self.done = False
-        self.results: dict[str, float] = {}
+        super().__init__(at_step, at_epoch)
+        self.ratio, self.method, self.validate = ratio, method, validate
         self.reports: list = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self.done and self.at_step is not None and trainer.global_step >= self.at_step:
-            self.prune(trainer, pl_module, continue_training=True)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not self.done and self.at_epoch is not None and trainer.current_epoch >= self.at_epoch:
-            self.prune(trainer, pl_module, continue_training=True)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if not self.done and self.at_step is None and self.at_epoch is None:
-            self.prune(trainer, pl_module, continue_training=False)
-
-    def prune(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
+    def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         if not find_lds_layers(pl_module):
             raise ValueError(
                 "LayerAdaptiveStatePruning found no LDS layer: distill the STU layers first "
@@ -72,13 +56,3 @@ class LayerAdaptiveStatePruning(Callback):
         for key in sorted(set(before) & set(after)):
             lines.append(f"  {key:<26} before {before[key]:.4f}   after {after[key]:.4f}")
         rank_zero_info("\n".join(lines))
-
-    def state_dict(self) -> dict:
-        return {"done": self.done, "results": self.results}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.done = state_dict.get("done", False)
-        self.results = state_dict.get("results", {})
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["spectralds_layers"] = layer_specs(pl_module)
