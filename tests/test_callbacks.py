@@ -157,3 +157,14 @@ def test_fit_shorter_than_layer_is_a_clear_error(tmp_path):
     callback = STUToLDSDistillation(fit_path=str(path), validate=False, save_path=None)
     with pytest.raises(ValueError, match="longer than the fitted LDS"):
         trainer(tmp_path, [callback]).fit(UserModel(), regression_data())
+
+
+def test_tensor_filters_are_refused_not_degraded(tmp_path):
+    model = UserModel()
+    model.mixers = torch.nn.ModuleList(
+        [build_layer("stu", dim=8, seq_len=SEQ, num_filters=K, variant="tensor")]
+    )
+    callback = STUToLDSDistillation(validate=False, save_path=None, log_plot=False)
+    with pytest.raises(ValueError, match="'tensor' filters of length 64 only to relative MSE"):
+        trainer(tmp_path, [callback]).fit(model, regression_data())
+    assert isinstance(model.mixers[0], STU)  # nothing was swapped

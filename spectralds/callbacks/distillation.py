@@ -16,7 +16,7 @@ from spectralds.callbacks._common import (
     run_validation,
 )
 from spectralds.distill import LDSFit, get_fit, load_fit
-from spectralds.distill.convert import convert_stu_layers, find_stu_layers
+from spectralds.distill.convert import check_fit_matches, convert_stu_layers, find_stu_layers
 
 
 class STUToLDSDistillation(OneShotLayerChange):
@@ -29,6 +29,8 @@ class STUToLDSDistillation(OneShotLayerChange):
         at_step / at_epoch: swap after this global step / at the end of this epoch (0-based) and keep
             training the LDS model; default (both None): at the end of training.
         validate: run validation before and after the swap and log both losses.
+        max_fit_error: refuse to swap when the fit's relative MSE (float64 or float32) exceeds this;
+            tensorized filters, for instance, are not realizable by a small LDS (rel. MSE ~0.3 at 160 states).
         save_path: where to save a checkpoint of the swapped model at the end of training
             ("auto": <log_dir>/checkpoints/lds.ckpt; None: don't).
     """
@@ -41,12 +43,14 @@ class STUToLDSDistillation(OneShotLayerChange):
         at_step: int | None = None,
         at_epoch: int | None = None,
         validate: bool = True,
+        max_fit_error: float = 1e-6,
         save_path: str | None = "auto",
         log_plot: bool = True,
     ) -> None:
         super().__init__(at_step, at_epoch)
         self.state_dim, self.method, self.fit_path = state_dim, method, fit_path
         self.validate, self.save_path, self.log_plot = validate, save_path, log_plot
+        self.max_fit_error = max_fit_error
         self.reports: list = []
 
     # ---- when ---------------------------------------------------------------------------------
@@ -78,6 +82,16 @@ class STUToLDSDistillation(OneShotLayerChange):
             trainer.strategy.barrier("spectralds-fit")
         return get_fit(*args, **kwargs)
 
+    def _checked(self, fit: LDSFit) -> LDSFit:
+        error = max(fit.rel_mse_f64, fit.rel_mse_f32)
+        if not error <= self.max_fit_error:
+            raise ValueError(
+                f"the {fit.state_dim}-state LDS fits the {fit.num_filters} {fit.variant!r} filters of length "
+                f"{fit.seq_len} only to relative MSE {error:.2e} (> max_fit_error {self.max_fit_error:g}); "
+                "refusing to swap rather than silently degrade the model"
+            )
+        return fit
+
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         before = run_validation(trainer) if self.validate else {}
         fits: dict[tuple, LDSFit] = {}
@@ -85,7 +99,9 @@ class STUToLDSDistillation(OneShotLayerChange):
         def get(stu):  # noqa: ANN001, ANN202
             key = (stu.seq_len, stu.num_filters, stu.variant)
             if key not in fits:
-                fits[key] = self.fit_for(trainer, stu)
+                fit = self.fit_for(trainer, stu)
+                check_fit_matches(stu, fit)  # a wrong file is the clearer error than a poor fit
+                fits[key] = self._checked(fit)
             return fits[key]
 
         self.reports = convert_stu_layers(pl_module, get)
