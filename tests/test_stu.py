@@ -314,10 +314,7 @@ def test_variant_options_and_explicit_filters():
 
 @pytest.mark.parametrize("cls", LAYERS)
 def test_tensor_variant(cls):
-    try:
-        layer = make(cls, seq_len=36, num_filters=4, variant="tensor")
-    except ValueError as err:
-        pytest.skip(f"tensor filters unavailable: {err}")
+    layer = make(cls, seq_len=36, num_filters=4, variant="tensor")
     x = torch.randn(2, 36, 3, dtype=F64)
     assert_close_scaled(layer(x), reference(layer, x), 1e-12)
     assert_close_scaled(decode(layer, x, 9, "futurefill"), layer(x), 1e-10)
