@@ -107,7 +107,7 @@ def test_forward_matches_direct_convolution(cls, variant, kernel_path):
     dim=st.integers(1, 4),
     K=st.integers(1, 5),
     double=st.booleans(),
-    variant=st.sampled_from(["hankel", "hankel_L"]),
+    variant=st.sampled_from(["hankel", "hankel_L", "tensor"]),
     kernel_path=st.booleans(),
     tensordot=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -124,10 +124,16 @@ def test_property_fft_matches_direct(batch, T, extra, dim, K, double, variant, k
 
 
 @settings(max_examples=15, deadline=None)
-@given(T=st.integers(2, 40), t0=st.integers(0, 39), tensordot=st.booleans(), kernel_path=st.booleans())
-def test_property_causality(T, t0, tensordot, kernel_path):
+@given(
+    T=st.integers(2, 40),
+    t0=st.integers(0, 39),
+    tensordot=st.booleans(),
+    kernel_path=st.booleans(),
+    variant=st.sampled_from(["hankel", "hankel_L", "tensor"]),
+)
+def test_property_causality(T, t0, tensordot, kernel_path, variant):
     t0 = t0 % T
-    layer = force_path(make(STUTensordot if tensordot else STU, seq_len=40), kernel_path)
+    layer = force_path(make(STUTensordot if tensordot else STU, seq_len=40, variant=variant), kernel_path)
     x = torch.randn(2, T, 3, dtype=F64)
     x2 = x.clone()
     x2[:, t0] += torch.randn(2, 3, dtype=F64)
@@ -138,9 +144,15 @@ def test_property_causality(T, t0, tensordot, kernel_path):
 
 
 @settings(max_examples=15, deadline=None)
-@given(T=st.integers(1, 30), shift=st.integers(1, 10), tensordot=st.booleans(), kernel_path=st.booleans())
-def test_property_time_invariance(T, shift, tensordot, kernel_path):
-    layer = force_path(make(STUTensordot if tensordot else STU, seq_len=40), kernel_path)
+@given(
+    T=st.integers(1, 30),
+    shift=st.integers(1, 10),
+    tensordot=st.booleans(),
+    kernel_path=st.booleans(),
+    variant=st.sampled_from(["hankel", "hankel_L", "tensor"]),
+)
+def test_property_time_invariance(T, shift, tensordot, kernel_path, variant):
+    layer = force_path(make(STUTensordot if tensordot else STU, seq_len=40, variant=variant), kernel_path)
     x = torch.randn(2, T, 3, dtype=F64)
     shifted = torch.cat([torch.zeros(2, shift, 3, dtype=F64), x], dim=1)
     y, y_shifted = layer(x), layer(shifted)
