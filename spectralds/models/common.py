@@ -51,6 +51,14 @@ def load_layer_specs(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     restore_layers(module, checkpoint.get("spectralds_layers", {}))
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def check_nonfinite_policy(policy: str) -> None:
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {policy!r}")
+
+
 def guard_loss(module: L.LightningModule, loss: torch.Tensor, policy: str) -> torch.Tensor | None:
     """Non-finite loss: "stop" raises naming the step, "skip" drops the step (returns None).
 

@@ -15,7 +15,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spectralds.layers.blocks import Block, RMSNorm
-from spectralds.models.common import SpectralModule, build_mixers, default_optimizer, guard_loss
+from spectralds.models.common import (
+    SpectralModule,
+    build_mixers,
+    check_nonfinite_policy,
+    default_optimizer,
+    guard_loss,
+)
 
 
 class LanguageModel(SpectralModule):
@@ -39,8 +45,7 @@ class LanguageModel(SpectralModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        check_nonfinite_policy(nonfinite_loss)
         layer_pattern = list(layer_pattern or ["stu"])
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.hparams["layer_pattern"] = layer_pattern

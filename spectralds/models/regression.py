@@ -11,7 +11,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spectralds.layers.blocks import Block
-from spectralds.models.common import SpectralModule, build_mixers, default_optimizer, guard_loss
+from spectralds.models.common import (
+    SpectralModule,
+    build_mixers,
+    check_nonfinite_policy,
+    default_optimizer,
+    guard_loss,
+)
 
 
 class SequenceRegression(SpectralModule):
@@ -36,8 +42,7 @@ class SequenceRegression(SpectralModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        check_nonfinite_policy(nonfinite_loss)
         layer_pattern = list(layer_pattern or ["stu"])
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.hparams["layer_pattern"] = layer_pattern
