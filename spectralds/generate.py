@@ -16,6 +16,50 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def fixed_size_states(states) -> bool:
+    """True when every decoding state is one plain tensor (LDS layers): their shapes never change."""
+    states = states if isinstance(states, (list, tuple)) else [states]
+    return all(isinstance(s, torch.Tensor) for s in states)
+
+
+class GraphedStep:
+    """`model.step` recorded once as a CUDA graph and replayed for every token.
+
+    A decode step of a small model is a few dozen tiny kernels, so on a GPU its time is launch overhead;
+    one graph replay launches them all at once. Only for fixed-size states (the LDS's (batch, channels,
+    h) tensor): an STU or attention cache grows with the position, which a recorded graph cannot follow.
+    The state is updated in place: call it as `logits, states = graphed(token, states)`.
+    """
+
+    def __init__(self, model, token: torch.Tensor, states) -> None:
+        if token.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and its inputs on a CUDA device")
+        if not fixed_size_states(states):
+            raise ValueError("CUDA-graph decoding needs fixed-size states (LDS layers only); this model "
+                             "has STU or attention layers whose caches grow with the position")
+        self.token = token.clone()
+        self.states = [s.clone() for s in states]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (allocations, cached step tables) off the graph
+            for _ in range(2):
+                model.step(self.token, self.states)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, new_states = model.step(self.token, self.states)
+            for old, new in zip(self.states, new_states, strict=True):
+                old.copy_(new)
+
+    def __call__(self, token: torch.Tensor, states) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self.token.copy_(token)
+        if states is not self.states:
+            for old, new in zip(self.states, states, strict=True):
+                old.copy_(new)
+        self.graph.replay()
+        return self.logits, self.states
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -24,8 +68,13 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
-    """prompt (B, T) token ids -> (B, T + max_new_tokens). The prompt is run once (prefill)."""
+    """prompt (B, T) token ids -> (B, T + max_new_tokens). The prompt is run once (prefill).
+
+    cuda_graph: replay each step from a CUDA graph (`GraphedStep`); None = when the model is on a GPU
+    and its states are fixed-size (LDS); True where that is impossible is an error.
+    """
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError("the prompt must be a non-empty (batch, tokens) tensor")
     if temperature < 0:
@@ -37,12 +86,20 @@ def generate(
             f"context of {model.seq_len} tokens"
         )
     logits, states = model.prefill(prompt)
+    if cuda_graph is None:
+        cuda_graph = prompt.device.type == "cuda" and fixed_size_states(states) and max_new_tokens > 2
+    graphed = None
     out = [prompt]
     for i in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, generator)
         out.append(token[:, None])
         if i + 1 < max_new_tokens:
-            logits, states = model.step(token, states)
+            if cuda_graph:
+                graphed = graphed or GraphedStep(model, token, states)
+                logits, states = graphed(token, states)
+                logits = logits.clone()  # the graph overwrites its output buffer on the next replay
+            else:
+                logits, states = model.step(token, states)
     return torch.cat(out, dim=1)
 
 

@@ -5,7 +5,10 @@
     python tools/bench_decode.py --device cuda --dtype bfloat16 --json decode.json --plot decode.png
 
 Methods: STU with the naive cached convolution (O(t) per token) and with FutureFill, the distilled LDS
-(O(1) per token), attention with a full KV cache and with a sliding window. For each (method, P):
+(O(1) per token), attention with a full KV cache and with a sliding window; on CUDA also lds-graph, the
+LDS step replayed from a CUDA graph (`spectralds.generate.GraphedStep`, what `generate` uses for LDS
+models on a GPU; fixed-size states make that possible, the growing STU and attention caches do not).
+For each (method, P):
 
   1. prefill the prompt once: its wall time is "prefill s";
   2. run --warmup decode steps (untimed);
@@ -40,11 +43,12 @@ from _bench_common import (
     write_json,
 )
 
-from spectralds.generate import set_decode_method
+from spectralds.generate import GraphedStep, set_decode_method
 from spectralds.layers import build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
 METHODS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
+CUDA_METHODS = ("lds-graph",)
 LDS_FLATNESS_LIMIT = 1.3  # the LDS step does not depend on t: ms/token at the longest P vs the shortest
 
 
@@ -53,13 +57,14 @@ def mixer_spec(method: str, args: argparse.Namespace) -> tuple[str, dict, str | 
     if method in ("attn-full", "attn-window"):
         window = None if method == "attn-full" else args.window
         return "attn", {"window_size": window, "num_heads": args.num_heads}, None
-    if method == "lds":
+    if method in ("lds", "lds-graph"):
         kwargs = {"num_filters": args.num_filters, "state_dim": args.lds_states, "learnable": False}
         return "lds", kwargs, None
     layer, _, decode = method.partition("-")  # "stu-naive", "stu_t-futurefill", ...
     if layer in ("stu", "stu_t") and decode in ("naive", "futurefill"):
         return layer, {"num_filters": args.num_filters}, decode
-    raise SystemExit(f"error: unknown method {method!r}; known: {', '.join(METHODS)} (also stu_t-*)")
+    known = ", ".join(METHODS + CUDA_METHODS)
+    raise SystemExit(f"error: unknown method {method!r}; known: {known} (also stu_t-*)")
 
 
 def lds_system(seq_len: int, args: argparse.Namespace) -> tuple[tuple[torch.Tensor, ...], str]:
@@ -140,9 +145,11 @@ def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, de
         state = synthetic_state(module, batch, prompt_len) if synthetic else module.prefill(prompt)[1]
         synchronize(device)
         prefill_s = time.perf_counter() - start
+        step = GraphedStep(module, tokens[0], state) if method.endswith("-graph") else module.step
         for x in tokens[: args.warmup]:
-            state = module.step(x, state)[1]
+            state = step(x, state)[1]
         synchronize(device)
+        state = copy.deepcopy(state)  # a graph updates its own state in place: keep a snapshot
 
     times = []
     for _ in range(args.repeats):
@@ -150,7 +157,7 @@ def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, de
         synchronize(device)
         start = time.perf_counter()
         for x in tokens[args.warmup :]:
-            s = module.step(x, s)[1]
+            s = step(x, s)[1]
         synchronize(device)
         times.append(time.perf_counter() - start)
     return {
@@ -173,18 +180,19 @@ def report(records: list[dict], system_label: str) -> None:
         ("prefill s", "prefill_s", ".3f"), ("state MB", "state_mb", ".4g"), ("peak MB", "peak_mem_mb", ".1f"),
         ("LDS system", "system", "s"),
     ]))
-    lds = {r["prompt_len"]: r["ms_per_token"] for r in records if r["method"] == "lds"}
-    if lds and any(r["method"].startswith("stu") for r in records):
-        print(f"\nms/token relative to the LDS ({system_label} system):")
-        for p, base in lds.items():
-            ratios = [f"{r['method']} {r['ms_per_token'] / base:.2f}x" for r in records
-                      if r["prompt_len"] == p and r["method"].startswith("stu")]
-            print(f"  P={p}: " + ", ".join(ratios))
-    if len(lds) > 1:
-        short, long = min(lds), max(lds)
-        ratio = lds[long] / lds[short]
-        verdict = "flat" if ratio <= LDS_FLATNESS_LIMIT else f"NOT flat (limit {LDS_FLATNESS_LIMIT}x)"
-        print(f"LDS flatness: ms/token at P={long} / P={short} = {ratio:.2f} -> {verdict}")
+    for name in ("lds", "lds-graph"):
+        lds = {r["prompt_len"]: r["ms_per_token"] for r in records if r["method"] == name}
+        if lds and any(r["method"].startswith("stu") for r in records):
+            print(f"\nms/token of each STU method relative to {name} ({system_label} system):")
+            for p, base in lds.items():
+                ratios = [f"{r['method']} {r['ms_per_token'] / base:.2f}x" for r in records
+                          if r["prompt_len"] == p and r["method"].startswith("stu")]
+                print(f"  P={p}: " + ", ".join(ratios))
+        if len(lds) > 1:
+            short, long = min(lds), max(lds)
+            ratio = lds[long] / lds[short]
+            verdict = "flat" if ratio <= LDS_FLATNESS_LIMIT else f"NOT flat (limit {LDS_FLATNESS_LIMIT}x)"
+            print(f"{name} flatness: ms/token at P={long} / P={short} = {ratio:.2f} -> {verdict}")
     synthetic = sorted({r["prompt_len"] for r in records if r["prefill"] == "synthetic"})
     if synthetic:
         print(f"attention at P in {synthetic}: KV cache synthesized (random values, real shape), no prefill")
@@ -196,7 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_common_args(parser)
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=None)
     parser.add_argument("--new-tokens", type=int, default=None, help="timed decode steps per repeat")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help=f"default: {' '.join(METHODS)} (+ {' '.join(CUDA_METHODS)} on CUDA)")
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--num-filters", type=int, default=None, help="K, the number of spectral filters")
     parser.add_argument("--batch", type=int, default=1)
@@ -218,9 +227,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {"prompt_lens": [32, 64] if quick else [1024, 4096, 16384, 65536],
                 "new_tokens": 4 if quick else 64, "dim": 16 if quick else 32,
                 "num_filters": 4 if quick else 24, "repeats": 1 if quick else 5, "warmup": 1 if quick else 8}
+    defaults["methods"] = list(METHODS + CUDA_METHODS) if args.device == "cuda" else list(METHODS)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.device != "cuda" and any(m in CUDA_METHODS for m in args.methods):
+        parser.error(f"{', '.join(CUDA_METHODS)} need --device cuda")
     if min(args.prompt_lens) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("prompt lengths, --new-tokens and --repeats must be positive, --warmup >= 0")
     for method in args.methods:
@@ -232,7 +244,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = setup(args)
     seq_len = max(args.prompt_lens) + args.warmup + args.new_tokens  # every decoded position fits
-    system, system_label = lds_system(seq_len, args) if "lds" in args.methods else (None, "none")
+    wants_lds = any(m.startswith("lds") for m in args.methods)
+    system, system_label = lds_system(seq_len, args) if wants_lds else (None, "none")
     what = f"LanguageModel with {args.num_layers} layers" if args.model else "single layer"
     print(f"{what}, dim {args.dim}, K {args.num_filters}, batch {args.batch}, seq_len {seq_len}, "
           f"{args.dtype}, {args.new_tokens} timed tokens x {args.repeats} repeats, LDS: {system_label} "
@@ -243,7 +256,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         module = build(method, args, seq_len, system)
         for prompt_len in sorted(args.prompt_lens):
             record = bench_one(module, method, prompt_len, args, device)
-            record["system"] = system_label if method == "lds" else None
+            record["system"] = system_label if method.startswith("lds") else None
             records.append(record)
             print(f"  {method:15} P={prompt_len:<6} {record['ms_per_token']:8.3f} ms/token", flush=True)
         del module

@@ -5,7 +5,8 @@
     python tools/bench_throughput.py --configs stu lds model-stu --seq-lens 8192 --batch 4
 
 Configs: the layers stu, stu_t, lds, attn (full causal), attn-window, and LanguageModels model-stu
-(all STU), model-hybrid (STU / windowed attention), model-transformer (full attention), model-lds.
+(all STU), model-hybrid (STU / windowed attention), model-flash (STU-T / windowed attention, the
+Flash STU arrangement), model-transformer (full attention), model-lds.
 One timed training step = forward, a scalar loss (mean square for a layer, cross-entropy on random
 tokens for a model), backward; no optimizer step. ms/step is the median over --repeats after --warmup
 untimed steps (CUDA synchronized); tokens/s = batch * seq / that median.
@@ -40,7 +41,7 @@ from spectralds.layers import build_layer
 from spectralds.layers.attention import SlidingWindowAttention
 
 LAYER_CONFIGS = ("stu", "stu_t", "lds", "attn", "attn-window")
-MODEL_CONFIGS = ("model-stu", "model-hybrid", "model-transformer", "model-lds")
+MODEL_CONFIGS = ("model-stu", "model-hybrid", "model-flash", "model-transformer", "model-lds")
 # Dense peak TFLOP/s by GPU name fragment (first match wins) and dtype; fp32 is without TF32.
 PEAK_TFLOPS = {
     "H200": {"bfloat16": 989.4, "float32": 66.9},
@@ -68,12 +69,13 @@ def build(config: str, seq_len: int, args: argparse.Namespace) -> torch.nn.Modul
     pattern, attn = {
         "model-stu": (["stu"], attn_full),
         "model-hybrid": (["stu", "attn"], attn_window),
+        "model-flash": (["stu_t", "attn"], attn_window),
         "model-transformer": (["attn"], attn_full),
         "model-lds": (["lds"], attn_full),
     }[config]
     return LanguageModel(
         vocab_size=args.vocab_size, dim=args.dim, num_layers=args.num_layers, layer_pattern=pattern,
-        seq_len=seq_len, num_filters=args.num_filters,
+        seq_len=seq_len, num_filters=args.num_filters, mlp_ratio=args.mlp_ratio,
         layer_kwargs={"attn": attn, "lds": {"state_dim": args.lds_states}},
     )
 
@@ -174,6 +176,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=1024, help="window of attn-window, model-hybrid")
     parser.add_argument("--lds-states", type=int, default=80)
     parser.add_argument("--vocab-size", type=int, default=256)
+    parser.add_argument("--mlp-ratio", type=float, default=4.0, help="SwiGLU hidden size / dim of the models")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
                         help="count FLOPs and MFU (default: on with CUDA, off on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (TFLOP/s)")
