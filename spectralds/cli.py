@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import Strategy
+
+from spectralds.checkpoint_io import AtomicCheckpointIO
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 
@@ -59,6 +65,35 @@ class SpectraLDSCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Crash-safe checkpoints by default: AtomicCheckpointIO (unless the config sets a CheckpointIO)
+        and, when the config names no ModelCheckpoint, Lightning's default one plus a last.ckpt to resume."""
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        plugins, callbacks = _as_list(config.get("plugins")), _as_list(config.get("callbacks"))
+        strategy = config.get("strategy")
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and not (
+            isinstance(strategy, Strategy) and strategy._checkpoint_io is not None
+        ):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        if config.get("enable_checkpointing") is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True)]
+        return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters with a bare torch.load: name the file when
+        # that fails (a truncated last.ckpt, say) instead of showing torch's error alone.
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise ValueError(f"checkpoint {path} could not be read ({_user_message(e)})") from e
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 def distill_filters_main(argv: list[str]) -> None:

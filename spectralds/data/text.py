@@ -21,7 +21,7 @@ from .hf import (
 )
 from .shards import cache_key, default_cache_dir, encode_pieces, load_shard, token_dtype, write_shard
 from .tokenizers import BPETokenizer, Tokenizer, build_tokenizer
-from .windows import PackedWindows, TokenWindows, WindowSampler
+from .windows import PackedWindows, ResumableDataLoader, TokenWindows, WindowSampler
 
 # Bump when the shard layout or the text -> pieces rules change, so old caches are not reused.
 _FORMAT_VERSION = 1
@@ -257,7 +257,8 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, WindowSampler(self.num_val_tokens, self.seq_len))
 
     def _loader(self, dataset: TokenWindows, sampler: WindowSampler) -> DataLoader:
-        return DataLoader(
+        # Resumable: a run resumed from a mid-epoch checkpoint goes on where it stopped, not at batch 0.
+        return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 
 def _pair(window: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,3 +133,49 @@ class PackedWindows(IterableDataset):
                 yield _pair(window)
             if not (self.repeat and produced):
                 return
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch (map-style datasets).
+
+    Its state is the number of batches handed out in the current pass; after :meth:`load_state_dict` the
+    next pass skips that many batches of indices, without loading them. With a sampler that replays an
+    epoch from ``(seed, epoch)`` (:class:`WindowSampler`), a run killed mid-epoch and resumed from its
+    checkpoint sees exactly the batches of an uninterrupted run (a plain DataLoader would start the
+    epoch over).
+    """
+
+    _batches_done = 0
+    _skip = 0
+
+    @property
+    def _index_sampler(self):  # what DataLoader's iterators draw (batches of) indices from
+        return _SkipFirst(super()._index_sampler, self)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._batches_done = self._skip
+        batches = super().__iter__()  # the iterator draws its indices through _SkipFirst here
+        self._skip = 0  # later passes (and a persistent-workers iterator's reset) start at the beginning
+        for batch in batches:
+            self._batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self._batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        done = int(state.get("batches_done", 0))
+        self._skip = done if done < len(self) else 0  # a finished pass resumes at the next one's start
+
+
+class _SkipFirst:
+    """Iterates `indices` without the first `loader._skip` items; its length stays the full pass."""
+
+    def __init__(self, indices: Iterable, loader: ResumableDataLoader):
+        self.indices, self.loader = indices, loader
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.indices), self.loader._skip, None)
