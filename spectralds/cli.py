@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"spectralds: error: {_user_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # a checkpoint whose weights do not fit the model (fit --ckpt_path)
+        if "Error(s) in loading state_dict" not in str(e) or os.environ.get("SPECTRALDS_DEBUG"):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"spectralds: error: the checkpoint does not match the model: {lines[-1]}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 
@@ -291,6 +292,14 @@ def test_a_checkpoint_of_another_architecture_is_a_one_line_error(good_checkpoin
     err = one_line_error(capsys, ["generate", "--ckpt", str(mismatched), "--prompt", "x"])
     assert err.startswith(f"spectralds: error: checkpoint {mismatched} does not match a LanguageModel")
     assert mismatched.read_bytes() == original
+    # Resuming a fit from weights that do not fit the architecture the checkpoint names.
+    checkpoint["hyper_parameters"].update(num_layers=2, _class_path="spectralds.models.LanguageModel")
+    checkpoint["pytorch-lightning_version"] = lightning.__version__
+    checkpoint["state_dict"].pop("blocks.1.mlp.w2.weight")
+    AtomicCheckpointIO().save_checkpoint(checkpoint, mismatched)
+    args = ["fit", "--config", TINY, f"--data.source={CORPUS}", "--trainer.logger=false"]
+    err = one_line_error(capsys, [*args, f"--ckpt_path={mismatched}"])
+    assert err.startswith("spectralds: error: the checkpoint does not match the model") and "w2" in err
 
 
 def test_a_truncated_checkpoint_is_a_one_line_error(good_checkpoint, capsys):

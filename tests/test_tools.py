@@ -67,7 +67,7 @@ def test_decode_quick_layers(decode, tmp_path, capsys):
     assert all(r["prefill"] == "real" and r["prefill_s"] > 0 for r in records)
     assert read_records(out_json) == records
     assert out_png.read_bytes()[:4] == b"\x89PNG"
-    assert "relative to the LDS (random-stable system)" in text and "LDS flatness" in text
+    assert "relative to lds (random-stable system)" in text and "lds flatness" in text
     # State sizes are exact: after 1 warm-up step the KV cache holds P + 1 keys and values
     # (batch 1, 8 heads of 16 / 8 = 2 channels, float32); the LDS state is (batch, dim, 80 states).
     by_key = {(r["method"], r["prompt_len"]): r for r in records}

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spectralds.layers import build_layer
 from spectralds.layers.attention import SlidingWindowAttention
+from spectralds.layers.stu import STU
 
 LAYER_CONFIGS = ("stu", "stu_t", "lds", "attn", "attn-window")
 MODEL_CONFIGS = ("model-stu", "model-hybrid", "model-flash", "model-transformer", "model-lds")
@@ -138,6 +139,9 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
 
 def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch.device) -> dict:
     module = build(config, seq_len, args).to(device).train()
+    for layer in module.modules():
+        if isinstance(layer, STU):
+            layer.conv_path = args.stu_path
     step = training_step(module, config, seq_len, args, device)
     with PeakMemory(device) as peak:
         step()  # also the first warm-up step
@@ -158,6 +162,7 @@ def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch
         "params": sum(p.numel() for p in module.parameters()),
         "device": str(device),
         "dtype": args.dtype,
+        "stu_path": args.stu_path,
     }
 
 
@@ -177,6 +182,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lds-states", type=int, default=80)
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--mlp-ratio", type=float, default=4.0, help="SwiGLU hidden size / dim of the models")
+    parser.add_argument("--stu-path", choices=["auto", "kernel", "project"], default="auto",
+                        help="pin the STU's sequence arrangement (spectralds.layers.stu.STU.conv_path)")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
                         help="count FLOPs and MFU (default: on with CUDA, off on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (TFLOP/s)")

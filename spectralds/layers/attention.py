@@ -9,13 +9,19 @@ Decoding keeps a KV cache of at most `window_size` entries, stored after rotatio
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spectralds.layers.registry import SequenceLayer, register_layer
+from spectralds.layers.registry import (
+    SequenceLayer,
+    check_positive_int,
+    check_positive_number,
+    register_layer,
+)
 
 try:
     from flash_attn import flash_attn_func
@@ -69,10 +75,18 @@ class SlidingWindowAttention(SequenceLayer):
         bias: bool = False,
     ) -> None:
         super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("num_heads", num_heads)
         if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f"dim {dim} must split into {num_heads} heads of even size (RoPE rotates pairs)")
-        if window_size is not None and window_size < 1:
-            raise ValueError(f"window_size must be positive or None, got {window_size}")
+            raise ValueError(
+                f"dim {dim} must split into num_heads={num_heads} heads of even size (RoPE rotates pairs)"
+            )
+        check_positive_int("window_size", window_size, optional=True)
+        check_positive_int("seq_len", seq_len, optional=True)
+        check_positive_number("rope_theta", rope_theta)
+        check_positive_number("softcap", softcap, optional=True)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
         self.softcap, self.dropout = softcap, dropout

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from spectralds.layers.registry import SequenceLayer, register_layer
+from spectralds.layers.registry import SequenceLayer, check_positive_int, register_layer
 
 MODES = ("exact", "tensordot")
 
@@ -60,11 +60,19 @@ class LDS(SequenceLayer):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown LDS mode {mode!r}; expected one of {MODES}")
-        if min(dim, num_filters, state_dim, chunk_size) < 1:
-            raise ValueError("dim, num_filters, state_dim and chunk_size must all be positive")
+        for name, value in (("dim", dim), ("num_filters", num_filters), ("state_dim", state_dim),
+                            ("chunk_size", chunk_size)):
+            check_positive_int(name, value)
+        check_positive_int("seq_len", seq_len, optional=True)
+        check_positive_int("dim_out", dim_out, optional=True)
+        if seq_len is not None and num_filters > seq_len:
+            raise ValueError(f"num_filters ({num_filters}) cannot exceed seq_len ({seq_len})")
+        run_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if run_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be float32 or float64 (or their names), got {dtype!r}")
         self.dim, self.dim_out = dim, dim_out or dim
         self.seq_len, self.num_filters, self.mode = seq_len, num_filters, mode
-        self.run_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.run_dtype = run_dtype
         self.chunk_size = chunk_size
         K, d, d_out, dtype = num_filters, dim, self.dim_out, self.run_dtype
         if mode == "exact":

@@ -7,6 +7,8 @@ serializable; `build_layer` turns a name into a module. Other projects add layer
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -34,12 +36,31 @@ def available_layers() -> list[str]:
 
 def build_layer(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered layer; every layer maps (batch, seq, dim) -> (batch, seq, dim)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a layer name must be a string, got {name!r}")
     if name not in _REGISTRY:
         raise ValueError(f"unknown layer {name!r}; registered layers: {', '.join(available_layers())}")
     layer = _REGISTRY[name](**kwargs)
     # Remembered so a checkpoint can rebuild the same architecture before its weights load.
     layer._build_spec = {"name": name, **kwargs}
     return layer
+
+
+def check_positive_int(name: str, value: Any, optional: bool = False) -> None:
+    """Config validation: a ValueError naming `name` unless value is a positive int (or None if optional)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+
+
+def check_positive_number(name: str, value: Any, optional: bool = False) -> None:
+    """Config validation: a ValueError naming `name` unless value is a real in (0, inf) (or optional None)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        or_none = " or None" if optional else ""
+        raise ValueError(f"{name} must be a positive finite number{or_none}, got {value!r}")
 
 
 def layer_spec(layer: nn.Module) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from spectralds.filters import spectral_filters
-from spectralds.layers.registry import SequenceLayer, register_layer
+from spectralds.layers.registry import SequenceLayer, check_positive_int, register_layer
 
 DECODE_METHODS = ("futurefill", "naive")
 _DIRECT_BLOCK = 16  # FutureFill blocks up to this many tokens are summed directly (faster than an FFT)
@@ -126,12 +126,10 @@ class _SpectralConvLayer(SequenceLayer):
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("seq_len", seq_len), ("num_filters", num_filters)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         if num_filters > seq_len:
             raise ValueError(f"num_filters ({num_filters}) cannot exceed seq_len ({seq_len})")
-        if dim_out is not None and (not isinstance(dim_out, int) or dim_out < 1):
-            raise ValueError(f"dim_out must be a positive integer or None, got {dim_out!r}")
+        check_positive_int("dim_out", dim_out, optional=True)
         if use_hankel_L:
             if variant not in ("hankel", "hankel_L"):
                 raise ValueError(f"use_hankel_L=True conflicts with variant={variant!r}")
@@ -487,7 +485,12 @@ class STU(_SpectralConvLayer):
         z = z.transpose(1, 2).flatten(2)
         return (z @ taps.permute(2, 1, 0).flatten(0, 1)).transpose(1, 2)
 
+    # "auto" picks by the flop estimate below; "kernel" / "project" pin one (benchmarks, GPU tuning).
+    conv_path: str = "auto"
+
     def _kernel_path_is_cheaper(self, batch: int, steps: int, length: int) -> bool:
+        if self.conv_path != "auto":
+            return self.conv_path == "kernel"
         n = fft_size(steps + length - 1)
         freqs, cols, dd = n // 2 + 1, 2 * self.num_filters, self.dim * self.dim_out
         kernel = 2 * freqs * cols * dd + 4 * batch * freqs * dd  # build W(f), then B matmuls per f

@@ -6,6 +6,9 @@ whose mixers were swapped for "lds" layers (by `spectralds.callbacks.STUToLDSDis
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spectralds.layers.blocks import Block, RMSNorm
+from spectralds.layers.registry import check_positive_int
 from spectralds.models.common import (
     SpectralModule,
     build_mixers,
@@ -22,6 +26,24 @@ from spectralds.models.common import (
     default_optimizer,
     guard_loss,
 )
+
+
+def _check_config(vocab_size, dim, num_layers, layer_pattern, seq_len, mlp_ratio, layer_kwargs) -> None:
+    """Clear errors for malformed arguments, before any of them reaches a torch constructor."""
+    for name, value in (("vocab_size", vocab_size), ("dim", dim), ("seq_len", seq_len)):
+        check_positive_int(name, value)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+        raise ValueError(f"num_layers must be a non-negative integer, got {num_layers!r}")
+    names_ok = isinstance(layer_pattern, Sequence) and not isinstance(layer_pattern, str)
+    if layer_pattern is not None and not (names_ok and all(isinstance(n, str) for n in layer_pattern)):
+        raise TypeError(f"layer_pattern must be a list of layer names, got {layer_pattern!r}")
+    ratio_ok = isinstance(mlp_ratio, numbers.Real) and not isinstance(mlp_ratio, bool)
+    if not (ratio_ok and 0 <= mlp_ratio < math.inf):
+        raise ValueError(f"mlp_ratio must be a finite number >= 0 (0: no MLP), got {mlp_ratio!r}")
+    if layer_kwargs is not None and not (
+        isinstance(layer_kwargs, Mapping) and all(isinstance(v, Mapping) for v in layer_kwargs.values())
+    ):
+        raise TypeError(f"layer_kwargs must map layer names to keyword dicts, got {layer_kwargs!r}")
 
 
 class LanguageModel(SpectralModule):
@@ -46,7 +68,8 @@ class LanguageModel(SpectralModule):
     ) -> None:
         super().__init__()
         check_nonfinite_policy(nonfinite_loss)
-        layer_pattern = list(layer_pattern or ["stu"])
+        _check_config(vocab_size, dim, num_layers, layer_pattern, seq_len, mlp_ratio, layer_kwargs)
+        layer_pattern = ["stu"] if layer_pattern is None else list(layer_pattern)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.hparams["layer_pattern"] = layer_pattern
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
