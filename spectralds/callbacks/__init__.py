@@ -2,5 +2,6 @@
 
 from spectralds.callbacks.distillation import STUToLDSDistillation
 from spectralds.callbacks.pruning import LayerAdaptiveStatePruning
+from spectralds.callbacks.report import StageReport
 
-__all__ = ["LayerAdaptiveStatePruning", "STUToLDSDistillation"]
+__all__ = ["LayerAdaptiveStatePruning", "STUToLDSDistillation", "StageReport"]
