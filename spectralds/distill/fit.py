@@ -47,6 +47,9 @@ from tqdm.auto import tqdm
 from spectralds.distill.lds_file import VERSION, LDSFit, impulse_response, load_fit, save_fit
 from spectralds.filters import cache_dir, spectral_filters
 
+# Part of the cache key: bump when the solver's results change, so fits cached by an older one are not reused.
+SOLVER_REVISION = 2
+
 __all__ = [
     "METHODS", "LDSFit", "fit_filters", "get_fit", "impulse_response", "relative_mse", "target_filters",
     "float32_recurrence", "float32_check", "cancellation_factor", "hankel_singular_values",
@@ -365,7 +368,8 @@ def get_fit(
 ) -> LDSFit:
     """The fit from the cache in `spectralds.filters.cache_dir()`, computed and stored when absent."""
     _check_args(seq_len, num_filters, state_dim, method)
-    name = f"lds_{variant}_L{seq_len}_K{num_filters}_h{state_dim}_{method}_v{VERSION}.safetensors"
+    revision = f"v{VERSION}r{SOLVER_REVISION}"
+    name = f"lds_{variant}_L{seq_len}_K{num_filters}_h{state_dim}_{method}_{revision}.safetensors"
     path = cache_dir() / name
     if path.exists():
         try:
