@@ -119,7 +119,8 @@ def test_kill_mid_epoch_and_resume_matches_an_uninterrupted_run(tmp_path, monkey
     crash.write_text(RUN_CONFIG.format(corpus=CORPUS, extra_callbacks=hang))
     (tmp_path / "hang.py").write_text(HANG_CALLBACK)
     # One thread in every run: the same arithmetic, and no spinning threads on a busy machine.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     ref_dir, crash_dir = tmp_path / "ref", tmp_path / "crashed"
     ref_dir.mkdir()
     crash_dir.mkdir()
