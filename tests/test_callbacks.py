@@ -131,12 +131,16 @@ def test_pruning_after_distillation_keeps_fewer_states(tmp_path):
     torch.manual_seed(0)
     model = UserModel()
     data = regression_data()
-    prune = LayerAdaptiveStatePruning(ratio=0.5)
+    prune = LayerAdaptiveStatePruning(ratio=0.5, save_path=str(tmp_path / "pruned.ckpt"))
     callbacks = [STUToLDSDistillation(state_dim=STATES, save_path=None, log_plot=False), prune]
     trainer(tmp_path, callbacks).fit(model, data, data)
     kept = [m.state_dim for m in model.mixers]
     assert sum(kept) == STATES and all(k >= 1 for k in kept)
     assert {"prune/val_loss_before", "prune/val_loss_after"} <= set(prune.results)
+    reloaded = UserModel.load_from_checkpoint(tmp_path / "pruned.ckpt")  # rebuilt as the pruned LDS model
+    assert [m.state_dim for m in reloaded.mixers] == kept
+    u = next(iter(data))[0]
+    assert torch.allclose(reloaded.eval()(u), model.eval()(u))
 
 
 def test_no_stu_layer_is_a_clear_error(tmp_path):

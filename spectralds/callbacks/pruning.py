@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -16,6 +18,8 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
     75% pruned where the paper's score loses 10-62%, and a tie within 0.002 points at 25-50%), "last"
     (the paper's H-infinity score, which distilled states defeat: they cancel one another), "uniform",
     "global", "uniform-refit". Fitted layers get their C re-solved for the kept states whatever the method.
+    When it prunes at the end of training it saves the pruned model to `save_path` ("auto":
+    <log dir>/checkpoints/lds_pruned.ckpt; None: no checkpoint).
 
     Put it after STUToLDSDistillation in the callback list: by default both act at the end of
     training, distillation first. With at_step/at_epoch it prunes then and training continues.
@@ -29,6 +33,7 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
         at_step: int | None = None,
         at_epoch: int | None = None,
         validate: bool = True,
+        save_path: str | None = "auto",
     ) -> None:
         if not 0 <= ratio < 1:
             raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
@@ -36,7 +41,18 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
             raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
         super().__init__(at_step, at_epoch)
         self.ratio, self.method, self.validate = ratio, method, validate
+        self.save_path = save_path
         self.reports: list = []
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.done and self.at_step is None and self.at_epoch is None and self.save_path:
+            path = self.save_path
+            if path == "auto":
+                log_dir = trainer.log_dir or trainer.default_root_dir
+                path = os.path.join(log_dir, "checkpoints", "lds_pruned.ckpt")
+            trainer.save_checkpoint(path)
+            rank_zero_info(f"saved the pruned LDS model to {path}")
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         if not find_lds_layers(pl_module):
