@@ -66,7 +66,7 @@ class STUToLDSDistillation(OneShotLayerChange):
                 if path == "auto":
                     log_dir = trainer.log_dir or trainer.default_root_dir
                     path = os.path.join(log_dir, "checkpoints", "lds.ckpt")
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path, weights_only=False)  # full: it can resume training
                 rank_zero_info(f"saved the distilled LDS model to {path}")
 
     # ---- what ---------------------------------------------------------------------------------

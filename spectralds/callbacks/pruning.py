@@ -51,7 +51,7 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
             if path == "auto":
                 log_dir = trainer.log_dir or trainer.default_root_dir
                 path = os.path.join(log_dir, "checkpoints", "lds_pruned.ckpt")
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # full: it can resume training
             rank_zero_info(f"saved the pruned LDS model to {path}")
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
