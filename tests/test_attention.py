@@ -49,7 +49,7 @@ def test_forward_matches_reference_math(window, softcap):
     assert torch.allclose(layer(x), reference_attention(layer, x), atol=1e-12)
 
 
-@pytest.mark.parametrize("window", [None, 1, 3, 8, 30])
+@pytest.mark.parametrize("window", [None, 1, 3, 4, 5, 8, 30])  # 4, 5: the prompt ends mid-ring
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_decoding_steps_match_forward(window, softcap):
     layer = make(window_size=window, softcap=softcap)
@@ -60,7 +60,8 @@ def test_decoding_steps_match_forward(window, softcap):
     ys = [y]
     for t in range(6, 17):
         y_t, state = layer.step(x[:, t], state)
-        assert state.k.shape[2] <= (window or 17) and state.v.shape == state.k.shape
+        assert state.entries(window) == min(t + 1, window or t + 1) and state.v.shape == state.k.shape
+        assert window is None or state.k.shape[2] <= window  # a window's cache never outgrows it
         ys.append(y_t[:, None])
     assert torch.allclose(torch.cat(ys, dim=1), y_full, atol=1e-10)
     state = layer.init_state(2, dtype=torch.float64)
@@ -69,7 +70,7 @@ def test_decoding_steps_match_forward(window, softcap):
         y_t, state = layer.step(x[:, t], state)
         steps.append(y_t)
     assert torch.allclose(torch.stack(steps, dim=1), y_full, atol=1e-10)
-    assert state.k.shape[2] == min(17, window or 17)
+    assert state.entries(window) == min(17, window or 17) and state.k.shape[2] >= state.entries(window)
 
 
 def test_tokens_outside_the_window_have_no_influence():

@@ -4,7 +4,9 @@ Token t attends to tokens t - window + 1 .. t (all earlier tokens when window_si
 and keys are rotated by their position in the sequence, so attention scores depend on positions only
 through their difference. Kernels: flash-attn on CUDA fp16/bf16 when it is installed; otherwise
 PyTorch SDPA with an explicit mask, or plain math when a logit soft cap is set (SDPA has none).
-Decoding keeps a KV cache of at most `window_size` entries, stored after rotation.
+Decoding keeps a KV cache of at most `window_size` entries, stored after rotation. It is preallocated
+and written in place (a ring buffer for a window, a buffer that doubles for full attention), so a step
+does not copy the cache; after rotation the order of the cached entries does not matter to attention.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ except ImportError:  # optional dependency: spectralds[gpu]
 
 
 class KVCache(NamedTuple):
-    k: torch.Tensor  # (batch, heads, cached, head_dim), already rotated
+    """k, v: (batch, heads, capacity, head_dim), already rotated; the first `entries` slots are valid
+    and, with a window, position p lives in slot p % window_size. pos: position of the next token."""
+
+    k: torch.Tensor
     v: torch.Tensor
-    pos: int  # position of the next token
+    pos: int
+
+    def entries(self, window_size: int | None) -> int:
+        return self.pos if window_size is None else min(self.pos, window_size)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -111,7 +119,10 @@ class SlidingWindowAttention(SequenceLayer):
         q, k, v = self._qkv(x, torch.arange(T, device=x.device))
         y = self._attend(q, k, v)  # (B, heads, T, head_dim)
         keep = T if self.window_size is None else min(T, self.window_size)
-        return self.o_proj(y.transpose(1, 2).flatten(2)), KVCache(k[:, :, T - keep :], v[:, :, T - keep :], T)
+        # Kept entries are copied (no view pinning the whole prompt's keys) and rolled into ring order.
+        shift = 0 if self.window_size is None else (T - keep) % self.window_size
+        k, v = (t[:, :, T - keep :].roll(shift, dims=2) for t in (k, v))
+        return self.o_proj(y.transpose(1, 2).flatten(2)), KVCache(k, v, T)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
@@ -137,13 +148,26 @@ class SlidingWindowAttention(SequenceLayer):
         return KVCache(empty, empty, 0)
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
-        """One token against the cache; the cache keeps only the last `window_size` entries."""
+        """One token against the cache, updated in place (grown when full, not copied per token)."""
         q, k, v = self._qkv(x_t[:, None], torch.tensor([state.pos], device=x_t.device))
-        k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
-        if self.window_size is not None:
-            k, v = k[:, :, -self.window_size :], v[:, :, -self.window_size :]
-        scores = _at_least_float32(q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (B, heads, 1, cached)
+        cache_k, cache_v = state.k, state.v
+        n = state.entries(self.window_size)
+        slot = n if self.window_size is None else state.pos % self.window_size
+        if slot >= cache_k.shape[2]:  # full: double the capacity (at most the window)
+            capacity = max(16, 2 * cache_k.shape[2])
+            capacity = capacity if self.window_size is None else min(capacity, self.window_size)
+            cache_k, cache_v = (_grown(t, capacity) for t in (cache_k, cache_v))
+        cache_k[:, :, slot], cache_v[:, :, slot] = k[:, :, 0], v[:, :, 0]
+        valid = min(n + 1, cache_k.shape[2])
+        keys, values = cache_k[:, :, :valid], cache_v[:, :, :valid]
+        scores = _at_least_float32(q @ keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, heads, 1, valid)
         if self.softcap is not None:
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        y = scores.softmax(-1).to(v.dtype) @ v
-        return self.o_proj(y.flatten(1)), KVCache(k, v, state.pos + 1)
+        y = scores.softmax(-1).to(values.dtype) @ values
+        return self.o_proj(y.flatten(1)), KVCache(cache_k, cache_v, state.pos + 1)
+
+
+def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    out = t.new_zeros(*t.shape[:2], capacity, t.shape[3])
+    out[:, :, : t.shape[2]] = t
+    return out
