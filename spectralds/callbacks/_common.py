@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from spectralds.layers import layer_specs
 
@@ -46,12 +49,19 @@ def log_figure(trainer: L.Trainer, tag: str, figure) -> None:  # noqa: ANN001 - 
 
 class OneShotLayerChange(Callback):
     """A change applied once: after `at_step`, at the end of epoch `at_epoch`, or (default) at the end of
-    training. Subclasses implement `apply(trainer, pl_module, continue_training)` and set `self.done`."""
+    training. Subclasses implement `apply(trainer, pl_module, continue_training)` and set `self.done`.
 
-    def __init__(self, at_step: int | None, at_epoch: int | None) -> None:
+    A change made at the end of training is checkpointed to `save_path` ("auto": <log dir>/checkpoints/
+    `checkpoint_name`; None: not saved), since no later checkpoint would hold it.
+    """
+
+    checkpoint_name = "changed.ckpt"
+    changed_model = "changed model"  # for the log line
+
+    def __init__(self, at_step: int | None, at_epoch: int | None, save_path: str | None = None) -> None:
         if at_step is not None and at_epoch is not None:
             raise ValueError("give at_step or at_epoch, not both")
-        self.at_step, self.at_epoch = at_step, at_epoch
+        self.at_step, self.at_epoch, self.save_path = at_step, at_epoch, save_path
         self.done = False
         self.results: dict[str, float] = {}
 
@@ -67,8 +77,17 @@ class OneShotLayerChange(Callback):
             self.apply(trainer, pl_module, continue_training=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.done and self.at_step is None and self.at_epoch is None:
+        if self.at_step is not None or self.at_epoch is not None:
+            return
+        if not self.done:
             self.apply(trainer, pl_module, continue_training=False)
+        if self.done and self.save_path:
+            path = self.save_path
+            if path == "auto":
+                log_dir = trainer.log_dir or trainer.default_root_dir
+                path = os.path.join(log_dir, "checkpoints", self.checkpoint_name)
+            trainer.save_checkpoint(path, weights_only=False)  # full: it can resume training
+            rank_zero_info(f"saved the {self.changed_model} to {path}")
 
     def state_dict(self) -> dict:
         return {"done": self.done, "results": self.results}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -35,6 +33,9 @@ class STUToLDSDistillation(OneShotLayerChange):
             ("auto": <log_dir>/checkpoints/lds.ckpt; None: don't).
     """
 
+    checkpoint_name = "lds.ckpt"
+    changed_model = "distilled LDS model"
+
     def __init__(
         self,
         state_dim: int | None = None,
@@ -47,9 +48,9 @@ class STUToLDSDistillation(OneShotLayerChange):
         save_path: str | None = "auto",
         log_plot: bool = True,
     ) -> None:
-        super().__init__(at_step, at_epoch)
+        super().__init__(at_step, at_epoch, save_path)
         self.state_dim, self.method, self.fit_path = state_dim, method, fit_path
-        self.validate, self.save_path, self.log_plot = validate, save_path, log_plot
+        self.validate, self.log_plot = validate, log_plot
         self.max_fit_error = max_fit_error
         self.reports: list = []
 
@@ -57,17 +58,6 @@ class STUToLDSDistillation(OneShotLayerChange):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.done and not find_stu_layers(pl_module):
             raise ValueError(f"STUToLDSDistillation: no STU layer in {type(pl_module).__name__} to distill")
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
-        if self.done and self.at_step is None and self.at_epoch is None:
-            if self.save_path:
-                path = self.save_path
-                if path == "auto":
-                    log_dir = trainer.log_dir or trainer.default_root_dir
-                    path = os.path.join(log_dir, "checkpoints", "lds.ckpt")
-                trainer.save_checkpoint(path, weights_only=False)  # full: it can resume training
-                rank_zero_info(f"saved the distilled LDS model to {path}")
 
     # ---- what ---------------------------------------------------------------------------------
     def fit_for(self, trainer: L.Trainer, stu: torch.nn.Module) -> LDSFit:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -26,6 +24,9 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
     Pruning is deterministic, so every DDP rank makes the identical choice.
     """
 
+    checkpoint_name = "lds_pruned.ckpt"
+    changed_model = "pruned LDS model"
+
     def __init__(
         self,
         ratio: float = 0.5,
@@ -39,20 +40,9 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
             raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
         if method not in METHODS:
             raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
-        super().__init__(at_step, at_epoch)
+        super().__init__(at_step, at_epoch, save_path)
         self.ratio, self.method, self.validate = ratio, method, validate
-        self.save_path = save_path
         self.reports: list = []
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        super().on_train_end(trainer, pl_module)
-        if self.done and self.at_step is None and self.at_epoch is None and self.save_path:
-            path = self.save_path
-            if path == "auto":
-                log_dir = trainer.log_dir or trainer.default_root_dir
-                path = os.path.join(log_dir, "checkpoints", "lds_pruned.ckpt")
-            trainer.save_checkpoint(path, weights_only=False)  # full: it can resume training
-            rank_zero_info(f"saved the pruned LDS model to {path}")
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         if not find_lds_layers(pl_module):
