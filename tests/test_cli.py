@@ -2,12 +2,10 @@
 
 import glob
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-from spectralds.cli import main
+from cli_helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
@@ -16,19 +14,8 @@ TINY = str(ROOT / "tests" / "assets" / "configs" / "tiny_lm.yaml")
 CORPUS = str(ROOT / "tests" / "assets" / "data" / "corpus")
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["spectralds"])  # LightningCLI warns when pytest's args are there
-    monkeypatch.setenv("SPECTRALDS_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cli_env")
 
-
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_configs_exist():
@@ -66,13 +53,6 @@ def test_tiny_fit_logs_tensorboard_and_saves_config(tmp_path):
         assert all(math.isfinite(e.value) for e in events.Scalars(tag))
     hparams = (run_dir / "hparams.yaml").read_text()
     assert "model/init_args/dim: 16" in hparams
-
-
-def one_line_error(capsys, args: list[str]) -> str:
-    assert run_cli(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    return err
 
 
 def test_unknown_layer_name(capsys):

@@ -11,10 +11,10 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from cli_helpers import one_line_error, run_cli
 
 from spectralds.checkpoint import load_model
 from spectralds.checkpoint_io import AtomicCheckpointIO
-from spectralds.cli import main
 from spectralds.models import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,19 +78,8 @@ class HangAt(Callback):
 HANG_STEP, RESUME_STEP, MAX_STEPS = 13, 12, 21
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["spectralds"])  # LightningCLI warns when pytest's args are there
-    monkeypatch.setenv("SPECTRALDS_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cli_env")
 
-
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def spectralds(args: list[str], cwd: Path, env: dict[str, str], log: Path, wait_for_go: bool = False):
@@ -268,13 +257,6 @@ def test_a_nonfinite_checkpoint_is_refused(good_checkpoint, bad):
 
 
 # ---- loading bad files --------------------------------------------------------------------------------
-
-
-def one_line_error(capsys, args: list[str]) -> str:
-    assert run_cli(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("spectralds: error:") and "Traceback" not in err and "\n" not in err
-    return err
 
 
 def test_a_checkpoint_of_another_architecture_is_a_one_line_error(good_checkpoint, capsys):
