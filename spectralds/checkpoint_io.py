@@ -18,6 +18,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from spectralds.errors import MissingFileError, NonFiniteError, UserError
+
 
 def first_nonfinite(state_dict: Mapping[str, Any]) -> str | None:
     """The key of the first floating (or complex) tensor holding NaN or Inf, else None."""
@@ -55,7 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         bad = first_nonfinite(checkpoint.get("state_dict", {}))
         if bad is not None:
-            raise FloatingPointError(f"refusing to save checkpoint {path}: tensor {bad!r} holds NaN or Inf")
+            raise NonFiniteError(f"refusing to save checkpoint {path}: tensor {bad!r} holds NaN or Inf")
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -80,11 +82,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         if "://" not in str(path) and not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+            raise MissingFileError(f"checkpoint {path} does not exist")
         try:
             return pl_load(path, map_location=map_location, weights_only=weights_only is not False)
         except Exception as e:  # truncated, corrupt, or holding objects we refuse to unpickle
-            raise ValueError(f"checkpoint {path} could not be read ({_first_line(e)})") from e
+            raise UserError(f"checkpoint {path} could not be read ({_first_line(e)})") from e
 
 
 def _fsync_dir(directory: Path) -> None:

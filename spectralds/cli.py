@@ -20,8 +20,8 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import Strategy
 
 from spectralds.checkpoint_io import AtomicCheckpointIO
-
-USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+from spectralds.errors import UserError, first_line
+from spectralds.io import check_output_path
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
@@ -82,6 +82,21 @@ class SpectraLDSCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True)]
         return super().instantiate_trainer(**kwargs)
 
+    def _check_run_dirs(self) -> None:
+        """The run's directories must be creatable before training starts, not at its first log."""
+        dirs = [self.trainer.default_root_dir] + [
+            lg.save_dir for lg in self.trainer.loggers if isinstance(getattr(lg, "save_dir", None), str)
+        ]
+        for directory in dirs:
+            if "://" in directory:
+                continue
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create the run directory {directory} ({e.strerror})") from e
+
+    before_fit = before_validate = before_test = before_predict = _check_run_dirs
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters with a bare torch.load: name the file when
         # that fails (a truncated last.ckpt, say) instead of showing torch's error alone.
@@ -89,7 +104,7 @@ class SpectraLDSCLI(LightningCLI):
             super()._parse_ckpt_path()
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
             path = self.config[self.config.subcommand].get("ckpt_path")
-            raise ValueError(f"checkpoint {path} could not be read ({_user_message(e)})") from e
+            raise UserError(f"checkpoint {path} could not be read ({_user_message(e)})") from e
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -110,9 +125,7 @@ def distill_filters_main(argv: list[str]) -> None:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(f"cannot write to {out_dir}")
+    check_output_path(a.out)  # before the fit, not after it
     kwargs = {"method": a.method} if a.method else {}
     fit = fit_filters(
         a.seq_len, a.num_filters, a.state_dim, variant=a.variant, progress=not a.no_progress, **kwargs
@@ -146,26 +159,32 @@ def generate_main(argv: list[str]) -> None:
     set_decode_method(model, a.decode)
     spec = a.tokenizer or tokenizer_spec(checkpoint)
     if spec == "bpe":
-        raise ValueError(
+        raise UserError(
             "this model used a BPE tokenizer trained on its corpus: pass --tokenizer tokenizer.json"
         )
     tokenizer = build_tokenizer(spec)
     prompt = torch.tensor([tokenizer.encode(a.prompt)], dtype=torch.long)
     if prompt.shape[1] == 0:
-        raise ValueError("the prompt is empty")
+        raise UserError("the prompt is empty")
     generator = torch.Generator().manual_seed(a.seed)
     out = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, generator)
     print(tokenizer.decode(out[0].tolist()))
 
 
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError behind `error`, if any: jsonargparse and Lightning wrap what __init__ raises."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _user_message(error: BaseException) -> str:
-    """First line of the error that matters: jsonargparse wraps failures of a class's __init__."""
-    while error.__cause__ is not None and (
-        "Union subtypes" in str(error) or type(error).__module__.startswith("jsonargparse")
-    ):
-        error = error.__cause__
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    found = user_error_in(error)
+    return first_line(found if found is not None else error)
 
 
 SUBCOMMANDS = {"distill-filters": distill_filters_main, "generate": generate_main}
@@ -179,16 +198,15 @@ def main(argv: list[str] | None = None) -> None:
             SUBCOMMANDS[argv[0]](argv[1:])
         else:  # LightningCLI reads sys.argv itself and warns when given both
             SpectraLDSCLI(args=None if from_command_line else argv)
-    except USER_ERRORS as e:
-        if os.environ.get("SPECTRALDS_DEBUG"):
+    except Exception as e:
+        user_error = user_error_in(e)
+        if user_error is None and "Error(s) in loading state_dict" in str(e):
+            # fit --ckpt_path: Lightning loads the weights itself
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            user_error = UserError(f"the checkpoint does not match the model: {lines[-1]}")
+        if user_error is None or os.environ.get("SPECTRALDS_DEBUG"):
             raise
-        print(f"spectralds: error: {_user_message(e)}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as e:  # a checkpoint whose weights do not fit the model (fit --ckpt_path)
-        if "Error(s) in loading state_dict" not in str(e) or os.environ.get("SPECTRALDS_DEBUG"):
-            raise
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        print(f"spectralds: error: the checkpoint does not match the model: {lines[-1]}", file=sys.stderr)
+        print(f"spectralds: error: {first_line(user_error)}", file=sys.stderr)
         sys.exit(2)
 
 

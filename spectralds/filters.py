@@ -46,6 +46,8 @@ import scipy.linalg
 import torch
 from safetensors.torch import load, save_file
 
+from spectralds.errors import UserError, UserTypeError
+
 VARIANTS = ("hankel", "hankel_L", "tensor")
 METHODS = ("auto", "eigh", "lanczos")
 RESOLUTION = 1e-13  # Lanczos refuses filters with sigma_k / sigma_1 below this: float64 cannot fix them
@@ -66,7 +68,7 @@ def _hankel_entries(seq_len: int, variant: str) -> torch.Tensor:
         return 2.0 / ((s - 1) * s * (s + 1))
     if variant == "hankel_L":
         return (1.0 + (-1.0) ** s) * 8.0 / ((s + 3) * (s - 1) * (s + 1))
-    raise ValueError(f"unknown Hankel variant {variant!r}; expected 'hankel' or 'hankel_L'")
+    raise UserError(f"unknown Hankel variant {variant!r}; expected 'hankel' or 'hankel_L'")
 
 
 def hankel_matrix(seq_len: int, variant: str = "hankel") -> torch.Tensor:
@@ -133,7 +135,7 @@ def _lanczos(seq_len: int, k: int, variant: str) -> tuple[torch.Tensor, torch.Te
     theta = (ritz * z_ritz).sum(0) / (ritz * ritz).sum(0)
     if theta[-1] < RESOLUTION * theta[0]:
         n_ok = int((theta >= RESOLUTION * theta[0]).sum())
-        raise ValueError(
+        raise UserError(
             f"only {n_ok} of {k} {variant} filters are resolvable in float64 at seq_len={seq_len}; "
             "ask for fewer filters or use method='eigh'"
         )
@@ -147,15 +149,15 @@ def _validate(
 ) -> None:
     for name, value in zip(names, (seq_len, num_filters), strict=True):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            raise UserTypeError(f"{name} must be an int, got {type(value).__name__}")
     if seq_len < 1:
-        raise ValueError(f"{names[0]} must be >= 1, got {seq_len}")
+        raise UserError(f"{names[0]} must be >= 1, got {seq_len}")
     if not 1 <= num_filters <= seq_len:
-        raise ValueError(f"{names[1]} must be between 1 and {names[0]}={seq_len}, got {num_filters}")
+        raise UserError(f"{names[1]} must be between 1 and {names[0]}={seq_len}, got {num_filters}")
     if variant not in VARIANTS:
-        raise ValueError(f"unknown filter variant {variant!r}; expected one of {VARIANTS}")
+        raise UserError(f"unknown filter variant {variant!r}; expected one of {VARIANTS}")
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        raise UserError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
 def _eigenpairs(seq_len: int, k: int, variant: str, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +205,7 @@ def tensor_filters(
     _validate(l1, k1, "hankel", method, ("l1", "k1"))
     _validate(l2, k2, "hankel", method, ("l2", "k2"))
     if num_filters is not None and not 1 <= num_filters <= k1 * k2:
-        raise ValueError(f"num_filters must be between 1 and k1 * k2 = {k1 * k2}, got {num_filters}")
+        raise UserError(f"num_filters must be between 1 and k1 * k2 = {k1 * k2}, got {num_filters}")
     w1, fine = _hankel_filters(l1, k1, "hankel", method)
     w2, coarse = _hankel_filters(l2, k2, "hankel", method)
     order = torch.sort(torch.kron(w2, w1), descending=True, stable=True).indices[:num_filters]
@@ -272,7 +274,7 @@ def spectral_filters(
     """
     _validate(seq_len, num_filters, variant, method)
     if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
+        raise UserTypeError(f"dtype must be a floating point dtype, got {dtype}")
     path = _cache_path(seq_len, num_filters, variant, method)
     filters = _load(path, (seq_len, num_filters)) if use_cache else None
     if filters is None:

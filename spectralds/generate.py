@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from spectralds.errors import UserError
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
     """Greedy when temperature == 0, else softmax sampling at `temperature` over the top_k logits."""
@@ -33,9 +35,9 @@ class GraphedStep:
 
     def __init__(self, model, token: torch.Tensor, states) -> None:
         if token.device.type != "cuda":
-            raise ValueError("CUDA graphs need the model and its inputs on a CUDA device")
+            raise UserError("CUDA graphs need the model and its inputs on a CUDA device")
         if not fixed_size_states(states):
-            raise ValueError("CUDA-graph decoding needs fixed-size states (LDS layers only); this model "
+            raise UserError("CUDA-graph decoding needs fixed-size states (LDS layers only); this model "
                              "has STU or attention layers whose caches grow with the position")
         self.token = token.clone()
         self.states = [s.clone() for s in states]
@@ -76,12 +78,12 @@ def generate(
     and its states are fixed-size (LDS); True where that is impossible is an error.
     """
     if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError("the prompt must be a non-empty (batch, tokens) tensor")
+        raise UserError("the prompt must be a non-empty (batch, tokens) tensor")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UserError(f"temperature must be >= 0, got {temperature}")
     total = prompt.shape[1] + max_new_tokens
     if total > model.seq_len:
-        raise ValueError(
+        raise UserError(
             f"prompt ({prompt.shape[1]} tokens) + {max_new_tokens} new tokens exceeds the model's "
             f"context of {model.seq_len} tokens"
         )
@@ -106,7 +108,7 @@ def generate(
 def set_decode_method(model: torch.nn.Module, method: str) -> int:
     """Choose how every STU layer in `model` decodes ("futurefill" or "naive"); returns how many."""
     if method not in ("futurefill", "naive"):
-        raise ValueError(f"unknown decode method {method!r}; expected 'futurefill' or 'naive'")
+        raise UserError(f"unknown decode method {method!r}; expected 'futurefill' or 'naive'")
     count = 0
     for module in model.modules():
         if hasattr(module, "decode") and isinstance(module.decode, str):

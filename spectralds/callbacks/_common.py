@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from spectralds.errors import UserError
 from spectralds.layers import layer_specs
 
 
@@ -28,7 +29,7 @@ def rebuild_optimizers(trainer: L.Trainer, pl_module: L.LightningModule) -> None
     """New parameters after a swap: re-wrap DDP and rebuild optimizers/schedulers from the module."""
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        raise ValueError("swapping layers mid-run is not supported under FSDP; swap at the end of training")
+        raise UserError("swapping layers mid-run is not supported under FSDP; swap at the end of training")
     if isinstance(strategy, DDPStrategy):
         strategy.model = strategy._setup_model(pl_module)
         strategy._register_ddp_hooks()
@@ -60,7 +61,7 @@ class OneShotLayerChange(Callback):
 
     def __init__(self, at_step: int | None, at_epoch: int | None, save_path: str | None = None) -> None:
         if at_step is not None and at_epoch is not None:
-            raise ValueError("give at_step or at_epoch, not both")
+            raise UserError("give at_step or at_epoch, not both")
         self.at_step, self.at_epoch, self.save_path = at_step, at_epoch, save_path
         self.done = False
         self.results: dict[str, float] = {}

@@ -15,6 +15,7 @@ from spectralds.callbacks._common import (
 )
 from spectralds.distill import LDSFit, get_fit, load_fit
 from spectralds.distill.convert import check_fit_matches, convert_stu_layers, find_stu_layers
+from spectralds.errors import UserError
 
 
 class STUToLDSDistillation(OneShotLayerChange):
@@ -57,7 +58,7 @@ class STUToLDSDistillation(OneShotLayerChange):
     # ---- when ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self.done and not find_stu_layers(pl_module):
-            raise ValueError(f"STUToLDSDistillation: no STU layer in {type(pl_module).__name__} to distill")
+            raise UserError(f"STUToLDSDistillation: no STU layer in {type(pl_module).__name__} to distill")
 
     # ---- what ---------------------------------------------------------------------------------
     def fit_for(self, trainer: L.Trainer, stu: torch.nn.Module) -> LDSFit:
@@ -75,7 +76,7 @@ class STUToLDSDistillation(OneShotLayerChange):
     def _checked(self, fit: LDSFit) -> LDSFit:
         error = max(fit.rel_mse_f64, fit.rel_mse_f32)
         if not error <= self.max_fit_error:
-            raise ValueError(
+            raise UserError(
                 f"the {fit.state_dim}-state LDS fits the {fit.num_filters} {fit.variant!r} filters of length "
                 f"{fit.seq_len} only to relative MSE {error:.2e} (> max_fit_error {self.max_fit_error:g}); "
                 "refusing to swap rather than silently degrade the model"

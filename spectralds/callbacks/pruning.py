@@ -7,6 +7,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from spectralds.callbacks._common import OneShotLayerChange, log_scalars, rebuild_optimizers, run_validation
 from spectralds.distill.prune import METHODS, find_lds_layers, prune_lds_layers
+from spectralds.errors import UserError
 
 
 class LayerAdaptiveStatePruning(OneShotLayerChange):
@@ -37,16 +38,16 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
         save_path: str | None = "auto",
     ) -> None:
         if not 0 <= ratio < 1:
-            raise ValueError(f"pruning ratio must be in [0, 1), got {ratio}")
+            raise UserError(f"pruning ratio must be in [0, 1), got {ratio}")
         if method not in METHODS:
-            raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
+            raise UserError(f"unknown pruning method {method!r}; expected one of {METHODS}")
         super().__init__(at_step, at_epoch, save_path)
         self.ratio, self.method, self.validate = ratio, method, validate
         self.reports: list = []
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         if not find_lds_layers(pl_module):
-            raise ValueError(
+            raise UserError(
                 "LayerAdaptiveStatePruning found no LDS layer: distill the STU layers first "
                 "(put STUToLDSDistillation before it in the callbacks)"
             )

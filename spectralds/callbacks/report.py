@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from spectralds.callbacks._common import log_scalars, run_validation
+from spectralds.errors import UserError
 from spectralds.layers import layer_specs
 from spectralds.layers.lds import LDS
 
@@ -53,7 +54,7 @@ class StageReport(Callback):
         repeats: int = 3,
     ) -> None:
         if min(decode_tokens, repeats) < 1 or (prompt_len is not None and prompt_len < 1):
-            raise ValueError("decode_tokens, repeats and prompt_len must be positive")
+            raise UserError("decode_tokens, repeats and prompt_len must be positive")
         self.label, self.print_table, self.monitor = label, print_table, monitor
         self.decode_tokens, self.prompt_len, self.repeats = decode_tokens, prompt_len, repeats
         self.row: dict[str, Any] | None = None

@@ -6,6 +6,8 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from spectralds.errors import MissingFileError, UserError
+
 # Suffixes treated as text when a folder is given as the source (hidden files are skipped).
 TEXT_SUFFIXES = frozenset(
     ".txt .text .md .rst .tex .py .c .h .cc .cpp .hpp .rs .go .java .js .ts .sh .html .xml .json .jsonl"
@@ -32,11 +34,11 @@ def local_files(path: str | Path) -> list[Path]:
     """A text file, or the sorted text-like files under a folder (see :data:`TEXT_SUFFIXES`)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"text source not found: {path}")
+        raise MissingFileError(f"text source not found: {path}")
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise ValueError(f"text source {path} is neither a file nor a folder")
+        raise UserError(f"text source {path} is neither a file nor a folder")
     files = [
         p
         for p in path.rglob("*")
@@ -45,7 +47,7 @@ def local_files(path: str | Path) -> list[Path]:
         and not any(part.startswith(".") for part in p.relative_to(path).parts)
     ]
     if not files:
-        raise ValueError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {path}")
+        raise UserError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {path}")
     return sorted(files, key=lambda p: p.relative_to(path).as_posix())
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from torch.utils.data import get_worker_info
 
+from spectralds.errors import MissingFileError, UserError
+
 from .corpus import DOC_SEPARATOR, cap_bytes, documents_to_pieces, file_signature
 from .tokenizers import Tokenizer
 
@@ -31,7 +33,7 @@ def load_hf_dataset(
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
-                raise ValueError(f"split {split!r} not in {path} (it has {sorted(dataset)})")
+                raise UserError(f"split {split!r} not in {path} (it has {sorted(dataset)})")
             dataset = dataset[split]
         return dataset.to_iterable_dataset() if streaming else dataset
     return datasets.load_dataset(name, config, split=split, data_files=data_files, streaming=streaming)
@@ -40,7 +42,7 @@ def load_hf_dataset(
 def check_local_name(name: str) -> None:
     """Raise FileNotFoundError if ``name`` is written as a local path ("/", ".", "~") that does not exist."""
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"dataset folder not found: {Path(name).expanduser()}")
+        raise MissingFileError(f"dataset folder not found: {Path(name).expanduser()}")
 
 
 def hf_signature(name: str, split: str, config: str | None, data_files: str | list[str] | None) -> list:
@@ -64,14 +66,14 @@ def hf_texts(dataset, text_field: str) -> Iterator[str]:
 
     columns = getattr(dataset, "column_names", None)
     if columns is not None and text_field not in columns:
-        raise ValueError(f"text_field {text_field!r} is not a column of the dataset (columns: {columns})")
+        raise UserError(f"text_field {text_field!r} is not a column of the dataset (columns: {columns})")
     if isinstance(dataset, datasets.Dataset):  # map-style: read in batches, much faster than per row
         for batch in dataset.iter(batch_size=1000):
             yield from (text for text in batch[text_field] if isinstance(text, str))
         return
     for record in dataset:
         if text_field not in record:
-            raise ValueError(f"text_field {text_field!r} is not a field of the records ({list(record)})")
+            raise UserError(f"text_field {text_field!r} is not a field of the records ({list(record)})")
         if isinstance(record[text_field], str):
             yield record[text_field]
 
@@ -93,7 +95,7 @@ def take_leading_documents(dataset, text_field: str, num_bytes: int) -> tuple[li
         pieces += [text, DOC_SEPARATOR] if text else []
         used += len(text.encode("utf-8"))
         count += 1
-    raise ValueError(
+    raise UserError(
         f"holding out {num_bytes} bytes for validation used all {count} records of the stream; "
         "set max_bytes (validation takes val_fraction of it) or stream a larger dataset"
     )

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spectralds.errors import UserError
+
 from .tokenizers import Tokenizer
 
 # Pieces are handed to the tokenizer in groups of this many characters (parallel batch encoding).
@@ -68,11 +70,11 @@ def write_shard(
             for ids in encode_pieces(pieces, tokenizer):
                 array = np.asarray(ids, dtype=np.int64)
                 if array.size and (array.min() < 0 or array.max() >= np.iinfo(dtype).max + 1):
-                    raise ValueError(f"tokenizer {tokenizer.name} produced an id outside {dtype}")
+                    raise UserError(f"tokenizer {tokenizer.name} produced an id outside {dtype}")
                 f.write(array.astype(dtype.newbyteorder("<")).tobytes())
                 num_tokens += array.size
         if num_tokens == 0:
-            raise ValueError(f"the {what} is empty: it holds no text to tokenize")
+            raise UserError(f"the {what} is empty: it holds no text to tokenize")
         os.replace(tmp_bin, path.with_suffix(".bin"))
     finally:
         tmp_bin.unlink(missing_ok=True)

@@ -16,6 +16,8 @@ import torch
 from scipy.fft import irfft, next_fast_len, rfft
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from spectralds.errors import UserError
+
 # Entropy tags keeping the system, the training and the validation draws apart for one seed.
 _TRAIN, _VAL = 1, 2
 
@@ -110,13 +112,13 @@ class SyntheticLDSDataModule(L.LightningDataModule):
         sizes.update(num_train=num_train, num_val=num_val, val_seq_len=val_seq_len or 1)
         for name, value in sizes.items():
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise UserError(f"{name} must be at least 1, got {value}")
         if not 0.0 < delta < 1.0:
-            raise ValueError(f"delta must be strictly between 0 and 1, got {delta}")
+            raise UserError(f"delta must be strictly between 0 and 1, got {delta}")
         if noise < 0:
-            raise ValueError(f"noise must be non-negative, got {noise}")
+            raise UserError(f"noise must be non-negative, got {noise}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be non-negative, got {num_workers}")
+            raise UserError(f"num_workers must be non-negative, got {num_workers}")
         # Not merged into the logger: the CLI logs the whole config, and model and data seq_len may differ.
         self.save_hyperparameters(logger=False)
         self.seq_len, self.val_seq_len = seq_len, val_seq_len or seq_len

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from spectralds.errors import MissingFileError, UserError
+
 from .corpus import file_signature, local_files, local_pieces, stdlib_files
 from .hf import (
     StreamTokens,
@@ -79,13 +81,13 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+                raise UserError(f"{name} must be at least 1, got {value}")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+            raise UserError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
         if max_bytes is not None and max_bytes < 1:
-            raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
+            raise UserError(f"max_bytes must be positive or None, got {max_bytes}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be non-negative, got {num_workers}")
+            raise UserError(f"num_workers must be non-negative, got {num_workers}")
         # Not merged into the logger: the CLI logs the whole config, and model and data seq_len may differ.
         self.save_hyperparameters(logger=False)
         self.source, self.seq_len, self.batch_size = source, seq_len, batch_size
@@ -101,23 +103,23 @@ class TextDataModule(L.LightningDataModule):
         if source.startswith("hf:"):
             self._hf_name = source[3:].strip()
             if not self._hf_name:
-                raise ValueError("source 'hf:' names no dataset; use e.g. 'hf:roneneldan/TinyStories'")
+                raise UserError("source 'hf:' names no dataset; use e.g. 'hf:roneneldan/TinyStories'")
             check_local_name(self._hf_name)
         elif streaming:
-            raise ValueError(f"streaming applies to 'hf:' sources only, not to {source!r}")
+            raise UserError(f"streaming applies to 'hf:' sources only, not to {source!r}")
         elif source == "stdlib":
             self._files = stdlib_files()
             if not self._files:
-                raise ValueError("found no standard-library .py files to use as the 'stdlib' source")
+                raise UserError("found no standard-library .py files to use as the 'stdlib' source")
         elif not source.strip():
-            raise ValueError("source is empty; use 'stdlib', a path to text, or 'hf:<dataset>'")
+            raise UserError("source is empty; use 'stdlib', a path to text, or 'hf:<dataset>'")
         else:
             self._files = local_files(source)
 
         self.tokenizer_spec = tokenizer
         if tokenizer == "bpe":
             if bpe_vocab_size < 256:
-                raise ValueError(f"bpe_vocab_size must be at least 256 (all bytes), got {bpe_vocab_size}")
+                raise UserError(f"bpe_vocab_size must be at least 256 (all bytes), got {bpe_vocab_size}")
             self._tokenizer: Tokenizer | None = None
             self._vocab_size = bpe_vocab_size
         else:
@@ -235,7 +237,7 @@ class TextDataModule(L.LightningDataModule):
         need = self.seq_len + 1
         for split, count in (("training", num_train), ("validation", num_val)):
             if count is not None and count < need:
-                raise ValueError(
+                raise UserError(
                     f"the {split} split of {self.source!r} holds {count} tokens, fewer than seq_len + 1 = "
                     f"{need}; use more text (max_bytes), a larger val_fraction or a smaller seq_len"
                 )
@@ -281,7 +283,7 @@ class _ShardSlice:
     def __call__(self) -> np.ndarray:
         tokens = load_shard(self.path)
         if tokens is None:
-            raise FileNotFoundError(f"token shard {self.path} is missing or incomplete")
+            raise MissingFileError(f"token shard {self.path} is missing or incomplete")
         return tokens[self.start : self.stop]
 
 

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from spectralds.errors import MissingFileError, UserError
+
 # The pre-tokenization regexes that OpenAI's encodings were trained with. A rank file does not
 # record its regex, so the right one has to be named when the file is loaded.
 TIKTOKEN_PATTERNS = {
@@ -81,7 +83,7 @@ class BPETokenizer(Tokenizer):
 
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size < len(alphabet):
-            raise ValueError(f"BPE vocab_size must be at least {len(alphabet)} (all bytes), got {vocab_size}")
+            raise UserError(f"BPE vocab_size must be at least {len(alphabet)} (all bytes), got {vocab_size}")
         backend = HFTokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
@@ -140,7 +142,7 @@ class TiktokenTokenizer(Tokenizer):
         ranks = load_tiktoken_bpe(str(path), expected_hash=digest)
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
-            raise ValueError(f"{path} is not a byte-level BPE: {len(missing)} of the 256 bytes have no rank")
+            raise UserError(f"{path} is not a byte-level BPE: {len(missing)} of the 256 bytes have no rank")
         self.pattern = TIKTOKEN_PATTERNS.get(pattern, pattern)
         self.special_tokens = dict(special_tokens or {})
         self.name = f"tiktoken:{path.name}"
@@ -179,7 +181,7 @@ def build_tokenizer(
         return ByteTokenizer()
     if spec == "bpe":
         if not corpus_files or vocab_size is None:
-            raise ValueError("tokenizer 'bpe' needs corpus_files and vocab_size to train on")
+            raise UserError("tokenizer 'bpe' needs corpus_files and vocab_size to train on")
         files = [_existing_file(f, "corpus file") for f in corpus_files]
         texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
         return BPETokenizer.train(texts, vocab_size)
@@ -188,7 +190,7 @@ def build_tokenizer(
         return BPETokenizer.from_file(path)
     if path.suffix == ".tiktoken":
         return TiktokenTokenizer(path)
-    raise ValueError(
+    raise UserError(
         f"unknown tokenizer {spec!r}: expected 'byte', 'bpe', a path to tokenizer.json or to a .tiktoken file"
     )
 
@@ -196,7 +198,7 @@ def build_tokenizer(
 def _existing_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     return path
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from spectralds.errors import UserError
+
 
 def _pair(window: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.from_numpy(np.asarray(window, dtype=np.int64))
@@ -58,7 +60,7 @@ class WindowSampler(Sampler[int]):
 
     def __init__(self, num_tokens: int, seq_len: int, shuffle: bool = False, seed: int = 0):
         if num_tokens < seq_len + 1:
-            raise ValueError(f"{num_tokens} tokens are fewer than one window of seq_len + 1 = {seq_len + 1}")
+            raise UserError(f"{num_tokens} tokens are fewer than one window of seq_len + 1 = {seq_len + 1}")
         self.seq_len, self.shuffle, self.seed, self.epoch = seq_len, shuffle, seed, 0
         if shuffle:
             # Keep one window of room for the shift (unless the stream is too short to spare one).

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from spectralds.distill.fit import LDSFit
+from spectralds.errors import UserError, UserTypeError
 from spectralds.layers import build_layer
 from spectralds.layers.lds import LDS
 from spectralds.layers.stu import STU, STUTensordot
@@ -24,11 +25,11 @@ STU_TYPES = (STU, STUTensordot)
 def check_fit_matches(stu: nn.Module, fit: LDSFit) -> None:
     """The fit must cover the layer's context and use its filters (count and variant)."""
     if stu.seq_len > fit.seq_len:
-        raise ValueError(
+        raise UserError(
             f"the STU layer's seq_len {stu.seq_len} is longer than the fitted LDS's seq_len {fit.seq_len}"
         )
     if stu.num_filters != fit.num_filters or stu.variant != fit.variant:
-        raise ValueError(
+        raise UserError(
             f"the LDS was fitted to {fit.num_filters} {fit.variant!r} filters, the STU layer uses "
             f"{stu.num_filters} {stu.variant!r} filters"
         )
@@ -37,7 +38,7 @@ def check_fit_matches(stu: nn.Module, fit: LDSFit) -> None:
 def lds_from_stu(stu: nn.Module, fit: LDSFit) -> LDS:
     """An LDS layer computing `stu`'s function: the fitted system plus the STU's own projections."""
     if not isinstance(stu, STU_TYPES):
-        raise TypeError(f"expected an STU or STU-T layer, got {type(stu).__name__}")
+        raise UserTypeError(f"expected an STU or STU-T layer, got {type(stu).__name__}")
     check_fit_matches(stu, fit)
     tensordot = isinstance(stu, STUTensordot)
     lds = build_layer(
@@ -87,7 +88,7 @@ def convert_stu_layers(
     """Replace every STU layer inside `module` by its LDS; returns a per-layer error report."""
     layers = find_stu_layers(module)
     if not layers:
-        raise ValueError(f"no STU layer found in {type(module).__name__}: nothing to distill")
+        raise UserError(f"no STU layer found in {type(module).__name__}: nothing to distill")
     reports = []
     for path, stu in layers:
         lds = lds_from_stu(stu, get_fit(stu))

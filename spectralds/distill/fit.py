@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spectralds.distill.lds_file import VERSION, LDSFit, impulse_response, load_fit, save_fit
+from spectralds.errors import UserError, UserTypeError
 from spectralds.filters import cache_dir, spectral_filters
 
 # Part of the cache key: bump when the solver's results change, so fits cached by an older one are not reused.
@@ -83,7 +84,7 @@ def target_filters(filters: torch.Tensor) -> torch.Tensor:
 def relative_mse(pred: torch.Tensor, target: torch.Tensor, per_filter: bool = False) -> float | torch.Tensor:
     """sum (pred - target)^2 / sum target^2 over (time, filter), or per filter (column) as a tensor."""
     if pred.shape != target.shape:
-        raise ValueError(f"pred has shape {tuple(pred.shape)} but target has {tuple(target.shape)}")
+        raise UserError(f"pred has shape {tuple(pred.shape)} but target has {tuple(target.shape)}")
     err = (pred.to(F64) - target.to(F64)).square()
     ref = target.to(F64).square()
     if not per_filter:
@@ -278,17 +279,17 @@ def _fit_spectralds(phi: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Ten
 def _check_args(seq_len: int, num_filters: int, state_dim: int, method: str) -> None:
     for name, value in (("seq_len", seq_len), ("num_filters", num_filters), ("state_dim", state_dim)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            raise UserTypeError(f"{name} must be an int, got {type(value).__name__}")
     if seq_len < 16:
-        raise ValueError(f"seq_len must be at least 16, got {seq_len}")
+        raise UserError(f"seq_len must be at least 16, got {seq_len}")
     if not 1 <= num_filters <= seq_len:
-        raise ValueError(f"num_filters must be between 1 and seq_len={seq_len}, got {num_filters}")
+        raise UserError(f"num_filters must be between 1 and seq_len={seq_len}, got {num_filters}")
     if method not in METHODS:
-        raise ValueError(f"unknown fit method {method!r}; expected one of {METHODS}")
+        raise UserError(f"unknown fit method {method!r}; expected one of {METHODS}")
     if not 1 <= state_dim <= seq_len // 4:
-        raise ValueError(f"state_dim must be between 1 and seq_len/4 = {seq_len // 4}, got {state_dim}")
+        raise UserError(f"state_dim must be between 1 and seq_len/4 = {seq_len // 4}, got {state_dim}")
     if method == "spectralds" and state_dim % 2:
-        raise ValueError(f"state_dim must be even for the mirrored 'spectralds' fit, got {state_dim}")
+        raise UserError(f"state_dim must be even for the mirrored 'spectralds' fit, got {state_dim}")
 
 
 def _mirrored(a: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -325,7 +326,7 @@ def fit_filters(
             stage("spectral filters")
             filters = spectral_filters(seq_len, num_filters, variant)
         elif tuple(filters.shape) != (seq_len, num_filters):
-            raise ValueError(f"filters must be ({seq_len}, {num_filters}), got {tuple(filters.shape)}")
+            raise UserError(f"filters must be ({seq_len}, {num_filters}), got {tuple(filters.shape)}")
         phi = filters.detach().to("cpu", F64).contiguous()  # one memory layout: one result
         targets = target_filters(phi)
         bar.update()

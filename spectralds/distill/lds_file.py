@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from spectralds.errors import UserError
+
 FORMAT = "spectralds-lds"
 VERSION = 1
 FLOAT32_WARN_LEVEL = 1e-6  # load_fit warns when the predicted float32 relative MSE is above this
@@ -130,14 +132,14 @@ def save_fit(fit: LDSFit, path: str | os.PathLike) -> None:
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
-        raise ValueError(f"LDS fit file {path} does not exist")
+        raise UserError(f"LDS fit file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # the reader signals truncation and corruption with several types
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"{path} is not a readable safetensors file ({reason})") from None
+        raise UserError(f"{path} is not a readable safetensors file ({reason})") from None
     return tensors, metadata
 
 
@@ -199,7 +201,7 @@ def load_fit(
         ("variant", expect_variant, fit.variant),
     ):
         if want is not None and want != got:
-            raise ValueError(f"{path} was fitted with {name}={got!r}, but {name}={want!r} was expected")
+            raise UserError(f"{path} was fitted with {name}={got!r}, but {name}={want!r} was expected")
     predicted = predicted_float32_error(fit.A, fit.B, fit.C, fit.seq_len)
     if predicted > FLOAT32_WARN_LEVEL:
         warnings.warn(

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spectralds.errors import UserError
 from spectralds.layers.lds import LDS
 
 METHODS = ("last", "last-refit", "uniform", "global", "uniform-refit")
@@ -170,7 +171,7 @@ def allocate(costs: list[torch.Tensor], budget: int) -> list[int]:
     """
     sizes = [c.numel() - 1 for c in costs]
     if not len(costs) <= budget <= sum(sizes):
-        raise ValueError(f"cannot keep {budget} states in {len(costs)} layers of sizes {sizes}")
+        raise UserError(f"cannot keep {budget} states in {len(costs)} layers of sizes {sizes}")
     best = torch.zeros(1, dtype=F64)  # best[b]: the least cost of the layers so far keeping b states
     choices = []
     for cost, h in zip(costs, sizes, strict=True):
@@ -201,16 +202,16 @@ def select_states(
     residual stream it is added to. Without them every layer's relative error counts the same.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"pruning ratio must be in [0, 1), got {ratio!r}")
+        raise UserError(f"pruning ratio must be in [0, 1), got {ratio!r}")
     if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
+        raise UserError(f"unknown pruning method {method!r}; expected one of {METHODS}")
     if not layers:
-        raise ValueError("no LDS layer to prune")
+        raise UserError("no LDS layer to prune")
     if layer_weights is not None:
         if method != "last-refit":
-            raise ValueError(f"layer_weights apply to the 'last-refit' method only, not {method!r}")
+            raise UserError(f"layer_weights apply to the 'last-refit' method only, not {method!r}")
         if len(layer_weights) != len(layers) or not all(w >= 0 and math.isfinite(w) for w in layer_weights):
-            raise ValueError(f"need {len(layers)} finite, non-negative layer weights, got {layer_weights}")
+            raise UserError(f"need {len(layers)} finite, non-negative layer weights, got {layer_weights}")
     if method in ("last-refit", "uniform-refit"):
         curves = [refit_curve(layer) for layer in layers]
         if method == "uniform-refit":
@@ -284,7 +285,7 @@ def prune_lds_layers(
     """
     layers = find_lds_layers(module)
     if not layers:
-        raise ValueError(
+        raise UserError(
             f"no LDS layer found in {type(module).__name__}: distill the STU layers before pruning"
         )
     keep = select_states([layer for _, layer in layers], ratio, method, layer_weights)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectralds.errors import UserError
 from spectralds.layers.registry import (
     SequenceLayer,
     check_positive_int,
@@ -86,7 +87,7 @@ class SlidingWindowAttention(SequenceLayer):
         check_positive_int("dim", dim)
         check_positive_int("num_heads", num_heads)
         if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(
+            raise UserError(
                 f"dim {dim} must split into num_heads={num_heads} heads of even size (RoPE rotates pairs)"
             )
         check_positive_int("window_size", window_size, optional=True)
@@ -94,7 +95,7 @@ class SlidingWindowAttention(SequenceLayer):
         check_positive_number("rope_theta", rope_theta)
         check_positive_number("softcap", softcap, optional=True)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+            raise UserError(f"dropout must be a probability in [0, 1], got {dropout!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
         self.softcap, self.dropout = softcap, dropout
@@ -112,10 +113,10 @@ class SlidingWindowAttention(SequenceLayer):
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
         """Outputs for a prompt and a cache holding its last `window_size` keys and values."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"attention expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
+            raise UserError(f"attention expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
         T = x.shape[1]
         if self.seq_len is not None and T > self.seq_len:
-            raise ValueError(f"sequence length {T} exceeds the attention seq_len {self.seq_len}")
+            raise UserError(f"sequence length {T} exceeds the attention seq_len {self.seq_len}")
         q, k, v = self._qkv(x, torch.arange(T, device=x.device))
         y = self._attend(q, k, v)  # (B, heads, T, head_dim)
         keep = T if self.window_size is None else min(T, self.window_size)

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from spectralds.errors import UserError
 from spectralds.layers.registry import SequenceLayer, check_positive_int, register_layer
 
 MODES = ("exact", "tensordot")
@@ -59,17 +60,17 @@ class LDS(SequenceLayer):
     ) -> None:
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"unknown LDS mode {mode!r}; expected one of {MODES}")
+            raise UserError(f"unknown LDS mode {mode!r}; expected one of {MODES}")
         for name, value in (("dim", dim), ("num_filters", num_filters), ("state_dim", state_dim),
                             ("chunk_size", chunk_size)):
             check_positive_int(name, value)
         check_positive_int("seq_len", seq_len, optional=True)
         check_positive_int("dim_out", dim_out, optional=True)
         if seq_len is not None and num_filters > seq_len:
-            raise ValueError(f"num_filters ({num_filters}) cannot exceed seq_len ({seq_len})")
+            raise UserError(f"num_filters ({num_filters}) cannot exceed seq_len ({seq_len})")
         run_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
         if run_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be float32 or float64 (or their names), got {dtype!r}")
+            raise UserError(f"dtype must be float32 or float64 (or their names), got {dtype!r}")
         self.dim, self.dim_out = dim, dim_out or dim
         self.seq_len, self.num_filters, self.mode = seq_len, num_filters, mode
         self.run_dtype = run_dtype
@@ -141,7 +142,7 @@ class LDS(SequenceLayer):
             or index.max() >= self.state_dim
             or index.unique().numel() < index.numel()
         ):
-            raise ValueError(
+            raise UserError(
                 f"keep_states needs distinct indices in [0, {self.state_dim}), got {index.tolist()}"
             )
         if self.learnable:  # keep the raw parameters bit-exact instead of going through atanh(tanh(.))
@@ -161,14 +162,14 @@ class LDS(SequenceLayer):
         A, B, C = (torch.as_tensor(p).detach().to(device, copy=True) for p in (A, B, C))
         h = A.shape[0] if A.dim() == 1 else -1
         if A.dim() != 1 or B.shape != (h,) or C.shape != (h, 2 * self.num_filters):
-            raise ValueError(
+            raise UserError(
                 f"LDS system needs A (h,), B (h,), C (h, {2 * self.num_filters}); "
                 f"got {tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}"
             )
         if not all(torch.isfinite(p).all() for p in (A, B, C)):
-            raise ValueError("LDS system has non-finite entries")
+            raise UserError("LDS system has non-finite entries")
         if A.abs().max() > 1:
-            raise ValueError(f"LDS system is unstable: max |a| = {A.abs().max().item():.6g} > 1")
+            raise UserError(f"LDS system is unstable: max |a| = {A.abs().max().item():.6g} > 1")
         for name in ("A", "A_raw", "B", "C"):
             self._parameters.pop(name, None)
             self._buffers.pop(name, None)
@@ -207,11 +208,11 @@ class LDS(SequenceLayer):
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs for a whole prompt and the state after it, through the scan (no step loop)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"LDS expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
+            raise UserError(f"LDS expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
         if x.shape[1] == 0:
-            raise ValueError("LDS got an empty sequence")
+            raise UserError("LDS got an empty sequence")
         if self.seq_len is not None and x.shape[1] > self.seq_len:
-            raise ValueError(f"sequence length {x.shape[1]} exceeds the LDS seq_len {self.seq_len}")
+            raise UserError(f"sequence length {x.shape[1]} exceeds the LDS seq_len {self.seq_len}")
         if self.mode == "exact":
             U, state = self.scan(x, self.C)
             y = self._project(U.transpose(2, 3))  # (B, T, 2K, d): contiguous, see `scan`

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from spectralds.errors import UserError, UserTypeError
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -23,7 +25,7 @@ def register_layer(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"layer name {name!r} is already registered to {_REGISTRY[name]!r}")
+            raise UserError(f"layer name {name!r} is already registered to {_REGISTRY[name]!r}")
         _REGISTRY[name] = factory
         return factory
 
@@ -37,9 +39,9 @@ def available_layers() -> list[str]:
 def build_layer(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered layer; every layer maps (batch, seq, dim) -> (batch, seq, dim)."""
     if not isinstance(name, str):
-        raise TypeError(f"a layer name must be a string, got {name!r}")
+        raise UserTypeError(f"a layer name must be a string, got {name!r}")
     if name not in _REGISTRY:
-        raise ValueError(f"unknown layer {name!r}; registered layers: {', '.join(available_layers())}")
+        raise UserError(f"unknown layer {name!r}; registered layers: {', '.join(available_layers())}")
     layer = _REGISTRY[name](**kwargs)
     # Remembered so a checkpoint can rebuild the same architecture before its weights load.
     layer._build_spec = {"name": name, **kwargs}
@@ -51,7 +53,7 @@ def check_positive_int(name: str, value: Any, optional: bool = False) -> None:
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+        raise UserError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
 
 
 def check_positive_number(name: str, value: Any, optional: bool = False) -> None:
@@ -60,7 +62,7 @@ def check_positive_number(name: str, value: Any, optional: bool = False) -> None
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         or_none = " or None" if optional else ""
-        raise ValueError(f"{name} must be a positive finite number{or_none}, got {value!r}")
+        raise UserError(f"{name} must be a positive finite number{or_none}, got {value!r}")
 
 
 def layer_spec(layer: nn.Module) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from spectralds.errors import UserError
 from spectralds.filters import spectral_filters
 from spectralds.layers.registry import SequenceLayer, check_positive_int, register_layer
 
@@ -128,16 +129,16 @@ class _SpectralConvLayer(SequenceLayer):
         for name, value in (("dim", dim), ("seq_len", seq_len), ("num_filters", num_filters)):
             check_positive_int(name, value)
         if num_filters > seq_len:
-            raise ValueError(f"num_filters ({num_filters}) cannot exceed seq_len ({seq_len})")
+            raise UserError(f"num_filters ({num_filters}) cannot exceed seq_len ({seq_len})")
         check_positive_int("dim_out", dim_out, optional=True)
         if use_hankel_L:
             if variant not in ("hankel", "hankel_L"):
-                raise ValueError(f"use_hankel_L=True conflicts with variant={variant!r}")
+                raise UserError(f"use_hankel_L=True conflicts with variant={variant!r}")
             variant = "hankel_L"
         if filters is None:
             filters = _cached_filters(seq_len, num_filters, variant)
         elif tuple(filters.shape) != (seq_len, num_filters) or not filters.is_floating_point():
-            raise ValueError(
+            raise UserError(
                 f"filters must be a floating tensor of shape (seq_len, num_filters) = "
                 f"{(seq_len, num_filters)}, got {tuple(filters.shape)} {filters.dtype}"
             )
@@ -215,9 +216,9 @@ class _SpectralConvLayer(SequenceLayer):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected input of shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
+            raise UserError(f"expected input of shape (batch, seq, {self.dim}), got {tuple(x.shape)}")
         if x.shape[1] > self.seq_len:
-            raise ValueError(
+            raise UserError(
                 f"sequence length {x.shape[1]} exceeds the layer's seq_len {self.seq_len} "
                 "(the length of its filters)"
             )
@@ -232,7 +233,7 @@ class _SpectralConvLayer(SequenceLayer):
     def _method(self, decode: str | None) -> str:
         method = decode or self.decode
         if method not in DECODE_METHODS:
-            raise ValueError(f"unknown decode method {method!r}; expected one of {DECODE_METHODS}")
+            raise UserError(f"unknown decode method {method!r}; expected one of {DECODE_METHODS}")
         return method
 
     def _naive_weight(self) -> torch.Tensor:
@@ -302,10 +303,10 @@ class _SpectralConvLayer(SequenceLayer):
         """One token x_t (B, dim) -> (y_t (B, dim_out), state), as `forward` would give it."""
         batch = state.inputs.shape[0]
         if x_t.dim() != 2 or x_t.shape != (batch, self.dim):
-            raise ValueError(f"expected x_t of shape ({batch}, {self.dim}), got {tuple(x_t.shape)}")
+            raise UserError(f"expected x_t of shape ({batch}, {self.dim}), got {tuple(x_t.shape)}")
         t = state.pos
         if t >= self.seq_len:
-            raise ValueError(f"cannot decode past seq_len={self.seq_len}: the filters have no longer lags")
+            raise UserError(f"cannot decode past seq_len={self.seq_len}: the filters have no longer lags")
         cdtype = state.kernel.dtype
         row = self.seq_len - 1 - t
         if state.method == "naive":

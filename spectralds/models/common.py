@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from spectralds.errors import NonFiniteError, UserError
 from spectralds.layers import build_layer, layer_specs, restore_layers
 
 SPECTRAL_LAYERS = ("stu", "stu_t", "lds")  # layers that take seq_len and num_filters
@@ -28,7 +29,7 @@ def build_mixers(
 ) -> list[nn.Module]:
     """Layer i gets `layer_pattern[i % len(layer_pattern)]`; kwargs per layer name from `layer_kwargs`."""
     if not layer_pattern:
-        raise ValueError("layer_pattern must name at least one layer, e.g. ['stu'] or ['stu', 'attn']")
+        raise UserError("layer_pattern must name at least one layer, e.g. ['stu'] or ['stu', 'attn']")
     layer_kwargs = layer_kwargs or {}
     mixers = []
     for i in range(num_layers):
@@ -56,7 +57,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 def check_nonfinite_policy(policy: str) -> None:
     if policy not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {policy!r}")
+        raise UserError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {policy!r}")
 
 
 def guard_loss(module: L.LightningModule, loss: torch.Tensor, policy: str) -> torch.Tensor | None:
@@ -71,7 +72,7 @@ def guard_loss(module: L.LightningModule, loss: torch.Tensor, policy: str) -> to
         return loss
     if policy == "skip":
         return None
-    raise FloatingPointError(
+    raise NonFiniteError(
         f"non-finite training loss ({loss.item()}) at global step {module.global_step}; stopping "
         "(set the model's nonfinite_loss: skip to skip such steps instead)"
     )

@@ -17,6 +17,7 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from spectralds.errors import UserError, UserTypeError
 from spectralds.layers.blocks import Block, RMSNorm
 from spectralds.layers.registry import check_positive_int
 from spectralds.models.common import (
@@ -33,17 +34,17 @@ def _check_config(vocab_size, dim, num_layers, layer_pattern, seq_len, mlp_ratio
     for name, value in (("vocab_size", vocab_size), ("dim", dim), ("seq_len", seq_len)):
         check_positive_int(name, value)
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
-        raise ValueError(f"num_layers must be a non-negative integer, got {num_layers!r}")
+        raise UserError(f"num_layers must be a non-negative integer, got {num_layers!r}")
     names_ok = isinstance(layer_pattern, Sequence) and not isinstance(layer_pattern, str)
     if layer_pattern is not None and not (names_ok and all(isinstance(n, str) for n in layer_pattern)):
-        raise TypeError(f"layer_pattern must be a list of layer names, got {layer_pattern!r}")
+        raise UserTypeError(f"layer_pattern must be a list of layer names, got {layer_pattern!r}")
     ratio_ok = isinstance(mlp_ratio, numbers.Real) and not isinstance(mlp_ratio, bool)
     if not (ratio_ok and 0 <= mlp_ratio < math.inf):
-        raise ValueError(f"mlp_ratio must be a finite number >= 0 (0: no MLP), got {mlp_ratio!r}")
+        raise UserError(f"mlp_ratio must be a finite number >= 0 (0: no MLP), got {mlp_ratio!r}")
     if layer_kwargs is not None and not (
         isinstance(layer_kwargs, Mapping) and all(isinstance(v, Mapping) for v in layer_kwargs.values())
     ):
-        raise TypeError(f"layer_kwargs must map layer names to keyword dicts, got {layer_kwargs!r}")
+        raise UserTypeError(f"layer_kwargs must map layer names to keyword dicts, got {layer_kwargs!r}")
 
 
 class LanguageModel(SpectralModule):
@@ -101,9 +102,9 @@ class LanguageModel(SpectralModule):
     def setup(self, stage: str) -> None:
         data = getattr(self.trainer, "datamodule", None)
         if getattr(data, "seq_len", 0) > self.seq_len:
-            raise ValueError(f"data seq_len {data.seq_len} exceeds the model's seq_len {self.seq_len}")
+            raise UserError(f"data seq_len {data.seq_len} exceeds the model's seq_len {self.seq_len}")
         if getattr(data, "vocab_size", 0) > self.hparams.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer has {data.vocab_size} tokens but the model's vocab_size is "
                 f"{self.hparams.vocab_size}"
             )
@@ -111,7 +112,7 @@ class LanguageModel(SpectralModule):
     # ---- forward / decoding -------------------------------------------------------------
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.shape[1] > self.seq_len:
-            raise ValueError(f"input of {idx.shape[1]} tokens exceeds the model's seq_len {self.seq_len}")
+            raise UserError(f"input of {idx.shape[1]} tokens exceeds the model's seq_len {self.seq_len}")
         x = self.dropout(self.embed(idx))
         for block in self.blocks:
             x = block(x)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from spectralds.errors import UserError
+
 
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up to the optimizer's lr, then cosine decay to `min_lr_ratio` * lr.
@@ -23,7 +25,7 @@ class WarmupCosineLR(LambdaLR):
         min_lr_ratio: float = 0.1,
     ) -> None:
         if warmup_steps < 0 or total_steps <= warmup_steps:
-            raise ValueError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}")
+            raise UserError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}")
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
         super().__init__(optimizer, self._factor)
 
