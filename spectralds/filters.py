@@ -28,15 +28,17 @@ sigma_k < ``RESOLUTION`` * sigma_1 are not determined by float64 at all (solvers
 100%): ``"eigh"`` still returns them (orthonormal, arbitrary within that noise), ``"lanczos"`` raises a
 ValueError, and ``"auto"`` then falls back to eigh up to L = 4096 and raises above.
 
-Results are cached as float64 safetensors in ``cache_dir()`` keyed by (variant, L, K, method, version);
-writes are atomic and an unreadable file is recomputed with a warning.
+Results are cached as float64 safetensors in ``spectralds.io.cache_dir()`` keyed by (variant, L, K,
+method, version). A cached file carries what it was computed for and a content hash (``io.tensor_hash``)
+in its metadata; a file that is unreadable, computed for another request, or fails its hash (a flipped
+byte, an edited value), and an old file without a hash, is recomputed with a warning naming it. Writes
+go through ``io.write_cache``: atomic, and a cache that cannot be written warns once and the run goes on.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -44,21 +46,17 @@ import numpy as np
 import scipy.fft
 import scipy.linalg
 import torch
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 
 from spectralds.errors import UserError, UserTypeError
+from spectralds.io import cache_dir, tensor_hash, write_cache  # cache_dir: also re-exported here
 
 VARIANTS = ("hankel", "hankel_L", "tensor")
 METHODS = ("auto", "eigh", "lanczos")
 RESOLUTION = 1e-13  # Lanczos refuses filters with sigma_k / sigma_1 below this: float64 cannot fix them
 _EIGH_MAX_LEN, _EIGH_FALLBACK_MAX_LEN = 512, 4096
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: files carry their request and a content hash (v1 files are not read)
 _EPS = torch.finfo(torch.float64).eps
-
-
-def cache_dir() -> Path:
-    """Where filters and LDS fits are cached: $SPECTRALDS_CACHE_DIR or ~/.cache/spectralds."""
-    return Path(os.environ.get("SPECTRALDS_CACHE_DIR", Path.home() / ".cache" / "spectralds"))
 
 
 def _hankel_entries(seq_len: int, variant: str) -> torch.Tensor:
@@ -230,33 +228,44 @@ def _cache_path(seq_len: int, num_filters: int, variant: str, method: str) -> Pa
     return cache_dir() / f"filters_{variant}_L{seq_len}_K{num_filters}_{method}_v{_CACHE_VERSION}.safetensors"
 
 
-def _load(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
+def _cache_fields(seq_len: int, num_filters: int, variant: str, method: str) -> dict[str, str]:
+    """What a cached bank was computed for: stored in its metadata and checked on every load."""
+    return {"seq_len": str(seq_len), "num_filters": str(num_filters), "variant": variant, "method": method,
+            "version": str(_CACHE_VERSION)}
+
+
+def _load(path: Path, fields: dict[str, str]) -> torch.Tensor | None:
+    """The cached bank at `path` if it is exactly what `fields` asks for and passes its hash, else None
+    (with a warning naming the file when one exists: it is recomputed)."""
     if not path.exists():
         return None
     try:
-        filters = load(path.read_bytes())["filters"]  # a copy, not an mmap a later rewrite could truncate
-        if filters.shape == shape and filters.dtype == torch.float64 and bool(filters.isfinite().all()):
+        blob = path.read_bytes()  # a copy, not an mmap a later rewrite could truncate
+        filters = load(blob)["filters"]
+        size = int.from_bytes(blob[:8], "little")  # safetensors: u64 header size, then the JSON header
+        meta = json.loads(blob[8 : 8 + size]).get("__metadata__") or {}
+        shape = (int(fields["seq_len"]), int(fields["num_filters"]))
+        wrong = [k for k in fields if meta.get(k) != fields[k]]
+        if "sha256" not in meta:
+            problem = "no content hash (written by an older version)"
+        elif wrong:
+            problem = ", ".join(f"{k}={meta.get(k)!r} instead of {fields[k]!r}" for k in wrong)
+        elif meta["sha256"] != tensor_hash({"filters": filters}, **fields):
+            problem = "content hash mismatch: the file was altered or corrupted"
+        elif filters.shape != shape or filters.dtype != torch.float64 or not bool(filters.isfinite().all()):
+            problem = f"shape {tuple(filters.shape)}, dtype {filters.dtype}"
+        else:
             return filters
-        problem = f"shape {tuple(filters.shape)}, dtype {filters.dtype}"
     except Exception as err:  # safetensors reports corruption with several exception types
-        problem = str(err)
-    warnings.warn(f"ignoring unreadable filter cache {path} ({problem}); recomputing", stacklevel=3)
+        problem = " ".join(str(err).split()) or type(err).__name__
+    warnings.warn(f"ignoring filter cache {path} ({problem}); recomputing", stacklevel=3)
     return None
 
 
-def _save(path: Path, filters: torch.Tensor) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"filters": filters.contiguous()}, tmp)
-            os.replace(tmp, path)  # atomic: readers never see a half-written file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    except OSError as err:
-        warnings.warn(f"could not write filter cache {path}: {err}", stacklevel=3)
+def _save(path: Path, filters: torch.Tensor, fields: dict[str, str]) -> None:
+    filters = filters.contiguous()
+    meta = {**fields, "sha256": tensor_hash({"filters": filters}, **fields)}
+    write_cache(path, save({"filters": filters}, metadata=meta))  # optional: warns once if it fails
 
 
 def spectral_filters(
@@ -275,10 +284,11 @@ def spectral_filters(
     _validate(seq_len, num_filters, variant, method)
     if not dtype.is_floating_point:
         raise UserTypeError(f"dtype must be a floating point dtype, got {dtype}")
-    path = _cache_path(seq_len, num_filters, variant, method)
-    filters = _load(path, (seq_len, num_filters)) if use_cache else None
+    path, fields = _cache_path(seq_len, num_filters, variant, method), _cache_fields(
+        seq_len, num_filters, variant, method)
+    filters = _load(path, fields) if use_cache else None
     if filters is None:
         filters = _compute(seq_len, num_filters, variant, method)
         if use_cache:
-            _save(path, filters)
+            _save(path, filters, fields)
     return filters.to(dtype)

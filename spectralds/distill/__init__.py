@@ -1,5 +1,6 @@
 """Distillation: spectral filters -> diagonal LDS (fit), STU layers -> LDS layers, state pruning."""
 
+from spectralds.distill.cache import fit_cache_path, get_fit
 from spectralds.distill.fit import (
     METHODS,
     LDSFit,
@@ -7,13 +8,12 @@ from spectralds.distill.fit import (
     fit_filters,
     float32_check,
     float32_recurrence,
-    get_fit,
     hankel_singular_values,
     impulse_response,
     relative_mse,
     target_filters,
 )
-from spectralds.distill.lds_file import load_fit, predicted_float32_error, save_fit
+from spectralds.distill.lds_file import load_fit, predicted_float32_error, read_fit, save_fit
 
 __all__ = [
     "METHODS",
@@ -22,11 +22,13 @@ __all__ = [
     "fit_filters",
     "float32_check",
     "float32_recurrence",
+    "fit_cache_path",
     "get_fit",
     "hankel_singular_values",
     "impulse_response",
     "load_fit",
     "predicted_float32_error",
+    "read_fit",
     "relative_mse",
     "save_fit",
     "target_filters",

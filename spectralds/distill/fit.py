@@ -37,22 +37,22 @@ thread count makes the result identical, byte for byte, on every run.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
 
-from spectralds.distill.lds_file import VERSION, LDSFit, impulse_response, load_fit, save_fit
+from spectralds.distill.lds_file import LDSFit, impulse_response
 from spectralds.errors import UserError, UserTypeError
-from spectralds.filters import cache_dir, spectral_filters
+from spectralds.filters import spectral_filters
 
-# Part of the cache key: bump when the solver's results change, so fits cached by an older one are not reused.
+# Part of the fit cache's key (spectralds.distill.cache): bump when the solver's results change,
+# so fits cached by an older one are not reused.
 SOLVER_REVISION = 2
 
 __all__ = [
-    "METHODS", "LDSFit", "fit_filters", "get_fit", "impulse_response", "relative_mse", "target_filters",
+    "METHODS", "LDSFit", "fit_filters", "impulse_response", "relative_mse", "target_filters",
     "float32_recurrence", "float32_check", "cancellation_factor", "hankel_singular_values",
 ]
 
@@ -357,29 +357,3 @@ def fit_filters(
         rel_mse_f32=f32, rel_mse_f32_per_filter=f32_per_filter,
         cancellation=cancellation_factor(B, C, targets),
     )
-
-
-def get_fit(
-    seq_len: int,
-    num_filters: int,
-    state_dim: int,
-    variant: str = "hankel",
-    method: str = "varpro",
-    progress: bool = True,
-) -> LDSFit:
-    """The fit from the cache in `spectralds.filters.cache_dir()`, computed and stored when absent."""
-    _check_args(seq_len, num_filters, state_dim, method)
-    revision = f"v{VERSION}r{SOLVER_REVISION}"
-    name = f"lds_{variant}_L{seq_len}_K{num_filters}_h{state_dim}_{method}_{revision}.safetensors"
-    path = cache_dir() / name
-    if path.exists():
-        try:
-            return load_fit(path, seq_len, num_filters, variant)
-        except ValueError as err:
-            warnings.warn(f"recomputing the cached LDS fit: {err}", stacklevel=2)
-    fit = fit_filters(seq_len, num_filters, state_dim, variant, method, progress)
-    try:
-        save_fit(fit, path)
-    except OSError as err:
-        warnings.warn(f"could not cache the LDS fit at {path}: {err}", stacklevel=2)
-    return fit

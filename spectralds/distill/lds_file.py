@@ -2,10 +2,16 @@
 
 File layout: float64 tensors ``A`` (h,), ``B`` (h,), ``C`` (h, 2K) and string metadata: ``format``,
 ``version``, ``seq_len``, ``num_filters``, ``variant``, ``method``, ``state_dim``, the errors (floats
-written with ``repr``, per-filter errors as JSON lists), ``cancellation`` and ``float32_check`` (how the
-float32 errors were measured). The bytes are written here rather than by ``safetensors.torch.save``,
-which orders metadata keys at random: one fit gives one file, byte for byte. Any safetensors reader
-opens it.
+written with ``repr``, per-filter errors as JSON lists), ``cancellation``, ``float32_check`` (how the
+float32 errors were measured) and ``sha256``, the content hash (`spectralds.io.tensor_hash`) of the
+tensors and every other metadata entry. The bytes are written here rather than by
+``safetensors.torch.save``, which orders metadata keys at random: one fit gives one file, byte for byte.
+Any safetensors reader opens it.
+
+Loading checks the hash last (after the structure, so a malformed file gets the precise message): a
+mismatch (a flipped byte, an edited entry) is a one-line error naming the file. A file without a hash
+(written before hashes existed) is loaded with a warning that it is unverified; the fit cache
+(`spectralds.distill.cache`) recomputes such files instead.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +27,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from spectralds.errors import UserError
+from spectralds.errors import MissingFileError, UserError
+from spectralds.io import atomic_write, tensor_hash
 
 FORMAT = "spectralds-lds"
 VERSION = 1
 FLOAT32_WARN_LEVEL = 1e-6  # load_fit warns when the predicted float32 relative MSE is above this
+# load_fit(expect_filters=...) refuses a fit whose impulse response is further than this (relative MSE)
+# from the filters it will serve: loose enough for the published 160-state fit (2.5e-6), while a fit
+# with its columns in another order measures ~2.
+FILTER_ERROR_LIMIT = 1e-4
+HASH_KEY = "sha256"
 _EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -81,8 +92,9 @@ def predicted_float32_error(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, s
     return float((_EPS32 * terms / peak) ** 2) if peak > 0 else math.inf
 
 
-def _metadata(fit: LDSFit) -> dict[str, str]:
-    return {
+def _metadata(fit: LDSFit, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The file's metadata, `extra` entries (e.g. the cache's solver revision) and the content hash."""
+    meta = {
         "format": FORMAT,
         "version": str(fit.version),
         "seq_len": str(fit.seq_len),
@@ -97,7 +109,16 @@ def _metadata(fit: LDSFit) -> dict[str, str]:
         "cancellation": repr(float(fit.cancellation)),
         "float32_check": "plain float32 recurrence, Gaussian input (seed 0, length seq_len), against the "
         "float64 convolution of that input with the filters",
+        **(extra or {}),
     }
+    meta[HASH_KEY] = content_hash({"A": fit.A, "B": fit.B, "C": fit.C}, meta)
+    return meta
+
+
+def content_hash(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 of the float64 tensors and every metadata entry but the hash itself."""
+    tensors = {name: t.detach().to(torch.float64) for name, t in tensors.items()}
+    return tensor_hash(tensors, **{k: v for k, v in meta.items() if k != HASH_KEY})
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -115,24 +136,19 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
+def fit_bytes(fit: LDSFit, extra: dict[str, str] | None = None) -> bytes:
+    """The file's bytes for `fit` (see the module doc), with `extra` metadata entries."""
+    return _safetensors_bytes({"A": fit.A, "B": fit.B, "C": fit.C}, _metadata(fit, extra))
+
+
 def save_fit(fit: LDSFit, path: str | os.PathLike) -> None:
-    """Write `fit` to a safetensors file atomically (a temporary file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = _safetensors_bytes({"A": fit.A, "B": fit.B, "C": fit.C}, _metadata(fit))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write `fit` to a safetensors file atomically (`spectralds.io.atomic_write`)."""
+    atomic_write(path, fit_bytes(fit))
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
-        raise UserError(f"LDS fit file {path} does not exist")
+        raise MissingFileError(f"LDS fit file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -144,8 +160,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LDSFit:
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{path} is not a valid LDS fit: {what}")
+    def bad(what: str) -> UserError:
+        return UserError(f"{path} is not a valid LDS fit: {what}")
 
     if meta.get("format") != FORMAT:
         raise bad(f"metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
@@ -171,6 +187,13 @@ def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
         raise bad(f"unreadable metadata ({err})") from None
     if fit.version > VERSION:
         raise bad(f"format version {fit.version} is newer than this library's {VERSION}")
+    # Sizes no fit can have: refused here rather than failing later in a layer or a division.
+    if fit.seq_len < 1:
+        raise bad(f"metadata seq_len={fit.seq_len} (must be >= 1)")
+    if not 1 <= fit.num_filters <= fit.seq_len:
+        raise bad(f"metadata num_filters={fit.num_filters} (must be between 1 and seq_len={fit.seq_len})")
+    if state_dim < 1:
+        raise bad(f"metadata state_dim={state_dim} (must be >= 1)")
     h, width = state_dim, 2 * fit.num_filters
     if fit.A.shape != (h,) or fit.B.shape != (h,) or fit.C.shape != (h, width):
         shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in (("A", fit.A), ("B", fit.B), ("C", fit.C)))
@@ -182,19 +205,54 @@ def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
     return fit
 
 
+def hash_status(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """"ok", "missing" (a file from before hashes) or "mismatch" (altered or corrupted)."""
+    if HASH_KEY not in meta:
+        return "missing"
+    return "ok" if meta[HASH_KEY] == content_hash(tensors, meta) else "mismatch"
+
+
+def read_fit(path: str | os.PathLike) -> tuple[LDSFit, dict[str, str], str]:
+    """(fit, metadata, `hash_status`) of a structurally valid file; one-line UserError otherwise."""
+    path = Path(path)
+    tensors, meta = _read(path)
+    fit = _parse(path, tensors, meta)
+    return fit, meta, hash_status(tensors, meta)
+
+
+def filter_error(fit: LDSFit, filters: torch.Tensor) -> float:
+    """Relative MSE of the fit's impulse response against the 2K targets of `filters` (L, K), L <= seq_len:
+    the "+" filters in their column order, then the alternating ones."""
+    from spectralds.distill.fit import relative_mse, target_filters  # fit.py imports this module
+
+    phi = filters.detach().to("cpu", torch.float64)
+    return float(relative_mse(impulse_response(fit.A, fit.B, fit.C, phi.shape[0]), target_filters(phi)))
+
+
 def load_fit(
     path: str | os.PathLike,
     expect_seq_len: int | None = None,
     expect_num_filters: int | None = None,
     expect_variant: str | None = None,
+    expect_filters: torch.Tensor | bool | None = None,
+    max_filter_error: float = FILTER_ERROR_LIMIT,
 ) -> LDSFit:
-    """Read and validate an LDS fit file; raise a one-line ValueError naming the file and the problem.
+    """Read and validate an LDS fit file; raise a one-line UserError naming the file and the problem.
 
-    ``expect_*`` check the fit against the model that will use it (None: not checked). Warns when the
-    system's cancellation predicts a float32 relative MSE above 1e-6 (see `predicted_float32_error`).
+    ``expect_*`` check the fit against the model that will use it (None: not checked). The content
+    hash must match (a file without one, from an older version, loads with a warning that it is
+    unverified). ``expect_filters`` (a (L, K) tensor, L <= the fit's seq_len, or True for the fit's own
+    `spectral_filters(seq_len, num_filters, variant)`) measures the impulse response against those
+    filters, order and signs included, and refuses a relative MSE above ``max_filter_error``. Warns
+    when the system's cancellation predicts a float32 relative MSE above 1e-6 (see
+    `predicted_float32_error`).
     """
     path = Path(path)
-    fit = _parse(path, *_read(path))
+    fit, _, status = read_fit(path)
+    if status == "mismatch":
+        raise UserError(f"{path} fails its content hash: the file was altered or corrupted")
+    if status == "missing":
+        warnings.warn(f"{path} has no content hash (an older file): loading it unverified", stacklevel=2)
     for name, want, got in (
         ("seq_len", expect_seq_len, fit.seq_len),
         ("num_filters", expect_num_filters, fit.num_filters),
@@ -202,6 +260,8 @@ def load_fit(
     ):
         if want is not None and want != got:
             raise UserError(f"{path} was fitted with {name}={got!r}, but {name}={want!r} was expected")
+    if expect_filters is not None and expect_filters is not False:
+        check_filters(path, fit, expect_filters, max_filter_error)
     predicted = predicted_float32_error(fit.A, fit.B, fit.C, fit.seq_len)
     if predicted > FLOAT32_WARN_LEVEL:
         warnings.warn(
@@ -210,3 +270,22 @@ def load_fit(
             stacklevel=2,
         )
     return fit
+
+
+def check_filters(path: Path, fit: LDSFit, filters: torch.Tensor | bool, limit: float) -> float:
+    """`filter_error` of `fit` against `filters` (True: its own spectral filters); refuses above `limit`."""
+    if filters is True:
+        from spectralds.filters import spectral_filters
+
+        filters = spectral_filters(fit.seq_len, fit.num_filters, fit.variant)
+    if not isinstance(filters, torch.Tensor) or filters.dim() != 2:
+        raise UserError(f"expect_filters must be a (seq_len, num_filters) tensor or True, got {filters!r}")
+    length, k = filters.shape
+    if k != fit.num_filters or not 1 <= length <= fit.seq_len:
+        raise UserError(f"{path} holds {fit.num_filters} filters of length {fit.seq_len}; it cannot serve "
+                        f"filters of shape {(length, k)}")
+    error = filter_error(fit, filters)
+    if not error <= limit:
+        raise UserError(f"{path}: its impulse response misses the expected filters by relative MSE "
+                        f"{error:.2e} (> {limit:g}); wrong filter order, signs or variant?")
+    return error

@@ -30,6 +30,7 @@ from torch import nn
 
 from spectralds.errors import UserError
 from spectralds.filters import spectral_filters
+from spectralds.io import cache_dir
 from spectralds.layers.registry import SequenceLayer, check_positive_int, register_layer
 
 DECODE_METHODS = ("futurefill", "naive")
@@ -49,8 +50,13 @@ def alternating(length: int, start: int = 0, dtype: torch.dtype = torch.float32,
     return (1 - 2 * (s % 2)).to(dtype)
 
 
-@functools.lru_cache(maxsize=8)
 def _cached_filters(seq_len: int, num_filters: int, variant: str) -> torch.Tensor:
+    # Keyed on the cache directory too: a process that switches SPECTRALDS_CACHE_DIR reads that cache.
+    return _memo_filters(str(cache_dir()), seq_len, num_filters, variant)
+
+
+@functools.lru_cache(maxsize=8)
+def _memo_filters(directory: str, seq_len: int, num_filters: int, variant: str) -> torch.Tensor:
     # Every layer of a model asks for the same bank: compute (or load from disk) it once per process.
     return spectral_filters(seq_len, num_filters, variant).float()
 
