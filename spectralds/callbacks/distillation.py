@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -13,9 +15,15 @@ from spectralds.callbacks._common import (
     rebuild_optimizers,
     run_validation,
 )
-from spectralds.distill import LDSFit, get_fit, load_fit
-from spectralds.distill.convert import check_fit_matches, convert_stu_layers, find_stu_layers
-from spectralds.errors import UserError
+from spectralds.distill import METHODS, LDSFit, get_fit, load_fit
+from spectralds.distill.convert import (
+    check_fit_matches,
+    convert_stu_layers,
+    find_stu_layers,
+)
+from spectralds.distill.fit import _check_args
+from spectralds.distill.lds_file import filter_error
+from spectralds.errors import UserError, UserTypeError, check_choice, check_float, check_int
 
 
 class STUToLDSDistillation(OneShotLayerChange):
@@ -28,8 +36,14 @@ class STUToLDSDistillation(OneShotLayerChange):
         at_step / at_epoch: swap after this global step / at the end of this epoch (0-based) and keep
             training the LDS model; default (both None): at the end of training.
         validate: run validation before and after the swap and log both losses.
-        max_fit_error: refuse to swap when the fit's relative MSE (float64 or float32) exceeds this;
-            tensorized filters, for instance, are not realizable by a small LDS (rel. MSE ~0.3 at 160 states).
+        max_fit_error: refuse to swap when a converted layer, measured against the STU it replaces,
+            misses by more than this relative MSE: its impulse response against the layer's own filters,
+            or its output against the STU's on a fixed probe input (`spectralds.distill.convert`). All
+            layers are measured before any is swapped. Tensorized filters, for instance, are not
+            realizable by a small LDS (rel. MSE ~0.3 at 160 states).
+
+    Every argument is checked when the callback is built, and against the model in `setup` (a missing,
+    corrupt or mismatched `fit_path`, a state_dim the layers' length cannot take), before training.
         save_path: where to save a checkpoint of the swapped model at the end of training
             ("auto": <log_dir>/checkpoints/lds.ckpt; None: don't).
     """
@@ -49,39 +63,71 @@ class STUToLDSDistillation(OneShotLayerChange):
         save_path: str | None = "auto",
         log_plot: bool = True,
     ) -> None:
+        check_arguments(state_dim, method, fit_path, at_step, at_epoch, max_fit_error)
+        for name, value in (("validate", validate), ("log_plot", log_plot)):
+            if not isinstance(value, bool):
+                raise UserTypeError(f"STUToLDSDistillation: {name} must be true or false, got {value!r}")
+        if save_path is not None and not isinstance(save_path, (str, os.PathLike)):
+            raise UserTypeError(f"STUToLDSDistillation: save_path must be a path, 'auto' or None, "
+                                f"got {save_path!r}")
         super().__init__(at_step, at_epoch, save_path)
         self.state_dim, self.method, self.fit_path = state_dim, method, fit_path
         self.validate, self.log_plot = validate, log_plot
-        self.max_fit_error = max_fit_error
+        self.max_fit_error = float(max_fit_error)
         self.reports: list = []
+        self._user_fit: LDSFit | None = None
 
     # ---- when ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self.done and not find_stu_layers(pl_module):
+        """Check the model against the arguments now, before the first step, not at the swap."""
+        if self.done:
+            return
+        layers = find_stu_layers(pl_module)
+        if not layers:
             raise UserError(f"STUToLDSDistillation: no STU layer in {type(pl_module).__name__} to distill")
+        if self.fit_path is not None:
+            self._user_fit = self._check_user_fit(layers)
+            return
+        for _, stu in layers:  # the arguments get_fit will get at the swap
+            _check_args(stu.seq_len, stu.num_filters, self._state_dim(stu), self.method or METHODS[0])
+
+    def _check_user_fit(self, layers: list[tuple[str, torch.nn.Module]]) -> LDSFit:
+        fit = load_fit(self.fit_path)  # exists, parses, passes its hash
+        for path, stu in layers:
+            try:
+                check_fit_matches(stu, fit)
+                # Measured against this layer's own filter buffer: a fit of other filters (another
+                # column order, other signs) is refused before training, not after it.
+                error = filter_error(fit, stu.phi)
+            except UserError as err:
+                raise UserError(f"fit_path {self.fit_path} does not fit layer {path}: {err}") from None
+            if not error <= self.max_fit_error:
+                raise UserError(
+                    f"fit_path {self.fit_path}: its impulse response misses the filters of layer {path} by "
+                    f"relative MSE {error:.2e} (> max_fit_error {self.max_fit_error:g})"
+                )
+        return fit
 
     # ---- what ---------------------------------------------------------------------------------
+    @staticmethod
+    def _default_state_dim(seq_len: int) -> int:
+        return max(2, min(80, seq_len // 4) // 2 * 2)
+
+    def _state_dim(self, stu: torch.nn.Module) -> int:
+        return self.state_dim or self._default_state_dim(stu.seq_len)
+
     def fit_for(self, trainer: L.Trainer, stu: torch.nn.Module) -> LDSFit:
         if self.fit_path is not None:
-            return load_fit(self.fit_path, expect_num_filters=stu.num_filters, expect_variant=stu.variant)
+            if self._user_fit is None:  # setup did not run (a direct call): load and check now
+                self._user_fit = load_fit(self.fit_path)
+            return self._user_fit
         kwargs = {"method": self.method} if self.method else {}
-        state_dim = self.state_dim or max(2, min(80, stu.seq_len // 4) // 2 * 2)
-        args = (stu.seq_len, stu.num_filters, state_dim, stu.variant)
+        args = (stu.seq_len, stu.num_filters, self._state_dim(stu), stu.variant)
         if trainer.world_size > 1:  # rank 0 fits and caches; the others then read the same bytes
             if trainer.is_global_zero:
                 get_fit(*args, **kwargs)
             trainer.strategy.barrier("spectralds-fit")
         return get_fit(*args, **kwargs)
-
-    def _checked(self, fit: LDSFit) -> LDSFit:
-        error = max(fit.rel_mse_f64, fit.rel_mse_f32)
-        if not error <= self.max_fit_error:
-            raise UserError(
-                f"the {fit.state_dim}-state LDS fits the {fit.num_filters} {fit.variant!r} filters of length "
-                f"{fit.seq_len} only to relative MSE {error:.2e} (> max_fit_error {self.max_fit_error:g}); "
-                "refusing to swap rather than silently degrade the model"
-            )
-        return fit
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         before = run_validation(trainer) if self.validate else {}
@@ -90,12 +136,11 @@ class STUToLDSDistillation(OneShotLayerChange):
         def get(stu):  # noqa: ANN001, ANN202
             key = (stu.seq_len, stu.num_filters, stu.variant)
             if key not in fits:
-                fit = self.fit_for(trainer, stu)
-                check_fit_matches(stu, fit)  # a wrong file is the clearer error than a poor fit
-                fits[key] = self._checked(fit)
+                fits[key] = self.fit_for(trainer, stu)
             return fits[key]
 
-        self.reports = convert_stu_layers(pl_module, get)
+        # Every layer is measured against its STU and refused above max_fit_error before any swap.
+        self.reports = convert_stu_layers(pl_module, get, max_error=self.max_fit_error)
         self.done = True
         after = run_validation(trainer) if self.validate else {}
         if continue_training:
@@ -116,3 +161,27 @@ class STUToLDSDistillation(OneShotLayerChange):
         for key in sorted(set(before) & set(after)):
             lines.append(f"{key:<28} STU {before[key]:.4f}   LDS {after[key]:.4f}")
         rank_zero_info("\n".join(lines))
+
+
+def check_arguments(
+    state_dim: object, method: object, fit_path: object, at_step: object, at_epoch: object,
+    max_fit_error: object,
+) -> None:
+    """STUToLDSDistillation's arguments on their own (the model is checked in `setup`): one UserError each."""
+    where = "STUToLDSDistillation"
+    if state_dim is not None:
+        check_int(f"{where}: state_dim", state_dim, minimum=2)
+    if method is not None:
+        check_choice(f"{where}: method", method, METHODS)
+        if method == "spectralds" and state_dim is not None and state_dim % 2:
+            raise UserError(f"{where}: state_dim must be even for the mirrored 'spectralds' fit, "
+                            f"got {state_dim}")
+    if fit_path is not None:
+        if not isinstance(fit_path, (str, os.PathLike)) or str(fit_path) == "":
+            raise UserTypeError(f"{where}: fit_path must be a file path, got {fit_path!r}")
+        if state_dim is not None or method is not None:
+            raise UserError(f"{where}: give fit_path or state_dim/method (to fit one), not both")
+    for name, value in (("at_step", at_step), ("at_epoch", at_epoch)):
+        if value is not None:
+            check_int(f"{where}: {name}", value, minimum=0)
+    check_float(f"{where}: max_fit_error", max_fit_error, minimum=0.0, strict=True)

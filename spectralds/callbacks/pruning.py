@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from spectralds.callbacks._common import OneShotLayerChange, log_scalars, rebuild_optimizers, run_validation
 from spectralds.distill.prune import METHODS, find_lds_layers, prune_lds_layers
-from spectralds.errors import UserError
+from spectralds.errors import UserError, UserTypeError, check_choice, check_float, check_int
 
 
 class LayerAdaptiveStatePruning(OneShotLayerChange):
@@ -37,10 +39,19 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
         validate: bool = True,
         save_path: str | None = "auto",
     ) -> None:
-        if not 0 <= ratio < 1:
-            raise UserError(f"pruning ratio must be in [0, 1), got {ratio}")
-        if method not in METHODS:
-            raise UserError(f"unknown pruning method {method!r}; expected one of {METHODS}")
+        # Every argument is checked here, before any training: one UserError each.
+        where = "LayerAdaptiveStatePruning"
+        ratio = check_float(f"{where}: ratio", ratio, minimum=0.0, strict=True)
+        if not ratio < 1:  # 0 prunes nothing, 1 everything: neither is a pruning
+            raise UserError(f"{where}: ratio must be in (0, 1), got {ratio!r}")
+        check_choice(f"{where}: method", method, METHODS)
+        for name, value in (("at_step", at_step), ("at_epoch", at_epoch)):
+            if value is not None:
+                check_int(f"{where}: {name}", value, minimum=0)
+        if not isinstance(validate, bool):
+            raise UserTypeError(f"{where}: validate must be true or false, got {validate!r}")
+        if save_path is not None and not isinstance(save_path, (str, os.PathLike)):
+            raise UserTypeError(f"{where}: save_path must be a path, 'auto' or None, got {save_path!r}")
         super().__init__(at_step, at_epoch, save_path)
         self.ratio, self.method, self.validate = ratio, method, validate
         self.reports: list = []

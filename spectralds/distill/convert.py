@@ -3,6 +3,13 @@
 The LDS (shared A, B, C from one filter fit) reproduces the 2K spectral filters, so the converted
 layer computes the STU's function up to the fit error. Layers are found by type, so this works on
 any module that holds registry-built STU layers, not only on our models.
+
+Measured, not claimed: `convert_stu_layers` measures every converted layer against the STU it replaces
+(never the fit file's metadata) with two numbers, `filter_rel_mse` (the LDS impulse response against
+the layer's own filter buffer, column order and signs included) and `layer_error` (the LDS layer's
+output against the STU layer's on a fixed probe input), and with `max_error` refuses, before any
+layer is swapped, when either is above it. Both cost well under a second per layer at L=8192 (the
+probe runs batch 1 on a few channels: FFT convolution for the STU, the chunked scan for the LDS).
 """
 
 from __future__ import annotations
@@ -13,13 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spectralds.distill.fit import LDSFit
+from spectralds.distill.fit import LDSFit, relative_mse, target_filters
 from spectralds.errors import UserError, UserTypeError
 from spectralds.layers import build_layer
 from spectralds.layers.lds import LDS
 from spectralds.layers.stu import STU, STUTensordot
 
 STU_TYPES = (STU, STUTensordot)
+PROBE_CHANNELS = 4  # input and output channels of the probe: its cost does not grow with the width
+PROBE_SEED = 0
 
 
 def check_fit_matches(stu: nn.Module, fit: LDSFit) -> None:
@@ -61,12 +70,15 @@ def lds_from_stu(stu: nn.Module, fit: LDSFit) -> LDS:
 
 @dataclass
 class LayerReport:
-    """How well one converted layer reproduces its STU on a random input (relative MSE)."""
+    """How well one converted layer reproduces its STU (relative MSEs, measured at conversion):
+    `rel_mse` of the outputs on the probe input, `filter_rel_mse` of the impulse response against the
+    layer's filters."""
 
     path: str
     kind: str
     state_dim: int
     rel_mse: float
+    filter_rel_mse: float = float("nan")
 
 
 def find_stu_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -74,26 +86,80 @@ def find_stu_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def layer_error(stu: nn.Module, lds: nn.Module, batch: int = 2, seed: int = 0) -> float:
-    """Relative MSE of the LDS output against the STU output on a fixed random input of full length."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, stu.seq_len, stu.dim, generator=gen).to(next(stu.parameters()).device)
-    ref, out = stu(x).double(), lds(x).double()
+def filter_rel_mse(stu: nn.Module, lds: LDS) -> float:
+    """Relative MSE of the LDS's 2K impulse responses against [phi, (-1)^t phi] of the STU's buffer."""
+    phi = stu.phi.detach().to(torch.float64)
+    return float(relative_mse(lds.impulse_response(stu.seq_len).to(phi.device), target_filters(phi)))
+
+
+def _spread(n: int, count: int) -> torch.Tensor:
+    """`count` channel indices spread over 0..n-1 (first and last included)."""
+    return torch.linspace(0, n - 1, min(n, count)).round().long().unique()
+
+
+@torch.no_grad()
+def _probe_pair(stu: nn.Module, lds: LDS, channels: int) -> tuple[nn.Module, LDS, int]:
+    """Copies of `stu` and `lds` restricted to a few input and output channels: the same function as the
+    full layers on inputs that are zero outside those channels, read on those outputs."""
+    tensordot = isinstance(stu, STUTensordot)
+    cin, cout = _spread(stu.dim, channels), _spread(stu.dim_out, channels)
+    dims = {"dim": cin.numel(), "dim_out": cout.numel(), "seq_len": stu.seq_len,
+            "num_filters": stu.num_filters}
+    kind = "stu_t" if tensordot else "stu"
+    small_stu = build_layer(kind, variant=stu.variant, filters=stu.phi.cpu(), **dims)
+    small_lds = build_layer("lds", state_dim=lds.state_dim, mode=lds.mode, learnable=False, **dims)
+    small_lds.set_system(*(p.detach().cpu() for p in lds.system()), learnable=False)
+    if tensordot:
+        names, pick = ("M_inputs", "M_filters_plus", "M_filters_minus"), (
+            lambda m, n: m[cin][:, cout] if n == "M_inputs" else m[:, cout])
+    else:
+        names, pick = ("M_phi_plus", "M_phi_minus"), (lambda m, n: m[:, cin][:, :, cout])
+    for small, big in ((small_stu, stu), (small_lds, lds)):
+        for name in names:
+            getattr(small, name).copy_(pick(getattr(big, name).detach().cpu(), name))
+    device = stu.phi.device
+    return small_stu.to(device), small_lds.to(device), cin.numel()
+
+
+@torch.no_grad()
+def layer_error(stu: nn.Module, lds: LDS, seed: int = PROBE_SEED, channels: int = PROBE_CHANNELS) -> float:
+    """Relative MSE of the LDS output against the STU output on a fixed random probe input of full length
+    (batch 1, `channels` input and output channels spread over the width; see `_probe_pair`)."""
+    small_stu, small_lds, width = _probe_pair(stu, lds, channels)
+    x = torch.randn(1, stu.seq_len, width, generator=torch.Generator().manual_seed(seed)).to(stu.phi.device)
+    ref, out = small_stu(x).double(), small_lds(x).double()
     return ((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300)).item()
 
 
 def convert_stu_layers(
-    module: nn.Module, get_fit: Callable[[nn.Module], LDSFit], measure: bool = True
+    module: nn.Module,
+    get_fit: Callable[[nn.Module], LDSFit],
+    measure: bool = True,
+    max_error: float | None = None,
 ) -> list[LayerReport]:
-    """Replace every STU layer inside `module` by its LDS; returns a per-layer error report."""
+    """Replace every STU layer inside `module` by its LDS; returns a per-layer measured report.
+
+    With `max_error`, every layer is converted and measured first; if any measured error (impulse
+    response or probe output) is above it, a one-line UserError names the layer and both numbers and
+    no layer of `module` is changed.
+    """
     layers = find_stu_layers(module)
     if not layers:
         raise UserError(f"no STU layer found in {type(module).__name__}: nothing to distill")
-    reports = []
+    measure = measure or max_error is not None
+    converted = []
     for path, stu in layers:
         lds = lds_from_stu(stu, get_fit(stu))
-        err = layer_error(stu, lds) if measure else float("nan")
+        ir, out = (filter_rel_mse(stu, lds), layer_error(stu, lds)) if measure else (float("nan"),) * 2
+        if max_error is not None and not (ir <= max_error and out <= max_error):
+            raise UserError(
+                f"{path or type(module).__name__} ({type(stu).__name__}): the {lds.state_dim}-state LDS "
+                f"fits the {stu.num_filters} {stu.variant!r} filters of length {stu.seq_len} only to "
+                f"relative MSE {ir:.2e} (its impulse response vs the layer's filters; LDS vs STU output "
+                f"on a probe: {out:.2e}) > max_fit_error {max_error:g}; refusing to swap, no layer changed"
+            )
+        converted.append((path, stu, lds, LayerReport(path, type(stu).__name__, lds.state_dim, out, ir)))
+    for path, _, lds, _ in converted:  # all measured: now swap
         parent_path, _, attr = path.rpartition(".")
         setattr(module.get_submodule(parent_path) if parent_path else module, attr, lds)
-        reports.append(LayerReport(path, type(stu).__name__, lds.state_dim, err))
-    return reports
+    return [report for *_, report in converted]

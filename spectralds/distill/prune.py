@@ -210,7 +210,10 @@ def select_states(
     if layer_weights is not None:
         if method != "last-refit":
             raise UserError(f"layer_weights apply to the 'last-refit' method only, not {method!r}")
-        if len(layer_weights) != len(layers) or not all(w >= 0 and math.isfinite(w) for w in layer_weights):
+        numbers = isinstance(layer_weights, (list, tuple)) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in layer_weights)
+        if not numbers or len(layer_weights) != len(layers) or not all(
+                w >= 0 and math.isfinite(w) for w in layer_weights):
             raise UserError(f"need {len(layers)} finite, non-negative layer weights, got {layer_weights}")
     if method in ("last-refit", "uniform-refit"):
         curves = [refit_curve(layer) for layer in layers]
