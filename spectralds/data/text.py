@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from spectralds.errors import MissingFileError, UserError
+from spectralds.errors import MissingFileError, UserError, first_line
+from spectralds.io import write_cache
 
 from .corpus import file_signature, local_files, local_pieces, stdlib_files
 from .hf import (
@@ -143,12 +145,16 @@ class TextDataModule(L.LightningDataModule):
             vocab = self.bpe_vocab_size
             key = cache_key(_FORMAT_VERSION, self._signature(), self.max_bytes, vocab)
             path = self.cache_dir / f"bpe-{key}.json"
+            tokenizer = None
             if path.is_file():
-                tokenizer = BPETokenizer.from_file(path)
-            else:
+                try:
+                    tokenizer = BPETokenizer.from_file(path)
+                except UserError as err:  # a cache: retrain rather than fail
+                    warnings.warn(f"{first_line(err)}; retraining the tokenizer", stacklevel=2)
+            if tokenizer is None:
                 budget = _STREAM_BPE_BYTES if self.streaming and self.max_bytes is None else self.max_bytes
                 tokenizer = BPETokenizer.train(self._pieces(budget), vocab)
-                tokenizer.save(path)
+                write_cache(path, tokenizer.backend.to_str().encode("utf-8"))  # optional: warns if it fails
             tokenizer.name = f"bpe-{vocab}"
             self._tokenizer = tokenizer
         return self._tokenizer
@@ -180,11 +186,11 @@ class TextDataModule(L.LightningDataModule):
 
     def _ensure_shard(self) -> np.memmap:
         path = self._shard_path()
-        tokens = load_shard(path)
+        tokens = load_shard(path, self.vocab_size)
         if tokens is None:
             pieces, dtype = self._pieces(self.max_bytes), token_dtype(self.vocab_size)
             write_shard(path, pieces, self.tokenizer, dtype, what=f"corpus {self.source!r}")
-            tokens = load_shard(path)
+            tokens = load_shard(path, self.vocab_size)
         return tokens
 
     # ----------------------------------------------------------------- Lightning hooks

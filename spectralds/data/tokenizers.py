@@ -13,7 +13,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from spectralds.errors import MissingFileError, UserError
+from spectralds.errors import MissingFileError, UserError, first_line
+from spectralds.io import atomic_write
 
 # The pre-tokenization regexes that OpenAI's encodings were trained with. A rank file does not
 # record its regex, so the right one has to be named when the file is loaded.
@@ -97,11 +98,15 @@ class BPETokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTokenizer
 
         path = _existing_file(path, "tokenizer file")
-        return cls(HFTokenizer.from_file(str(path)), name=f"bpe:{path.name}")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises its own exception types
+            raise UserError(f"{path} is not a readable tokenizer file ({first_line(err)})") from None
+        return cls(backend, name=f"bpe:{path.name}")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON, atomically (a reader never sees a partial file)."""
-        _atomic_write_text(Path(path), self.backend.to_str())
+        atomic_write(path, self.backend.to_str().encode("utf-8"))
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -200,10 +205,3 @@ def _existing_file(path: str | os.PathLike, what: str) -> Path:
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path}")
     return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
