@@ -111,5 +111,6 @@ def tensor_hash(tensors: Mapping[str, torch.Tensor], **fields: object) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # Flattened first: a "contiguous" (L, 1) tensor may still have stride 2 in its size-1 dim.
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

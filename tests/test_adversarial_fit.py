@@ -472,3 +472,12 @@ def test_shard_ids_beyond_the_vocabulary_are_one_line(tmp_path):
     one_line(err, str(path.with_suffix(".bin")), "300")
     assert sha(path.with_suffix(".bin")) == before
     assert load_shard(path, 512).tolist() == [1, 2, 300]
+
+
+def test_single_filter_banks_hash_and_reload():
+    # (L, 1) banks: a size-1 column whose stride is not 1 once broke io.tensor_hash
+    first = spectral_filters(2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(spectral_filters(2, 1), first)
+    assert _filter_file(2, 1).is_file()
