@@ -118,7 +118,7 @@ class STUToLDSDistillation(OneShotLayerChange):
 
     def fit_for(self, trainer: L.Trainer, stu: torch.nn.Module) -> LDSFit:
         if self.fit_path is not None:
-            if self._user_fit is None:  # setup did not run (a direct call): load and check now
+            if self._user_fit is None:  # setup did not run (a direct call): the swap measures it
                 self._user_fit = load_fit(self.fit_path)
             return self._user_fit
         kwargs = {"method": self.method} if self.method else {}
@@ -148,6 +148,8 @@ class STUToLDSDistillation(OneShotLayerChange):
         self.results = {f"distill/{k.replace('/', '_')}_stu": v for k, v in before.items()}
         self.results.update({f"distill/{k.replace('/', '_')}_lds": v for k, v in after.items()})
         self.results.update({f"distill/layer_rel_mse/{r.path}": r.rel_mse for r in self.reports})
+        self.results.update(
+            {f"distill/layer_filter_rel_mse/{r.path}": r.filter_rel_mse for r in self.reports})
         log_scalars(trainer, self.results)
         if self.log_plot and trainer.is_global_zero and fits:
             from spectralds.distill.plots import filter_fit_figure
