@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spectralds.distill.fit import LDSFit, relative_mse, target_filters
+from spectralds.distill.lds_file import LDSFit
+from spectralds.distill.measure import relative_mse, target_filters
 from spectralds.errors import UserError, UserTypeError
 from spectralds.layers import build_layer
 from spectralds.layers.lds import LDS

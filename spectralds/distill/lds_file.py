@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from spectralds.distill.measure import relative_mse, target_filters
 from spectralds.errors import MissingFileError, UserError
 from spectralds.io import atomic_write, tensor_hash
 
@@ -223,8 +224,6 @@ def read_fit(path: str | os.PathLike) -> tuple[LDSFit, dict[str, str], str]:
 def filter_error(fit: LDSFit, filters: torch.Tensor) -> float:
     """Relative MSE of the fit's impulse response against the 2K targets of `filters` (L, K), L <= seq_len:
     the "+" filters in their column order, then the alternating ones."""
-    from spectralds.distill.fit import relative_mse, target_filters  # fit.py imports this module
-
     phi = filters.detach().to("cpu", torch.float64)
     return float(relative_mse(impulse_response(fit.A, fit.B, fit.C, phi.shape[0]), target_filters(phi)))
 
