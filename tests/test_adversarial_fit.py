@@ -232,6 +232,12 @@ def test_expect_filters_of_the_wrong_shape_is_one_line(fit, phi, tmp_path):
     with pytest.raises(UserError) as err:
         load_fit(path, expect_filters=phi[:, :2])
     one_line(err, str(path), "cannot serve")
+    with pytest.raises(UserError) as err:
+        load_fit(path, expect_filters=phi[None])
+    one_line(err, "expect_filters", "shape (1, 64, 4)")
+    with pytest.raises(UserError) as err:
+        load_fit(path, expect_filters=phi, max_filter_error=math.nan)
+    one_line(err, "max_filter_error")
 
 
 # ---- the filter cache -----------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import torch
 from safetensors import safe_open
 
 from spectralds.distill.measure import relative_mse, target_filters
-from spectralds.errors import MissingFileError, UserError
+from spectralds.errors import MissingFileError, UserError, check_float
+from spectralds.filters import spectral_filters
 from spectralds.io import atomic_write, tensor_hash
 
 FORMAT = "spectralds-lds"
@@ -273,12 +274,12 @@ def load_fit(
 
 def check_filters(path: Path, fit: LDSFit, filters: torch.Tensor | bool, limit: float) -> float:
     """`filter_error` of `fit` against `filters` (True: its own spectral filters); refuses above `limit`."""
+    check_float("max_filter_error", limit, minimum=0.0, strict=True)
     if filters is True:
-        from spectralds.filters import spectral_filters
-
         filters = spectral_filters(fit.seq_len, fit.num_filters, fit.variant)
     if not isinstance(filters, torch.Tensor) or filters.dim() != 2:
-        raise UserError(f"expect_filters must be a (seq_len, num_filters) tensor or True, got {filters!r}")
+        got = f"shape {tuple(filters.shape)}" if isinstance(filters, torch.Tensor) else type(filters).__name__
+        raise UserError(f"expect_filters must be a (seq_len, num_filters) tensor or True, got {got}")
     length, k = filters.shape
     if k != fit.num_filters or not 1 <= length <= fit.seq_len:
         raise UserError(f"{path} holds {fit.num_filters} filters of length {fit.seq_len}; it cannot serve "
