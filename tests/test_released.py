@@ -116,3 +116,27 @@ def test_a_pickled_object_is_refused(tmp_path):
     (tmp_path / "code.pt").write_bytes(pickle.dumps(datetime.timedelta(days=1)))
     with pytest.raises(UserError, match="not a readable torch file"):
         import_released(tmp_path / "code.pt", L, K)
+
+
+def test_bench_scores_ours_and_released_files(ours, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from spectralds.distill import save_fit
+
+    save_fit(ours, tmp_path / "ours.safetensors")
+    A, B, C = released_layout(ours)
+    torch.save({"A": A, "B": B, "C": C}, tmp_path / "theirs.pt")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "SPECTRALDS_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, str(root / "tools" / "bench_distill.py"), "--seq-len", str(L),
+         "--num-filters", str(K), "--score", str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.pt")],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout
+    rows = [line for line in out.splitlines() if "ours.safetensors" in line or "theirs.pt" in line]
+    assert len(rows) == 2 and "theirs.pt" in rows[1] and "3 signs flipped" in rows[1]
+    measured = f"{ours.rel_mse_f64:.2e}"
+    assert all(measured in row for row in rows)  # the same measured error, whichever layout the file has
