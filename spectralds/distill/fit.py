@@ -378,11 +378,12 @@ def fit_filters(
             if method == "spectralds":
                 candidates.append(_mirrored(*_fit_spectralds(phi, state_dim // 2)))
             mirrored_poles = None
-            if method == "varpro" and state_dim % 2 == 0:
-                # Continuation: also start from the fit with one pole (two states) fewer.
-                n = state_dim // 2
-                fits = _fit_varpro(phi, n, n - 1, on_step=stage("mirrored fit"))
-                candidates += [_mirrored(*system) for _, system in fits]
+            if method == "varpro" and state_dim >= 2:
+                # Continuation: also start from the fit with one pole (two states) fewer. For an odd
+                # state_dim the mirrored fit of state_dim - 1 states only seeds the joint one.
+                n, even = state_dim // 2, state_dim % 2 == 0
+                fits = _fit_varpro(phi, n, n - 1 if even else 0, on_step=stage("mirrored fit"))
+                candidates += [_mirrored(*system) for _, system in fits] if even else []
                 mirrored_poles = min(fits, key=lambda f: _cost(phi, f[0]))[0]
             bar.update()
             if method == "varpro":
