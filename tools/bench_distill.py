@@ -3,15 +3,20 @@
     python tools/bench_distill.py                                  # L=8192, K=24, h = 40 ... 160
     python tools/bench_distill.py --seq-len 1024 --num-filters 8 --state-dims 16 24 32 --no-end-to-end
     python tools/bench_distill.py --json distill.json --plot distill.png
+    python tools/bench_distill.py --score phi_lds.pt 80_phi_lds.pt fit.safetensors   # score fit files
 
 For each method and state dim h: relative MSE of the float64 impulse response against the 2K filters
 (overall and worst filter), relative MSE of a plain float32 recurrence on a fixed-seed Gaussian input
 against the exact float64 convolution, max |a|, the cancellation factor max_k sum_j |B_j C_jk| / max_t
 |phi_k(t)|, whether the fit kept the mirrored layout (A = [a, -a]) or the joint one, and the fit time
 (filters precomputed, one run: timings on a busy machine are noisy). Also the estimated Hankel singular
-values of the 2K-filter bank, sigma_h / sigma_1 (the best h-state fit has error ~ sigma_(h+1)^2), the
-two released fits for reference, and the end-to-end time of fit_filters(L, K, 80) from scratch
-(filters included, computed into an empty cache directory).
+values of the 2K-filter bank, sigma_h / sigma_1 (the best h-state fit has error ~ sigma_(h+1)^2), and
+the end-to-end time of fit_filters(L, K, 80) from scratch (filters included, computed into an empty
+cache directory).
+
+``--score FILE...`` measures fit files against our filters (L, K from --seq-len/--num-filters): ours
+(.safetensors, re-measured, not the stored numbers) and released ones (torch files, through the
+importer, which aligns their column order and signs). Without --state-dims it runs no fits.
 """
 
 from __future__ import annotations
@@ -28,16 +33,15 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _bench_common import format_table, machine_info  # noqa: E402
 
-from spectralds.distill import METHODS, fit_filters, hankel_singular_values, target_filters  # noqa: E402
+from spectralds.distill import (  # noqa: E402
+    METHODS,
+    fit_filters,
+    hankel_singular_values,
+    load_fit,
+    target_filters,
+)
+from spectralds.distill.released import import_released, measure  # noqa: E402
 from spectralds.filters import spectral_filters  # noqa: E402
-
-# Measured on the released files at L=8192, K=24 against float64 eigh filters (see the reference notes).
-RELEASED = [
-    {"name": "SpectraLDS 80_phi_lds.pt", "state_dim": 160, "f64": 2.5e-6, "f32": None,
-     "note": "stable in float32"},
-    {"name": "Flash STU 2 phi_lds.pt", "state_dim": 160, "f64": 1.8e-13, "f32": 1.6e-2,
-     "note": "terms cancel"},
-]
 
 
 def is_mirrored(A: torch.Tensor, C: torch.Tensor) -> bool:
@@ -74,6 +78,32 @@ COLUMNS = [
 ]
 
 
+def score(args: argparse.Namespace, phi: torch.Tensor) -> list[dict]:
+    """Measured errors of each fit file against our filters (never the numbers stored in a file)."""
+    records = []
+    for path in args.score:
+        if path.endswith(".safetensors"):
+            fit = load_fit(path, args.seq_len, args.num_filters, args.variant)
+            fit, note = measure(fit.A, fit.B, fit.C, args.seq_len, args.num_filters, args.variant,
+                                fit.method, phi), "ours"
+        else:
+            fit, order, flipped = import_released(path, args.seq_len, args.num_filters, args.variant, phi)
+            note = f"released: columns {order}, {flipped} signs flipped"
+        records.append({
+            "name": os.path.basename(path), "state_dim": fit.state_dim, "f64": fit.rel_mse_f64,
+            "f64_worst": max(fit.rel_mse_f64_per_filter), "f32": fit.rel_mse_f32,
+            "f32_worst": max(fit.rel_mse_f32_per_filter), "cancellation": fit.cancellation, "note": note,
+        })
+    return records
+
+
+SCORE_COLUMNS = [
+    ("file", "name", ""), ("h", "state_dim", "d"), ("f64 rel MSE", "f64", ".2e"),
+    ("f64 worst filter", "f64_worst", ".2e"), ("f32 rel MSE", "f32", ".2e"),
+    ("f32 worst filter", "f32_worst", ".2e"), ("cancellation", "cancellation", ".2e"), ("", "note", ""),
+]
+
+
 def end_to_end(args: argparse.Namespace, state_dim: int = 80) -> float:
     """Seconds of fit_filters from scratch: the filters are computed into an empty cache directory."""
     saved = os.environ.get("SPECTRALDS_CACHE_DIR")
@@ -95,7 +125,7 @@ def end_to_end(args: argparse.Namespace, state_dim: int = 80) -> float:
     return seconds
 
 
-def plot(path: str, records: list[dict], hsv: list[float], title: str) -> None:
+def plot(path: str, records: list[dict], scored: list[dict], hsv: list[float], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,11 +140,10 @@ def plot(path: str, records: list[dict], hsv: list[float], title: str) -> None:
         ax.plot(x, f32, "s--", color=line.get_color(), label=f"{method}: float32 recurrence")
     index = list(range(1, len(hsv)))
     ax.plot(index, [v**2 for v in hsv[1:]], ":", color="gray", label=r"$(\sigma_{h+1}/\sigma_1)^2$ (Hankel)")
-    for ref, marker in zip(RELEASED, ("*", "P"), strict=True):
-        ax.plot(ref["state_dim"], ref["f64"], marker, ms=11, ls="", label=f"{ref['name']} (float64)")
-        if ref["f32"] is not None:
-            label = f"{ref['name']} (float32)"
-            ax.plot(ref["state_dim"], ref["f32"], marker, ms=11, ls="", mfc="none", label=label)
+    for i, ref in enumerate(scored):
+        marker, name = "*P^vDX"[i % 6], ref["name"]
+        ax.plot(ref["state_dim"], ref["f64"], marker, ms=11, ls="", label=f"{name} (float64)")
+        ax.plot(ref["state_dim"], ref["f32"], marker, ms=11, ls="", mfc="none", label=f"{name} (float32)")
     ax.set(yscale="log", xlabel="state dim h", ylabel="relative MSE", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -128,7 +157,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--num-filters", type=int, default=24)
-    p.add_argument("--state-dims", type=int, nargs="+", default=[40, 48, 56, 64, 72, 80, 96, 120, 160])
+    p.add_argument("--state-dims", type=int, nargs="+", default=None,
+                   help="state dims to fit (default 40 ... 160; none with --score)")
+    p.add_argument("--score", nargs="+", default=[], metavar="FILE",
+                   help="fit files to measure against our filters: ours (.safetensors) or released (.pt)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["spectralds", "varpro"])
     p.add_argument("--variant", default="hankel")
     p.add_argument("--filter-method", default="auto", help="spectral_filters method for the targets")
@@ -141,27 +173,30 @@ def main() -> None:
     start = time.perf_counter()
     phi = spectral_filters(args.seq_len, args.num_filters, args.variant, method=args.filter_method)
     print(f"filters ({args.filter_method}, cache allowed): {time.perf_counter() - start:.1f} s", flush=True)
-    hsv = hankel_singular_values(target_filters(phi), max(args.state_dims) + 2).tolist()
+    if args.state_dims is None:
+        args.state_dims = [] if args.score else [40, 48, 56, 64, 72, 80, 96, 120, 160]
+    hsv = hankel_singular_values(target_filters(phi), max(args.state_dims + [80]) + 2).tolist()
     print("Hankel singular values of the 2K-filter bank, sigma_h / sigma_1: "
           + ", ".join(f"{h}: {hsv[h]:.1e}" for h in sorted({*args.state_dims, 60, 80}) if h < len(hsv)))
 
     records = run_fits(args, phi)
-    print(format_table(records, COLUMNS))
-    print("released fits (L=8192, K=24):")
-    for ref in RELEASED:
-        f32 = "-" if ref["f32"] is None else f"{ref['f32']:.1e}"
-        name, h, f64, note = ref["name"], ref["state_dim"], ref["f64"], ref["note"]
-        print(f"  {name}: h={h}, float64 {f64:.1e}, float32 {f32} ({note})")
-    seconds = None if args.no_end_to_end else end_to_end(args)
+    if records:
+        print(format_table(records, COLUMNS))
+    scored = score(args, phi)
+    if scored:
+        print(f"fit files measured against our filters (L={args.seq_len}, K={args.num_filters}):")
+        print(format_table(scored, SCORE_COLUMNS))
+    seconds = None if args.no_end_to_end or not records else end_to_end(args)
 
     if args.json:
         payload = {"machine": machine_info("cpu"), "args": vars(args), "records": records,
-                   "hankel_singular_values": hsv, "released": RELEASED, "end_to_end_seconds": seconds}
+                   "hankel_singular_values": hsv, "scored": scored, "end_to_end_seconds": seconds}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
         print(f"records written to {args.json}")
     if args.plot:
-        plot(args.plot, records, hsv, f"LDS fits of the {2 * args.num_filters} filters, L={args.seq_len}")
+        title = f"LDS fits of the {2 * args.num_filters} filters, L={args.seq_len}"
+        plot(args.plot, records, scored, hsv, title)
 
 
 if __name__ == "__main__":
