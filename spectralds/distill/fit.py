@@ -58,7 +58,7 @@ from spectralds.filters import spectral_filters
 
 # Part of the fit cache's key (spectralds.distill.cache): bump when the solver's results change,
 # so fits cached by an older one are not reused.
-SOLVER_REVISION = 2
+SOLVER_REVISION = 3
 
 __all__ = [
     "METHODS", "LDSFit", "fit_filters", "impulse_response", "relative_mse", "target_filters",
