@@ -23,7 +23,7 @@ from .hf import (
 )
 from .shards import cache_key, default_cache_dir, encode_pieces, load_shard, token_dtype, write_shard
 from .tokenizers import BPETokenizer, Tokenizer, build_tokenizer
-from .windows import PackedWindows, ResumableDataLoader, TokenWindows, WindowSampler
+from .windows import PackedWindows, TokenWindows, WindowSampler, resumable_loader
 
 # Bump when the shard layout or the text -> pieces rules change, so old caches are not reused.
 _FORMAT_VERSION = 1
@@ -260,7 +260,7 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TokenWindows, sampler: WindowSampler) -> DataLoader:
         # Resumable: a run resumed from a mid-epoch checkpoint goes on where it stopped, not at batch 0.
-        return ResumableDataLoader(
+        return resumable_loader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
