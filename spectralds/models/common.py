@@ -112,15 +112,40 @@ class SpectralModule(L.LightningModule):
     _skip_optimizer_step = False
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        # A constant schedule when none is given, so LearningRateMonitor names the curve LR_CURVE either way.
-        scheduler = (
-            torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-            if self.scheduler_factory is None
-            else self.scheduler_factory(optimizer)
-        )
+        # torch validates optimizer and scheduler arguments here (before the first step) with bare
+        # ValueErrors; name the culprit in one line instead of a traceback.
+        try:
+            optimizer = self.optimizer_factory(self.parameters())
+        except UserError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise UserError(f"invalid optimizer arguments: {e}") from e
+        try:
+            # A constant schedule when none is given, so LearningRateMonitor names the curve LR_CURVE.
+            scheduler = (
+                torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+                if self.scheduler_factory is None
+                else self.scheduler_factory(optimizer)
+            )
+        except UserError:
+            raise  # already names its argument (our schedules validate their own)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"invalid lr_scheduler arguments: {e}") from e
         config = {"scheduler": scheduler, "interval": "step", "name": LR_CURVE}
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # Some schedulers check their arguments only when stepped (StepLR's step_size=0 divides by zero).
+        try:
+            if metric is None:
+                scheduler.step()
+            else:
+                scheduler.step(metric)
+        except UserError:
+            raise
+        except (ArithmeticError, ValueError, TypeError) as e:
+            name = type(scheduler).__name__
+            raise UserError(f"lr_scheduler {name} failed at global step {self.global_step}: {e}") from e
 
     def configure_callbacks(self) -> list[L.Callback]:
         return default_callbacks(attached_trainer(self))
