@@ -1,5 +1,6 @@
 """spectralds.compat: every private Lightning attribute it uses still exists, and nothing else uses one."""
 
+import importlib
 import re
 
 try:
@@ -39,6 +40,39 @@ def test_every_private_attribute_compat_uses_still_exists(trainer, path):
                 f"spectralds/compat.py uses; adapt compat.py to this Lightning or pin lightning below it",
                 pytrace=False,
             )
+        obj = getattr(obj, name)
+
+
+# Public but structural Lightning names spectralds relies on (mid-run validation, DDP re-wrap, telemetry).
+PUBLIC = [
+    ("the fit's validation loop", "trainer.fit_loop.epoch_loop.val_loop.run"),
+    ("the Trainer's stage flags", "trainer.validating"),
+    ("DDP re-wrapping", "lightning.pytorch.strategies.DDPStrategy.configure_ddp"),
+    ("the throughput meter", "lightning.fabric.utilities.throughput.Throughput"),
+    ("device peak FLOPs", "lightning.fabric.utilities.throughput.get_available_flops"),
+]
+
+
+def _resolve(trainer: L.Trainer, path: str) -> tuple[object, list[str]]:
+    """The object `path` starts from (the trainer, or its longest importable module) and the rest."""
+    names = path.split(".")
+    if names[0] == "trainer":
+        return trainer, names[1:]
+    for cut in range(len(names), 0, -1):
+        try:
+            return importlib.import_module(".".join(names[:cut])), names[cut:]
+        except ImportError:
+            continue
+    pytest.fail(f"cannot import any prefix of {path}", pytrace=False)
+
+
+@pytest.mark.parametrize("what, path", PUBLIC, ids=[p for _, p in PUBLIC])
+def test_the_public_lightning_names_spectralds_uses_exist(trainer, what, path):
+    obj, rest = _resolve(trainer, path)
+    for name in rest:
+        if not hasattr(obj, name):
+            message = f"Lightning {L.__version__} has no {path} ({what}), which spectralds uses"
+            pytest.fail(message, pytrace=False)
         obj = getattr(obj, name)
 
 

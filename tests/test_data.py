@@ -268,6 +268,37 @@ def test_the_train_loader_resumes_mid_epoch_as_lightning_restores_it(tmp_path, n
     assert len(epoch2) == len(epoch1) and epoch2 != epoch1
 
 
+def test_the_train_loader_resumes_mid_epoch_under_the_ddp_sampler_wrapper(tmp_path):
+    from types import SimpleNamespace
+
+    from spectralds.data.windows import resumable_loader
+
+    def rank0_loader(current_epoch: int):
+        # What Lightning does under DDP: the data module's sampler, wrapped, in a re-created loader.
+        dm = make_dm(tmp_path, seed=5)
+        dm.trainer = SimpleNamespace(current_epoch=current_epoch, global_rank=0, world_size=2)
+        loader = dm.train_dataloader()
+        wrapper = DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=0, shuffle=False)
+        return resumable_loader(dm.train_dataset, batch_size=4, sampler=wrapper), wrapper
+
+    def starts(batches):
+        return [x[:, 0].tolist() for x, _ in batches]
+
+    reference, wrapper = rank0_loader(1)
+    wrapper.set_epoch(1)
+    epoch1 = starts(reference)
+    crashed, wrapper = rank0_loader(1)
+    wrapper.set_epoch(1)
+    it = iter(crashed)
+    seen = starts(next(it) for _ in range(2))
+    state = crashed.state_dict()
+    resumed, wrapper = rank0_loader(1)  # the resumed trainer's current_epoch
+    resumed.load_state_dict(state)
+    it = iter(resumed)  # the wrapper lists the offsets here, before Lightning calls set_epoch
+    wrapper.set_epoch(1)
+    assert seen + starts(it) == epoch1
+
+
 def test_token_shard_is_reused_and_keyed_by_corpus(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     shutil.copytree(CORPUS, corpus)

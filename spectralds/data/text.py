@@ -252,6 +252,9 @@ class TextDataModule(L.LightningDataModule):
                 pin_memory=torch.cuda.is_available(),
             )
         sampler = WindowSampler(self.num_train_tokens, self.seq_len, shuffle=True, seed=self.seed)
+        # Lightning sets the epoch only after it has created (and, resuming, restored) the iterator, and
+        # its DDP sampler wrapper lists the offsets right then: start at the epoch that comes next.
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:
