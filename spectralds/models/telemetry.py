@@ -36,8 +36,9 @@ def matmul_flops_per_token(module: nn.Module, seq_len: int) -> int:
     flops = 2 * sum(n for key, n in weights.items() if key not in tables)
     for m in module.modules():
         if isinstance(m, SlidingWindowAttention):
-            seen = [min(t + 1, m.window_size or seq_len) for t in range(seq_len)]
-            flops += 2 * 2 * m.dim * sum(seen) // seq_len  # QK^T and AV, averaged over positions
+            w = min(m.window_size or seq_len, seq_len)
+            seen = w * (w + 1) // 2 + (seq_len - w) * w  # sum over t of min(t + 1, w)
+            flops += 2 * 2 * m.dim * seen // seq_len  # QK^T and AV, averaged over positions
     return flops
 
 
