@@ -157,7 +157,12 @@ class SpectralModule(L.LightningModule):
         return 3 * matmul_flops_per_token(self, length) * batch_size * length
 
     def skip_step(self) -> torch.Tensor:
-        """Mark this optimizer step skipped and return the loss that keeps every rank's backward alike."""
+        """Mark this optimizer step skipped and return the loss that keeps every rank's backward alike.
+
+        No parameter and no optimizer state changes; the step still counts, as Lightning counts it
+        (global_step advances and a per-step LR schedule steps). With gradient accumulation the whole
+        accumulated step is dropped.
+        """
         self._skip_optimizer_step = True
         return skipped_step_loss(self)
 
