@@ -232,6 +232,73 @@ def test_batches_are_deterministic_per_seed_and_epoch(tmp_path):
     assert not torch.equal(next(iter(loader))[0], first)
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_the_train_loader_resumes_mid_epoch_as_lightning_restores_it(tmp_path, num_workers):
+    def loader():
+        return make_dm(tmp_path, seed=5, num_workers=num_workers).train_dataloader()
+
+    def starts(batches):
+        return [x[:, 0].tolist() for x, _ in batches]
+
+    reference = loader()
+    reference.sampler.set_epoch(1)
+    epoch1 = starts(reference)
+    assert len(epoch1) >= 4
+    crashed = loader()
+    crashed.sampler.set_epoch(1)
+    it = iter(crashed)
+    seen = starts(next(it) for _ in range(3))
+    state = crashed.state_dict()
+
+    # Lightning loads the state and creates the iterator before it sets the sampler's epoch.
+    resumed = loader()
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    resumed.sampler.set_epoch(1)
+    assert seen + starts(it) == epoch1
+    # A pass saved once finished resumes at the start of the next one.
+    finished = loader()
+    finished.sampler.set_epoch(1)
+    assert starts(finished) == epoch1
+    state = finished.state_dict()
+    again = loader()
+    again.load_state_dict(state)
+    again.sampler.set_epoch(2)
+    epoch2 = starts(again)
+    assert len(epoch2) == len(epoch1) and epoch2 != epoch1
+
+
+def test_the_train_loader_resumes_mid_epoch_under_the_ddp_sampler_wrapper(tmp_path):
+    from types import SimpleNamespace
+
+    from spectralds.data.windows import resumable_loader
+
+    def rank0_loader(current_epoch: int):
+        # What Lightning does under DDP: the data module's sampler, wrapped, in a re-created loader.
+        dm = make_dm(tmp_path, seed=5)
+        dm.trainer = SimpleNamespace(current_epoch=current_epoch, global_rank=0, world_size=2)
+        loader = dm.train_dataloader()
+        wrapper = DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=0, shuffle=False)
+        return resumable_loader(dm.train_dataset, batch_size=4, sampler=wrapper), wrapper
+
+    def starts(batches):
+        return [x[:, 0].tolist() for x, _ in batches]
+
+    reference, wrapper = rank0_loader(1)
+    wrapper.set_epoch(1)
+    epoch1 = starts(reference)
+    crashed, wrapper = rank0_loader(1)
+    wrapper.set_epoch(1)
+    it = iter(crashed)
+    seen = starts(next(it) for _ in range(2))
+    state = crashed.state_dict()
+    resumed, wrapper = rank0_loader(1)  # the resumed trainer's current_epoch
+    resumed.load_state_dict(state)
+    it = iter(resumed)  # the wrapper lists the offsets here, before Lightning calls set_epoch
+    wrapper.set_epoch(1)
+    assert seen + starts(it) == epoch1
+
+
 def test_token_shard_is_reused_and_keyed_by_corpus(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     shutil.copytree(CORPUS, corpus)

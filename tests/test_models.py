@@ -136,3 +136,101 @@ def test_cuda_graph_decoding_refuses_what_it_cannot_do():
             logits, states = stu.cuda().prefill(prompt.cuda())
         with pytest.raises(ValueError, match="fixed-size states"):
             GraphedStep(stu, logits.argmax(-1), states)
+
+
+# ---- training: non-finite losses, telemetry ---------------------------------------------------------------
+def _regression_fit(tmp_path, policy: str, poison_step: int, **trainer_kw):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class PoisonInputs(L.Callback):
+        def __init__(self):
+            self.before, self.after = [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == poison_step:
+                batch[0][0, 0, 0] = float("nan")
+            self.before.append(_state(pl_module, trainer))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.after.append(_state(pl_module, trainer))
+
+    torch.manual_seed(0)
+    model = SequenceRegression(d_in=2, d_out=2, dim=8, seq_len=16, num_filters=4, nonfinite_loss=policy)
+    u = torch.randn(32, 16, 2)
+    data = DataLoader(TensorDataset(u, u.cumsum(1) / 4), batch_size=4)
+    probe = PoisonInputs()
+    trainer = L.Trainer(
+        max_steps=5, accelerator="cpu", callbacks=[probe], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **trainer_kw,
+    )
+    trainer.fit(model, data)
+    return trainer, probe
+
+
+def _state(module, trainer) -> dict:
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    optimizer = trainer.optimizers[0].state_dict()["state"] if trainer.optimizers else {}
+    moments = {(i, k): v.clone() for i, s in optimizer.items() for k, v in s.items()}
+    return {"weights": weights, "optimizer": moments}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_skip_leaves_weights_and_adamw_state_untouched_on_the_bad_step(tmp_path, clip):
+    trainer, probe = _regression_fit(tmp_path, "skip", poison_step=2, gradient_clip_val=clip)
+    assert trainer.global_step == 5  # the run finished
+    before, after = probe.before[2], probe.after[2]
+    # AdamW (weight_decay 0.01) would shrink the weights and move its moments on a zero gradient.
+    assert _same(before["weights"], after["weights"])
+    assert _same(before["optimizer"], after["optimizer"])
+    for step in (1, 3, 4):
+        assert not _same(probe.before[step]["weights"], probe.after[step]["weights"])
+
+
+def test_stop_raises_naming_the_step(tmp_path):
+    from spectralds.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"^non-finite training loss \(nan\) at global step 2; stopping"):
+        _regression_fit(tmp_path, "stop", poison_step=2)
+
+
+def test_training_flops_count_the_matmuls():
+    from spectralds.models.telemetry import matmul_flops_per_token
+
+    model = tiny_lm(("stu_t", "attn"), mlp_ratio=2.0)
+    flops = matmul_flops_per_token(model, 32)
+    # Every block: mixer projections + MLP (3 matrices of 16 x 32); the tied head once (16 x 32);
+    # attention adds QK^T and AV over min(t + 1, 8) positions, averaged.
+    stu_t = model.blocks[0].mixer
+    stu_t_weights = sum(p.numel() for p in stu_t.parameters() if p.dim() >= 2)
+    attn = model.blocks[1].mixer
+    attn_weights = attn.qkv.weight.numel() + attn.o_proj.weight.numel()
+    mlp = 3 * 16 * 32
+    context = sum(min(t + 1, 8) for t in range(32)) // 32
+    expected = 2 * (stu_t_weights + attn_weights + 2 * mlp + 16 * 32) + 4 * 16 * context
+    assert abs(flops - expected) <= 4 * 16  # integer rounding of the averaged attention span
+    batch = (torch.zeros(3, 32, dtype=torch.long), None)
+    assert model.train_flops(batch) == 3 * flops * 3 * 32
+
+
+def test_default_telemetry_adds_one_lr_monitor_and_throughput_only_when_missing(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from spectralds.models.telemetry import TokenThroughput, default_callbacks
+
+    trainer = L.Trainer(logger=CSVLogger(tmp_path), accelerator="cpu")
+    kinds = [type(c) for c in default_callbacks(trainer)]
+    assert kinds == [LearningRateMonitor, TokenThroughput]
+    mine = LearningRateMonitor(logging_interval="step")
+    trainer = L.Trainer(logger=CSVLogger(tmp_path), accelerator="cpu", callbacks=[mine, TokenThroughput()])
+    assert default_callbacks(trainer) == []
+    assert default_callbacks(L.Trainer(logger=False, accelerator="cpu")) == []  # LRMonitor needs a logger
+    # One learning-rate curve, named train/lr, with or without a scheduler.
+    config = tiny_lm().configure_optimizers()["lr_scheduler"]
+    assert config["name"] == "train/lr" and config["interval"] == "step"

@@ -1,4 +1,4 @@
-"""Lightning internals the callbacks share: validating mid-run and rebuilding optimizers after a swap."""
+"""What the callbacks share: validating mid-run, rebuilding optimizers after a swap, a one-shot change."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from spectralds.compat import first_loop_iter, set_first_loop_iter
 from spectralds.errors import UserError
 from spectralds.layers import layer_specs
 
 
 def run_validation(trainer: L.Trainer) -> dict[str, float]:
     """Run the fit's validation loop now (as Lightning does mid-epoch) and return the val/ metrics."""
+    # trainer.validate() cannot run inside fit; this is what the fit loop does at val_check_interval.
     loop = trainer.fit_loop.epoch_loop.val_loop
     was_training = trainer.training
-    first_iter = trainer._logger_connector._first_loop_iter
+    first_iter = first_loop_iter(trainer)
     trainer.validating = True
     loop.run()
     trainer.training = was_training
-    trainer._logger_connector._first_loop_iter = first_iter
+    set_first_loop_iter(trainer, first_iter)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
 
@@ -31,8 +33,9 @@ def rebuild_optimizers(trainer: L.Trainer, pl_module: L.LightningModule) -> None
     if isinstance(strategy, FSDPStrategy):
         raise UserError("swapping layers mid-run is not supported under FSDP; swap at the end of training")
     if isinstance(strategy, DDPStrategy):
-        strategy.model = strategy._setup_model(pl_module)
-        strategy._register_ddp_hooks()
+        # configure_ddp wraps strategy.model, which must be the bare module again (not the old wrapper).
+        strategy.model = pl_module
+        strategy.configure_ddp()
     strategy.setup_optimizers(trainer)
 
 

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from spectralds.errors import UserError
 
+from .windows import resumable_loader
+
 # Entropy tags keeping the system, the training and the validation draws apart for one seed.
 _TRAIN, _VAL = 1, 2
 
@@ -147,8 +149,9 @@ class SyntheticLDSDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        # The sequences are i.i.d. draws, so a fixed order loses nothing and keeps resumed runs exact.
-        return DataLoader(
+        # The sequences are i.i.d. draws, so a fixed order loses nothing; resumable, so a run resumed
+        # mid-epoch goes on where it stopped and matches an uninterrupted one.
+        return resumable_loader(
             self.train_dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,

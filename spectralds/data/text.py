@@ -25,7 +25,7 @@ from .hf import (
 )
 from .shards import cache_key, default_cache_dir, encode_pieces, load_shard, token_dtype, write_shard
 from .tokenizers import BPETokenizer, Tokenizer, build_tokenizer
-from .windows import PackedWindows, ResumableDataLoader, TokenWindows, WindowSampler
+from .windows import PackedWindows, TokenWindows, WindowSampler, resumable_loader
 
 # Bump when the shard layout or the text -> pieces rules change, so old caches are not reused.
 _FORMAT_VERSION = 1
@@ -258,6 +258,9 @@ class TextDataModule(L.LightningDataModule):
                 pin_memory=torch.cuda.is_available(),
             )
         sampler = WindowSampler(self.num_train_tokens, self.seq_len, shuffle=True, seed=self.seed)
+        # Lightning sets the epoch only after it has created (and, resuming, restored) the iterator, and
+        # its DDP sampler wrapper lists the offsets right then: start at the epoch that comes next.
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -266,7 +269,7 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: TokenWindows, sampler: WindowSampler) -> DataLoader:
         # Resumable: a run resumed from a mid-epoch checkpoint goes on where it stopped, not at batch 0.
-        return ResumableDataLoader(
+        return resumable_loader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

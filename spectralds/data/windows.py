@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from spectralds.errors import UserError
 
@@ -75,12 +76,44 @@ class WindowSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_windows
 
-    def __iter__(self) -> Iterator[int]:
+    def offsets(self, epoch: int) -> list[int]:
+        """The window start offsets of `epoch`, in the order visited."""
         if not self.shuffle:
-            return iter(range(0, self.num_windows * self.seq_len, self.seq_len))
-        rng = np.random.default_rng([self.seed, self.epoch])
+            return list(range(0, self.num_windows * self.seq_len, self.seq_len))
+        rng = np.random.default_rng([self.seed, epoch])
         shift = int(rng.integers(self.max_shift + 1))
-        return iter((shift + rng.permutation(self.num_windows) * self.seq_len).tolist())
+        return (shift + rng.permutation(self.num_windows) * self.seq_len).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return _WindowPass(self)
+
+
+class _WindowPass(Iterator[int]):
+    """One pass of a :class:`WindowSampler`, whose state (epoch, offsets handed out) a StatefulDataLoader
+    saves and restores, so a resumed pass replays its own epoch from where it stopped.
+
+    The epoch is read at the first offset, not when the pass is created: Lightning creates the train
+    loader's iterator before it calls ``set_epoch``, and restores a saved pass before that too.
+    """
+
+    def __init__(self, sampler: WindowSampler):
+        self.sampler, self.epoch, self.yielded = sampler, None, 0
+        self._offsets: list[int] | None = None
+
+    def __next__(self) -> int:
+        if self._offsets is None:
+            self.epoch = self.sampler.epoch if self.epoch is None else self.epoch
+            self._offsets = self.sampler.offsets(self.epoch)
+        if self.yielded >= len(self._offsets):
+            raise StopIteration
+        self.yielded += 1
+        return self._offsets[self.yielded - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch if self.epoch is None else self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.yielded, self._offsets = int(state["epoch"]), int(state["yielded"]), None
 
 
 class PackedWindows(IterableDataset):
@@ -137,47 +170,13 @@ class PackedWindows(IterableDataset):
                 return
 
 
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning resumes mid-epoch (map-style datasets).
+def resumable_loader(dataset: Dataset, **kwargs: Any) -> StatefulDataLoader:
+    """A DataLoader that Lightning resumes mid-epoch (map-style datasets): torchdata's StatefulDataLoader.
 
-    Its state is the number of batches handed out in the current pass; after :meth:`load_state_dict` the
-    next pass skips that many batches of indices, without loading them. With a sampler that replays an
-    epoch from ``(seed, epoch)`` (:class:`WindowSampler`), a run killed mid-epoch and resumed from its
-    checkpoint sees exactly the batches of an uninterrupted run (a plain DataLoader would start the
-    epoch over).
+    Lightning saves a train loader's ``state_dict()`` in each checkpoint and loads it on resume; the
+    StatefulDataLoader then skips the batches of indices already handed out in that pass, without
+    loading them. With a sampler that replays an epoch from ``(seed, epoch)`` (:class:`WindowSampler`),
+    or a fixed order, a run killed mid-epoch and resumed sees exactly the batches of an uninterrupted
+    run (a plain DataLoader would start the epoch over).
     """
-
-    _batches_done = 0
-    _skip = 0
-
-    @property
-    def _index_sampler(self):  # what DataLoader's iterators draw (batches of) indices from
-        return _SkipFirst(super()._index_sampler, self)
-
-    def __iter__(self) -> Iterator[Any]:
-        self._batches_done = self._skip
-        batches = super().__iter__()  # the iterator draws its indices through _SkipFirst here
-        self._skip = 0  # later passes (and a persistent-workers iterator's reset) start at the beginning
-        for batch in batches:
-            self._batches_done += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self._batches_done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        done = int(state.get("batches_done", 0))
-        self._skip = done if done < len(self) else 0  # a finished pass resumes at the next one's start
-
-
-class _SkipFirst:
-    """Iterates `indices` without the first `loader._skip` items; its length stays the full pass."""
-
-    def __init__(self, indices: Iterable, loader: ResumableDataLoader):
-        self.indices, self.loader = indices, loader
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.indices), self.loader._skip, None)
+    return StatefulDataLoader(dataset, **kwargs)

@@ -1,24 +1,28 @@
-"""Figures: the spectral filters against the fitted LDS impulse responses."""
+"""Figures: the spectral filters against the fitted LDS impulse responses.
+
+A bare matplotlib Figure with its own Agg canvas: no pyplot, so importing this never switches the
+process's matplotlib backend and no figure lingers in pyplot's registry.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from spectralds.distill.fit import LDSFit, impulse_response  # noqa: E402
-from spectralds.filters import spectral_filters  # noqa: E402
+from spectralds.distill.fit import LDSFit, impulse_response
+from spectralds.filters import spectral_filters
 
 
-def filter_fit_figure(fit: LDSFit, show: tuple[int, ...] = (0, 1, 5)) -> plt.Figure:
+def filter_fit_figure(fit: LDSFit, show: tuple[int, ...] = (0, 1, 5)) -> Figure:
     """Top row: a few "+" filters and their LDS fits; bottom: |error| of every filter over time."""
     phi = spectral_filters(fit.seq_len, fit.num_filters, fit.variant)
     sign = (-1.0) ** torch.arange(fit.seq_len, dtype=torch.float64)
     target = torch.cat([phi, phi * sign[:, None]], dim=1)
     response = impulse_response(fit.A, fit.B, fit.C, fit.seq_len)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6))
+    fig = Figure(figsize=(8, 6))
+    FigureCanvasAgg(fig)  # attaches itself: savefig and TensorBoard's add_figure render through it
+    top, bottom = fig.subplots(2, 1)
     t = torch.arange(fit.seq_len)
     for k in show:
         if k < fit.num_filters:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning as L
@@ -11,6 +10,7 @@ from torch import nn
 
 from spectralds.errors import NonFiniteError, UserError
 from spectralds.layers import build_layer, layer_specs, restore_layers
+from spectralds.models.telemetry import LR_CURVE, default_callbacks, matmul_flops_per_token
 
 SPECTRAL_LAYERS = ("stu", "stu_t", "lds")  # layers that take seq_len and num_filters
 
@@ -60,51 +60,118 @@ def check_nonfinite_policy(policy: str) -> None:
         raise UserError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {policy!r}")
 
 
-def guard_loss(module: L.LightningModule, loss: torch.Tensor, policy: str) -> torch.Tensor | None:
-    """Non-finite loss: "stop" raises naming the step, "skip" drops the step (returns None).
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The module's Trainer, or None when it runs outside one (LightningModule.trainer raises then)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
 
-    The ranks agree first, so under DDP they all skip or all stop together.
+
+def guard_loss(module: L.LightningModule, loss: torch.Tensor, policy: str) -> bool:
+    """Whether `loss` is finite on every rank (they agree first, so all go on, skip or stop together).
+
+    Non-finite: "stop" raises naming the step; "skip" returns False, and the caller returns
+    :func:`skipped_step_loss` instead of the loss.
     """
     finite = bool(torch.isfinite(loss))
-    if module._trainer is not None:
-        finite = module.trainer.strategy.reduce_boolean_decision(finite, all=True)
+    trainer = attached_trainer(module)
+    if trainer is not None:
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
     if finite:
-        return loss
+        return True
     if policy == "skip":
-        return None
+        return False
+    # Each rank names what it saw: its own non-finite value, or that another rank's loss was.
+    seen = f"({loss.item()})" if not torch.isfinite(loss) else "on another rank"
     raise NonFiniteError(
-        f"non-finite training loss ({loss.item()}) at global step {module.global_step}; stopping "
+        f"non-finite training loss {seen} at global step {module.global_step}; stopping "
         "(set the model's nonfinite_loss: skip to skip such steps instead)"
     )
 
 
+def skipped_step_loss(module: nn.Module) -> torch.Tensor:
+    """A zero loss whose backward gives every trainable parameter an exact zero gradient.
+
+    Returning None from training_step skips a step on one device but is refused under DDP, whose
+    ranks must all run the same backward (its gradient all-reduce). The zeros never see the
+    non-finite activations, so no NaN leaks into the gradients; SpectralModule then drops them before
+    the optimizer step (see `on_before_optimizer_step`).
+    """
+    return sum(p.sum() * 0.0 for p in module.parameters() if p.requires_grad)
+
+
 class SpectralModule(L.LightningModule):
     """What every spectralds model shares: optimizers built from injected callables (so swapped
-    layers get fresh ones), throughput and learning-rate logging, and checkpoints that remember
-    swapped/pruned layers."""
+    layers get fresh ones), default telemetry callbacks (token throughput, one learning-rate curve),
+    non-finite steps skipped on every rank alike, and checkpoints that remember swapped/pruned layers."""
 
     optimizer_factory: Any
     scheduler_factory: Any
-    _step_start: float | None = None
+    seq_len: int
+    _skip_optimizer_step = False
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # torch validates optimizer and scheduler arguments here (before the first step) with bare
+        # ValueErrors; name the culprit in one line instead of a traceback.
+        try:
+            optimizer = self.optimizer_factory(self.parameters())
+        except UserError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise UserError(f"invalid optimizer arguments: {e}") from e
+        try:
+            # A constant schedule when none is given, so LearningRateMonitor names the curve LR_CURVE.
+            scheduler = (
+                torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+                if self.scheduler_factory is None
+                else self.scheduler_factory(optimizer)
+            )
+        except UserError:
+            raise  # already names its argument (our schedules validate their own)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"invalid lr_scheduler arguments: {e}") from e
+        config = {"scheduler": scheduler, "interval": "step", "name": LR_CURVE}
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # Some schedulers check their arguments only when stepped (StepLR's step_size=0 divides by zero).
+        try:
+            if metric is None:
+                scheduler.step()
+            else:
+                scheduler.step(metric)
+        except UserError:
+            raise
+        except (ArithmeticError, ValueError, TypeError) as e:
+            name = type(scheduler).__name__
+            raise UserError(f"lr_scheduler {name} failed at global step {self.global_step}: {e}") from e
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._step_start is None:
-            return
-        elapsed = max(time.perf_counter() - self._step_start, 1e-9)
-        tokens = batch[0].shape[0] * batch[0].shape[1] * self.trainer.world_size
-        self.log("train/tokens_per_sec", tokens / elapsed)
-        if self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+    def configure_callbacks(self) -> list[L.Callback]:
+        return default_callbacks(attached_trainer(self))
+
+    def train_flops(self, batch: Any) -> int:
+        """Training FLOPs of one batch: forward + backward (twice the forward) matmul FLOPs per token
+        (see :func:`spectralds.models.telemetry.matmul_flops_per_token`; FFTs are not counted)."""
+        batch_size, length = batch[0].shape[:2]
+        return 3 * matmul_flops_per_token(self, length) * batch_size * length
+
+    def skip_step(self) -> torch.Tensor:
+        """Mark this optimizer step skipped and return the loss that keeps every rank's backward alike.
+
+        No parameter and no optimizer state changes; the step still counts, as Lightning counts it
+        (global_step advances and a per-step LR schedule steps). With gradient accumulation the whole
+        accumulated step is dropped.
+        """
+        self._skip_optimizer_step = True
+        return skipped_step_loss(self)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_optimizer_step:
+            # torch optimizers leave a parameter whose grad is None untouched: no update, no weight decay,
+            # no moment or step-count change (a zero grad would still decay weights and move momentum).
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_optimizer_step = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         save_layer_specs(self, checkpoint)

@@ -17,7 +17,7 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from spectralds.errors import UserError, UserTypeError
+from spectralds.errors import UserError, UserTypeError, check_float
 from spectralds.layers.blocks import Block, RMSNorm
 from spectralds.layers.registry import check_positive_int
 from spectralds.models.common import (
@@ -69,6 +69,7 @@ class LanguageModel(SpectralModule):
     ) -> None:
         super().__init__()
         check_nonfinite_policy(nonfinite_loss)
+        check_float("dropout", dropout, minimum=0.0, maximum=1.0)  # nn.Dropout's own error is a bare one
         _check_config(vocab_size, dim, num_layers, layer_pattern, seq_len, mlp_ratio, layer_kwargs)
         layer_pattern = ["stu"] if layer_pattern is None else list(layer_pattern)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -143,8 +144,8 @@ class LanguageModel(SpectralModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._nll(batch).mean()
-        if guard_loss(self, loss, self.hparams.nonfinite_loss) is None:
-            return None  # Lightning skips the optimizer step
+        if not guard_loss(self, loss, self.hparams.nonfinite_loss):
+            return self.skip_step()  # every rank skips this step (a None return is refused under DDP)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

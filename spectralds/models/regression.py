@@ -68,8 +68,8 @@ class SequenceRegression(SpectralModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         u, y = batch
         loss = F.mse_loss(self(u), y)
-        if guard_loss(self, loss, self.hparams.nonfinite_loss) is None:
-            return None  # Lightning skips the optimizer step
+        if not guard_loss(self, loss, self.hparams.nonfinite_loss):
+            return self.skip_step()  # every rank skips this step (a None return is refused under DDP)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
