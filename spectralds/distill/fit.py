@@ -74,6 +74,9 @@ X_MAX = math.atanh(A_MAX)
 
 @contextmanager
 def _single_thread() -> Iterator[None]:
+    """One intra-op thread for the fit's duration, restored after: a fit must give the same bytes
+    whatever the caller's thread count (fits are cached and shared across runs and ranks), and torch
+    has no per-call setting. Documented in `fit_filters`; other threads of the process see it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -315,6 +318,8 @@ def fit_filters(
 
     `filters` (seq_len, num_filters) replaces `spectral_filters(seq_len, num_filters, variant)` as the
     target (the "+" filters; the "-" ones follow). The result carries its float64 and float32 errors.
+    The fit runs on one torch thread (set for its duration and restored) so that its result does not
+    depend on the caller's thread count.
     """
     _check_args(seq_len, num_filters, state_dim, method)
     bar = tqdm(total=4, desc=f"LDS fit ({method}, h={state_dim})", disable=not progress, leave=False)
