@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spectralds.filters import spectral_filters
-from spectralds.layers import futurefill
+from spectralds.layers import futurefill, stu
 from spectralds.layers.registry import build_layer
 from spectralds.layers.stu import STU, STUTensordot, alternating
 from spectralds.ops import fft_conv
@@ -369,3 +369,56 @@ def test_half_precision_cast_keeps_float32_filters():
     layer = make(STU, dtype=torch.float32).bfloat16()
     assert layer.M_phi_plus.dtype == torch.bfloat16 and layer.phi.dtype == torch.float32
     assert layer(torch.randn(1, 10, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# ---- filter spectrum cache ---------------------------------------------------------------------------
+
+
+def test_filter_spectra_are_computed_once_per_fft_length(monkeypatch):
+    calls = []
+    original = stu.filter_spectra
+    monkeypatch.setattr(stu, "filter_spectra", lambda *a: calls.append(a[1:]) or original(*a))
+    layer = make(STU, seq_len=40)
+    x = torch.randn(2, 40, 3, dtype=F64)
+    y = layer(x)
+    assert torch.equal(layer(x), y) and len(calls) == 1  # same length: served from the cache
+    layer(x[:, :20])
+    assert len(calls) == 2  # another FFT length: one more entry
+    for _ in range(3):
+        layer(x[:, :20])
+    assert len(calls) == 2
+
+
+def test_filter_spectrum_cache_follows_the_filters():
+    layer = make(STU, seq_len=40)
+    x = torch.randn(2, 40, 3, dtype=F64)
+    layer(x)
+    with torch.no_grad():
+        layer.phi.mul_(2)  # in place: the version counter tells the cache
+    assert_close_scaled(layer(x), reference(layer, x), 1e-12)
+    layer.phi = torch.randn(40, 4, dtype=F64)  # replaced (as tools/length_generalization.py does)
+    assert_close_scaled(layer(x), reference(layer, x), 1e-12)
+    layer.float()  # moved / cast: the float64 spectra are not reused for float32 inputs
+    assert_close_scaled(layer(x.float()), reference(layer, x), 2e-5)
+
+
+def test_stu_t_caches_only_the_fixed_filter_spectra():
+    """The STU-T kernel depends on M_filters: a changed parameter must change the output."""
+    layer = make(STUTensordot, dim=3, seq_len=30)
+    x = torch.randn(2, 30, 3, dtype=F64)
+    layer(x)
+    with torch.no_grad():
+        layer.M_filters_minus.add_(torch.randn_like(layer.M_filters_minus))
+    assert_close_scaled(layer(x), reference(layer, x), 1e-12)
+    assert all(not s.requires_grad for s in layer._spectra.values())
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_spectra_cached_under_inference_mode_do_not_break_training(cls):
+    layer = make(cls, dim=3, seq_len=30)
+    x = torch.randn(2, 30, 3, dtype=F64)
+    with torch.inference_mode():
+        layer(x)
+    loss = layer(x).square().sum()
+    loss.backward()  # an inference tensor saved for backward would raise here
+    assert all(p.grad is not None for p in layer.parameters())
