@@ -44,7 +44,7 @@ from _bench_common import (
 )
 
 from spectralds.generate import GraphedStep, decode_loop, set_decode_method
-from spectralds.layers import build_layer
+from spectralds.layers import DECODE_METHODS, build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
 METHODS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
@@ -61,7 +61,7 @@ def mixer_spec(method: str, args: argparse.Namespace) -> tuple[str, dict, str | 
         kwargs = {"num_filters": args.num_filters, "state_dim": args.lds_states, "learnable": False}
         return "lds", kwargs, None
     layer, _, decode = method.partition("-")  # "stu-naive", "stu_t-futurefill", ...
-    if layer in ("stu", "stu_t") and decode in ("naive", "futurefill"):
+    if layer in ("stu", "stu_t") and decode in DECODE_METHODS:
         return layer, {"num_filters": args.num_filters}, decode
     known = ", ".join(METHODS + CUDA_METHODS)
     raise SystemExit(f"error: unknown method {method!r}; known: {known} (also stu_t-*)")

@@ -126,24 +126,28 @@ class SpectralConv(SequenceLayer):
         )
 
     # ---- the kernel bank and its spectrum ---------------------------------------------------------
-    def _filter_spectra(self, lo: int, hi: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """rfft (padded to n) of [phi, (-1)^s phi] at lags lo..hi-1, (n // 2 + 1, 2K), cached.
+    def _filter_spectra(
+        self, lo: int, hi: int, n: int, dtype: torch.dtype, stacked: bool = False
+    ) -> torch.Tensor:
+        """rfft (padded to n) of [phi, (-1)^s phi] at lags lo..hi-1, (n // 2 + 1, 2K) complex, cached;
+        stacked: its real parts over its imaginary parts, (2 (n // 2 + 1), 2K) real, one matmul away
+        from a projected spectrum.
 
         Only `phi` enters, which no optimizer changes: the cache is emptied when phi is replaced,
         edited in place (its version counter) or moved. Inference-mode tensors cannot be saved for
         backward, so they are kept apart from the ones a training step may use.
         """
-        source = (self.phi, self.phi._version)
-        if self._spectra_source is None or source[0] is not self._spectra_source[0] or (
-            source[1] != self._spectra_source[1]
-        ):
+        # (Inference tensors have no version counter; a phi made under inference_mode counts as 0.)
+        source, old = (self.phi, 0 if self.phi.is_inference() else self.phi._version), self._spectra_source
+        if old is None or old[0] is not source[0] or old[1] != source[1]:
             self._spectra.clear()
             self._spectra_source = source
-        key = (lo, hi, n, dtype, torch.is_inference_mode_enabled())
+        key = (lo, hi, n, dtype, stacked, torch.is_inference_mode_enabled())
         spectrum = self._spectra.get(key)
         if spectrum is None:
             with torch.no_grad():
                 spectrum = filter_spectra(self.phi.to(dtype), lo, hi, n)
+                spectrum = torch.cat([spectrum.real, spectrum.imag]) if stacked else spectrum
             if len(self._spectra) >= _SPECTRA_KEPT:
                 self._spectra.pop(next(iter(self._spectra)))
             self._spectra[key] = spectrum
@@ -158,9 +162,12 @@ class SpectralConv(SequenceLayer):
 
     def _kernel_spectrum(self, lo: int, hi: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         """rfft, zero-padded to n, of the kernel bank at lags lo..hi-1: (n // 2 + 1, columns)."""
-        spectrum = self._filter_spectra(lo, hi, n, dtype)
-        weight = self._bank_weight(dtype)  # the FFT is linear: mix the cached spectra, not the filters
-        return spectrum if weight is None else torch.complex(spectrum.real @ weight, spectrum.imag @ weight)
+        weight = self._bank_weight(dtype)
+        if weight is None:
+            return self._filter_spectra(lo, hi, n, dtype)
+        # The FFT is linear: mix the cached filter spectra (one real matmul), never FFT the mixed kernels.
+        mixed = self._filter_spectra(lo, hi, n, dtype, stacked=True) @ weight
+        return torch.complex(*mixed.chunk(2))
 
     # ---- encoded inputs and the contraction with the bank ----------------------------------------
     def _encode(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
