@@ -106,6 +106,8 @@ class SequenceLayer(nn.Module):
     decode_method: str | None = None
 
     def set_decode_method(self, method: str) -> None:
+        if not self.decode_methods:
+            raise UserError(f"{type(self).__name__} decodes one way: it has no decode method to choose")
         check_choice("decode method", method, self.decode_methods)
         self.decode_method = method
 
