@@ -1,10 +1,18 @@
-"""Autoregressive generation over any model with `prefill` / `step` (STU, attention, LDS alike)."""
+"""Autoregressive generation over any model with `prefill` / `step` (STU, attention, LDS alike).
+
+`decode_loop` is the one loop that drives `step`; `generate` samples through it, and the decode timings
+(`spectralds.callbacks.report`, tools/bench_decode.py) time it.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from spectralds.errors import UserError
+from spectralds.layers.registry import DECODE_METHODS, SequenceLayer
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
@@ -62,6 +70,36 @@ class GraphedStep:
         return self.logits, self.states
 
 
+StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+def decode_loop(
+    step: StepFn, out: torch.Tensor | None, state: Any, steps: int, choose: Callable[[int, Any], torch.Tensor]
+) -> tuple[torch.Tensor | None, Any]:
+    """The decoding loop (the only one: `generate`, StageReport and tools/bench_decode.py run it).
+
+    `steps` times: x = choose(i, out), then out, state = step(x, state). `out` starts as the prefill's
+    output; `choose` samples the next token from it, or feeds given inputs (benchmarks ignore `out`).
+    Returns the last output and state.
+    """
+    for i in range(steps):
+        out, state = step(choose(i, out), state)
+    return out, state
+
+
+def graphed_step(model) -> StepFn:
+    """`model.step`, recorded as a CUDA graph at its first call (`GraphedStep`) and replayed after."""
+    graphed = None
+
+    def step(token: torch.Tensor, states):
+        nonlocal graphed
+        graphed = graphed or GraphedStep(model, token, states)
+        logits, states = graphed(token, states)
+        return logits.clone(), states  # the graph overwrites its output buffer on the next replay
+
+    return step
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -90,28 +128,26 @@ def generate(
     logits, states = model.prefill(prompt)
     if cuda_graph is None:
         cuda_graph = prompt.device.type == "cuda" and fixed_size_states(states) and max_new_tokens > 2
-    graphed = None
     out = [prompt]
-    for i in range(max_new_tokens):
+
+    def choose(i: int, logits: torch.Tensor) -> torch.Tensor:
         token = sample_next(logits, temperature, top_k, generator)
         out.append(token[:, None])
-        if i + 1 < max_new_tokens:
-            if cuda_graph:
-                graphed = graphed or GraphedStep(model, token, states)
-                logits, states = graphed(token, states)
-                logits = logits.clone()  # the graph overwrites its output buffer on the next replay
-            else:
-                logits, states = model.step(token, states)
+        return token
+
+    step = graphed_step(model) if cuda_graph else model.step
+    # Every new token but the last is fed back through a step; the last one only needs sampling.
+    logits, _ = decode_loop(step, logits, states, max(0, max_new_tokens - 1), choose)
+    if max_new_tokens > 0:
+        choose(max_new_tokens - 1, logits)
     return torch.cat(out, dim=1)
 
 
 def set_decode_method(model: torch.nn.Module, method: str) -> int:
-    """Choose how every STU layer in `model` decodes ("futurefill" or "naive"); returns how many."""
-    if method not in ("futurefill", "naive"):
-        raise UserError(f"unknown decode method {method!r}; expected 'futurefill' or 'naive'")
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "decode") and isinstance(module.decode, str):
-            module.decode = method
-            count += 1
-    return count
+    """Choose how every layer offering several decoding algorithms (STU, STU-T) decodes; returns how many."""
+    if method not in DECODE_METHODS:
+        raise UserError(f"unknown decode method {method!r}; expected one of {DECODE_METHODS}")
+    layers = [m for m in model.modules() if isinstance(m, SequenceLayer) and method in m.decode_methods]
+    for layer in layers:
+        layer.set_decode_method(method)
+    return len(layers)

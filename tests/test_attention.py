@@ -141,3 +141,16 @@ def test_flash_attention_matches_reference_on_gpu(softcap):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
     assert (y.float() - expected).abs().max() < 3e-2 * expected.abs().max()
+
+
+def test_training_forward_builds_no_kv_cache(monkeypatch):
+    layer = make(window_size=4)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    expected = layer.prefill(x)[0]
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("forward built a KV cache")
+
+    monkeypatch.setattr(attention, "KVCache", no_cache)
+    monkeypatch.setattr(layer, "prefill", no_cache)
+    assert torch.equal(layer(x), expected)

@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spectralds.filters import spectral_filters
-from spectralds.layers import stu as stu_module
+from spectralds.layers import futurefill, stu
 from spectralds.layers.registry import build_layer
-from spectralds.layers.stu import STU, STUTensordot, alternating, fft_size
+from spectralds.layers.stu import STU, STUTensordot, alternating
+from spectralds.ops import fft_conv
 
 F64 = torch.float64
 LAYERS = [STU, STUTensordot]
@@ -71,7 +72,8 @@ def reference(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def decode(layer, x, prompt_len, method):
-    y, state = layer.prefill(x[:, :prompt_len], decode=method)
+    layer.set_decode_method(method)
+    y, state = layer.prefill(x[:, :prompt_len])
     outs = [y]
     for t in range(prompt_len, x.shape[1]):
         y_t, state = layer.step(x[:, t], state)
@@ -171,7 +173,7 @@ def test_minus_branch_spectrum_is_the_shifted_plus_spectrum():
 
 def test_kernel_path_chunked_gradients_match_reference(monkeypatch):
     # Several frequency chunks, so the checkpointed (recomputed in backward) branch runs.
-    monkeypatch.setattr(stu_module, "_KERNEL_CHUNK_BYTES", 3 * 16 * 4 * 16)
+    monkeypatch.setattr(fft_conv, "KERNEL_CHUNK_BYTES", 3 * 16 * 4 * 16)
     for kernel_path in (True, False):
         layer = force_path(make(STU, dim=3, dim_out=4, seq_len=30), kernel_path)
         x = torch.randn(2, 30, 3, dtype=F64, requires_grad=True)
@@ -230,7 +232,7 @@ def test_decoding_matches_forward_float64(cls, method):
 
 @pytest.mark.parametrize("cls", LAYERS)
 def test_futurefill_fft_blocks_match_forward(cls, monkeypatch):
-    monkeypatch.setattr(stu_module, "_DIRECT_BLOCK", 1)  # every block of 2+ tokens goes through the FFT
+    monkeypatch.setattr(futurefill, "_DIRECT_BLOCK", 1)  # every block of 2+ tokens goes through the FFT
     layer = make(cls, dim=2, seq_len=100)
     x = torch.randn(2, 100, 2, dtype=F64)
     y = layer(x)
@@ -269,25 +271,28 @@ def test_property_decoding_matches_forward(batch, seq_len, prompt, tensordot, fu
 
 def test_decode_method_from_layer_attribute_and_futurefill_cache_size():
     layer = make(STUTensordot, seq_len=64)
-    assert layer.decode == "futurefill"
+    assert layer.decode_method == "futurefill"
     _, state = layer.prefill(torch.randn(2, 50, 3, dtype=F64))
     assert state.method == "futurefill" and state.pos == 50
     assert state.inputs.shape[-1] <= 16  # the prompt itself is not cached
-    layer.decode = "naive"
+    layer.set_decode_method("naive")
     assert layer.init_state(2).method == "naive"
-    layer.decode = "fast"
+    layer.decode_method = "fast"
     with pytest.raises(ValueError, match="decode method"):
         layer.init_state(2)
+    with pytest.raises(ValueError, match="decode method"):
+        layer.set_decode_method("fast")
 
 
 @pytest.mark.parametrize("method", ["naive", "futurefill"])
 def test_decoding_past_seq_len_raises(method):
     layer = make(STU, seq_len=8)
-    _, state = layer.prefill(torch.randn(1, 8, 3, dtype=F64), decode=method)
+    layer.set_decode_method(method)
+    _, state = layer.prefill(torch.randn(1, 8, 3, dtype=F64))
     with pytest.raises(ValueError, match="past seq_len"):
         layer.step(torch.randn(1, 3, dtype=F64), state)
     with pytest.raises(ValueError, match="x_t of shape"):
-        layer.step(torch.randn(2, 3, dtype=F64), layer.init_state(1, decode=method))
+        layer.step(torch.randn(2, 3, dtype=F64), layer.init_state(1))
 
 
 # ---- construction, dtypes, errors --------------------------------------------------------------------
@@ -366,14 +371,54 @@ def test_half_precision_cast_keeps_float32_filters():
     assert layer(torch.randn(1, 10, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_real_fft_backward_matches_autograd_of_rfft():
-    for length, n in [(1, 2), (5, 8), (8, 8), (3, 16)]:
-        z = torch.randn(2, 3, length, dtype=F64, requires_grad=True)
-        w = torch.randn(2, 3, n // 2 + 1, dtype=torch.complex128)
-        ours = torch.autograd.grad((stu_module._RealFFT.apply(z, n) * w).real.sum(), z)[0]
-        expected = torch.autograd.grad((torch.fft.rfft(z, n=n) * w).real.sum(), z)[0]
-        assert (ours - expected).abs().max() < 1e-12
+# ---- filter spectrum cache ---------------------------------------------------------------------------
 
 
-def test_fft_size():
-    assert [fft_size(n) for n in (1, 2, 3, 4, 5, 1023, 1024, 1025)] == [2, 2, 4, 4, 8, 1024, 1024, 2048]
+def test_filter_spectra_are_computed_once_per_fft_length(monkeypatch):
+    calls = []
+    original = stu.filter_spectra
+    monkeypatch.setattr(stu, "filter_spectra", lambda *a: calls.append(a[1:]) or original(*a))
+    layer = make(STU, seq_len=40)
+    x = torch.randn(2, 40, 3, dtype=F64)
+    y = layer(x)
+    assert torch.equal(layer(x), y) and len(calls) == 1  # same length: served from the cache
+    layer(x[:, :20])
+    assert len(calls) == 2  # another FFT length: one more entry
+    for _ in range(3):
+        layer(x[:, :20])
+    assert len(calls) == 2
+
+
+def test_filter_spectrum_cache_follows_the_filters():
+    layer = make(STU, seq_len=40)
+    x = torch.randn(2, 40, 3, dtype=F64)
+    layer(x)
+    with torch.no_grad():
+        layer.phi.mul_(2)  # in place: the version counter tells the cache
+    assert_close_scaled(layer(x), reference(layer, x), 1e-12)
+    layer.phi = torch.randn(40, 4, dtype=F64)  # replaced (as tools/length_generalization.py does)
+    assert_close_scaled(layer(x), reference(layer, x), 1e-12)
+    layer.float()  # moved / cast: the float64 spectra are not reused for float32 inputs
+    assert_close_scaled(layer(x.float()), reference(layer, x), 2e-5)
+
+
+def test_stu_t_caches_only_the_fixed_filter_spectra():
+    """The STU-T kernel depends on M_filters: a changed parameter must change the output."""
+    layer = make(STUTensordot, dim=3, seq_len=30)
+    x = torch.randn(2, 30, 3, dtype=F64)
+    layer(x)
+    with torch.no_grad():
+        layer.M_filters_minus.add_(torch.randn_like(layer.M_filters_minus))
+    assert_close_scaled(layer(x), reference(layer, x), 1e-12)
+    assert all(not s.requires_grad for s in layer._spectra.values())
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_spectra_cached_under_inference_mode_do_not_break_training(cls):
+    layer = make(cls, dim=3, seq_len=30)
+    x = torch.randn(2, 30, 3, dtype=F64)
+    with torch.inference_mode():
+        layer(x)
+    loss = layer(x).square().sum()
+    loss.backward()  # an inference tensor saved for backward would raise here
+    assert all(p.grad is not None for p in layer.parameters())

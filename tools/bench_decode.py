@@ -43,8 +43,8 @@ from _bench_common import (
     write_json,
 )
 
-from spectralds.generate import GraphedStep, set_decode_method
-from spectralds.layers import build_layer
+from spectralds.generate import GraphedStep, decode_loop, set_decode_method
+from spectralds.layers import DECODE_METHODS, build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
 METHODS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
@@ -61,7 +61,7 @@ def mixer_spec(method: str, args: argparse.Namespace) -> tuple[str, dict, str | 
         kwargs = {"num_filters": args.num_filters, "state_dim": args.lds_states, "learnable": False}
         return "lds", kwargs, None
     layer, _, decode = method.partition("-")  # "stu-naive", "stu_t-futurefill", ...
-    if layer in ("stu", "stu_t") and decode in ("naive", "futurefill"):
+    if layer in ("stu", "stu_t") and decode in DECODE_METHODS:
         return layer, {"num_filters": args.num_filters}, decode
     known = ", ".join(METHODS + CUDA_METHODS)
     raise SystemExit(f"error: unknown method {method!r}; known: {known} (also stu_t-*)")
@@ -146,8 +146,7 @@ def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, de
         synchronize(device)
         prefill_s = time.perf_counter() - start
         step = GraphedStep(module, tokens[0], state) if method.endswith("-graph") else module.step
-        for x in tokens[: args.warmup]:
-            state = step(x, state)[1]
+        state = decode_loop(step, None, state, args.warmup, lambda i, _: tokens[i])[1]
         synchronize(device)
         state = copy.deepcopy(state)  # a graph updates its own state in place: keep a snapshot
 
@@ -156,8 +155,7 @@ def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, de
         s = copy.deepcopy(state)  # every repeat decodes the same positions from the same state
         synchronize(device)
         start = time.perf_counter()
-        for x in tokens[args.warmup :]:
-            s = step(x, s)[1]
+        decode_loop(step, None, s, n, lambda i, _: tokens[args.warmup + i])
         synchronize(device)
         times.append(time.perf_counter() - start)
     return {

@@ -25,7 +25,8 @@ from lightning.pytorch.callbacks import Callback
 
 from spectralds.callbacks._common import log_scalars, run_validation
 from spectralds.errors import UserError
-from spectralds.layers import layer_specs
+from spectralds.generate import decode_loop
+from spectralds.layers import SequenceLayer, layer_specs
 from spectralds.layers.lds import LDS
 
 COLUMNS = ("model", "layers", "LDS states", "per layer", "val loss", "decode ms/token")
@@ -82,7 +83,8 @@ class StageReport(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = self._val_metrics(trainer, pl_module)
         lds = [m.state_dim for m in pl_module.modules() if isinstance(m, LDS)]
-        decode = [m.decode for m in pl_module.modules() if isinstance(getattr(m, "decode", None), str)]
+        layers = [m for m in pl_module.modules() if isinstance(m, SequenceLayer)]
+        decode = [m.decode_method for m in layers if m.decode_methods]  # STU layers: how they decode
         self.row = {
             "model": self.label,
             "layers": _layer_summary(pl_module),
@@ -159,8 +161,7 @@ def decode_ms_per_token(
         logits, states = model.prefill(prompt)
         _sync(device)
         start = time.perf_counter()
-        for _ in range(tokens):
-            logits, states = model.step(logits.argmax(dim=-1), states)
+        decode_loop(model.step, logits, states, tokens, lambda i, logits: logits.argmax(dim=-1))
         _sync(device)
         if run:
             best = min(best, time.perf_counter() - start)

@@ -3,6 +3,7 @@
 # Importing the layer modules registers them.
 from spectralds.layers import attention, lds, stu  # noqa: E402, F401
 from spectralds.layers.registry import (
+    DECODE_METHODS,
     SequenceLayer,
     available_layers,
     build_layer,
@@ -13,6 +14,7 @@ from spectralds.layers.registry import (
 )
 
 __all__ = [
+    "DECODE_METHODS",
     "SequenceLayer",
     "available_layers",
     "build_layer",

@@ -11,20 +11,14 @@ does not copy the cache; after rotation the order of the cached entries does not
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spectralds.errors import UserError
-from spectralds.layers.registry import (
-    SequenceLayer,
-    check_positive_int,
-    check_positive_number,
-    register_layer,
-)
+from spectralds.errors import UserError, check_float, check_int
+from spectralds.layers.registry import SequenceLayer, register_layer
 
 try:
     from flash_attn import flash_attn_func
@@ -84,18 +78,19 @@ class SlidingWindowAttention(SequenceLayer):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int("dim", dim)
-        check_positive_int("num_heads", num_heads)
+        check_int("dim", dim)
+        check_int("num_heads", num_heads)
         if dim % num_heads or (dim // num_heads) % 2:
             raise UserError(
                 f"dim {dim} must split into num_heads={num_heads} heads of even size (RoPE rotates pairs)"
             )
-        check_positive_int("window_size", window_size, optional=True)
-        check_positive_int("seq_len", seq_len, optional=True)
-        check_positive_number("rope_theta", rope_theta)
-        check_positive_number("softcap", softcap, optional=True)
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
-            raise UserError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+        for name, value in (("window_size", window_size), ("seq_len", seq_len)):
+            if value is not None:
+                check_int(name, value)
+        check_float("rope_theta", rope_theta, minimum=0, strict=True)
+        if softcap is not None:
+            check_float("softcap", softcap, minimum=0, strict=True)
+        check_float("dropout", dropout, minimum=0, maximum=1)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
         self.softcap, self.dropout = softcap, dropout
@@ -108,10 +103,10 @@ class SlidingWindowAttention(SequenceLayer):
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.prefill(x)[0]
+        return self._sequence(x)[0]  # training builds no KV cache
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
-        """Outputs for a prompt and a cache holding its last `window_size` keys and values."""
+    def _sequence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Outputs (B, T, dim) and the rotated keys and values (B, heads, T, head_dim)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise UserError(f"attention expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
         T = x.shape[1]
@@ -119,11 +114,17 @@ class SlidingWindowAttention(SequenceLayer):
             raise UserError(f"sequence length {T} exceeds the attention seq_len {self.seq_len}")
         q, k, v = self._qkv(x, torch.arange(T, device=x.device))
         y = self._attend(q, k, v)  # (B, heads, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).flatten(2)), k, v
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """Outputs for a prompt and a cache holding its last `window_size` keys and values."""
+        y, k, v = self._sequence(x)
+        T = x.shape[1]
         keep = T if self.window_size is None else min(T, self.window_size)
         # Kept entries are copied (no view pinning the whole prompt's keys) and rolled into ring order.
         shift = 0 if self.window_size is None else (T - keep) % self.window_size
         k, v = (t[:, :, T - keep :].roll(shift, dims=2) for t in (k, v))
-        return self.o_proj(y.transpose(1, 2).flatten(2)), KVCache(k, v, T)
+        return y, KVCache(k, v, T)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0

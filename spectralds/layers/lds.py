@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 
-from spectralds.errors import UserError
-from spectralds.layers.registry import SequenceLayer, check_positive_int, register_layer
+from spectralds.errors import UserError, check_int
+from spectralds.layers.registry import SequenceLayer, register_layer
 
 MODES = ("exact", "tensordot")
 
@@ -63,9 +63,10 @@ class LDS(SequenceLayer):
             raise UserError(f"unknown LDS mode {mode!r}; expected one of {MODES}")
         for name, value in (("dim", dim), ("num_filters", num_filters), ("state_dim", state_dim),
                             ("chunk_size", chunk_size)):
-            check_positive_int(name, value)
-        check_positive_int("seq_len", seq_len, optional=True)
-        check_positive_int("dim_out", dim_out, optional=True)
+            check_int(name, value)
+        for name, value in (("seq_len", seq_len), ("dim_out", dim_out)):
+            if value is not None:
+                check_int(name, value)
         if seq_len is not None and num_filters > seq_len:
             raise UserError(f"num_filters ({num_filters}) cannot exceed seq_len ({seq_len})")
         run_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype

@@ -7,15 +7,16 @@ serializable; `build_layer` turns a name into a module. Other projects add layer
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from spectralds.errors import UserError, UserTypeError
+from spectralds.errors import UserError, UserTypeError, check_choice, check_int
+
+# The decoding algorithms of convolutional layers (STU, STU-T); see `SequenceLayer.decode_method`.
+DECODE_METHODS = ("futurefill", "naive")
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -49,20 +50,9 @@ def build_layer(name: str, **kwargs: Any) -> nn.Module:
 
 
 def check_positive_int(name: str, value: Any, optional: bool = False) -> None:
-    """Config validation: a ValueError naming `name` unless value is a positive int (or None if optional)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
-
-
-def check_positive_number(name: str, value: Any, optional: bool = False) -> None:
-    """Config validation: a ValueError naming `name` unless value is a real in (0, inf) (or optional None)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        or_none = " or None" if optional else ""
-        raise UserError(f"{name} must be a positive finite number{or_none}, got {value!r}")
+    """Kept for `spectralds.models.lm`: `spectralds.errors.check_int` (>= 1), None allowed if optional."""
+    if not (optional and value is None):
+        check_int(name, value)
 
 
 def layer_spec(layer: nn.Module) -> dict[str, Any] | None:
@@ -101,18 +91,32 @@ def restore_layers(module: nn.Module, specs: dict[str, dict[str, Any]]) -> list[
 
 
 class SequenceLayer(nn.Module):
-    """Base of every mixer: a full-sequence forward plus an incremental decoding interface.
+    """Base of every mixer: a full-sequence forward plus one incremental decoding protocol.
 
-    Decoding: `state = layer.init_state(batch)`, or `y, state = layer.prefill(x)` for a prompt,
-    then `y_t, state = layer.step(x_t, state)` one token at a time (x_t: (batch, dim)).
+    Decoding: `state = layer.init_state(batch, device, dtype)`, or `y, state = layer.prefill(x)` for a
+    prompt, then `y_t, state = layer.step(x_t, state)` one token at a time (x_t: (batch, dim)). A state
+    is whatever the layer needs (a tensor, a cache); `forward` never builds one.
+
+    A layer with several exact decoding algorithms lists them in `decode_methods` (a subset of
+    DECODE_METHODS) and uses `decode_method`; `set_decode_method` changes it. Layers with one way to
+    decode leave both empty.
     """
+
+    decode_methods: tuple[str, ...] = ()
+    decode_method: str | None = None
+
+    def set_decode_method(self, method: str) -> None:
+        if not self.decode_methods:
+            raise UserError(f"{type(self).__name__} decodes one way: it has no decode method to choose")
+        check_choice("decode method", method, self.decode_methods)
+        self.decode_method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         raise NotImplementedError
 
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ):
+    ) -> Any:
         raise NotImplementedError
 
     def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:

@@ -1,0 +1,179 @@
+"""Exact incremental decoding of STU / STU-T layers: the naive cache and FutureFill.
+
+Inference only (no autograd). The method is the layer's `decode_method` (see `SequenceLayer`):
+
+* ``"naive"``: the state keeps every input; each output is a direct sum over the history, O(t) per token.
+* ``"futurefill"`` (Agarwal et al., "FutureFill: fast generation from convolutional sequence models",
+  arXiv 2410.03766), continuous variant: `prefill` computes the prompt's contribution to every later
+  position with one FFT. Generated tokens follow a dyadic schedule: after the r-th generated token,
+  with 2^j the largest power of two dividing r, the last 2^j tokens are convolved with the filters at
+  lags 1..2^(j+1)-1 and added to the next 2^j positions of a "future" buffer. Each (source, target)
+  pair is added exactly once (at the highest bit where their indices differ) before the target is
+  produced, so an output is its buffer entry plus the lag-0 term: O(log^2 L) amortized per token. The
+  state caches the generated tokens (after the input projection), never the prompt.
+
+The functions take a `spectralds.layers.stu.SpectralConv` (this module does not import it: stu.py
+imports this one) and use its kernel bank, encoding and contractions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spectralds.errors import UserError
+from spectralds.layers.registry import DECODE_METHODS
+from spectralds.ops.fft_conv import compute_dtype, fft_size, no_autocast
+
+_DIRECT_BLOCK = 16  # FutureFill blocks up to this many tokens are summed directly (faster than an FFT)
+_INITIAL_CACHE = 16  # first capacity of FutureFill's cache of generated tokens; it doubles as needed
+
+
+@dataclass
+class ConvDecodeState:
+    """Decoding state of an STU / STU-T layer (see the module docstring for the two methods).
+
+    kernel, weight: the layer's kernel bank for lags 0..seq_len-1 and its per-token projection
+    (futurefill and STU-T naive: the encoder weight; STU naive: the readout (2K * dim, dim_out)),
+    snapshotted from the parameters: make a new state after changing them.
+    inputs: naive: every input so far, (batch, seq_len, width), in reversed time order; futurefill: the
+    projected generated tokens only, (batch, ..., capacity), time last (capacity doubles as needed).
+    future: futurefill only, (batch, seq_len, dim_out): the contribution of past tokens to each position.
+    """
+
+    method: str
+    pos: int
+    start: int
+    kernel: torch.Tensor
+    weight: torch.Tensor
+    inputs: torch.Tensor
+    future: torch.Tensor | None = None
+    cache: dict[tuple, torch.Tensor] = field(default_factory=dict)  # futurefill: taps and spectra
+
+
+def _method(layer: Any) -> str:
+    if layer.decode_method not in DECODE_METHODS:
+        raise UserError(f"unknown decode method {layer.decode_method!r}; expected one of {DECODE_METHODS}")
+    return layer.decode_method
+
+
+@torch.no_grad()
+def init_state(
+    layer: Any, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> ConvDecodeState:
+    method = _method(layer)
+    device = layer.phi.device if device is None else torch.device(device)
+    cdtype = compute_dtype(dtype or layer.phi.dtype)
+    with no_autocast(device):
+        kernel = layer._kernel(layer.seq_len, cdtype).to(device)
+    weight = layer._encoder_weight().to(device)
+    if method == "naive":
+        if not layer.depthwise:  # STU keeps raw inputs (dim per token, not 2K * dim_out), reads out by M
+            weight = weight.unflatten(1, (2 * layer.num_filters, layer.dim_out)).transpose(0, 1).flatten(0, 1)
+        width = layer.dim_out if layer.depthwise else layer.dim
+        # Reversed time (token t at row seq_len-1-t): the newest t+1 rows meet kernel lags 0..t unflipped.
+        inputs = torch.zeros(batch_size, layer.seq_len, width, device=device, dtype=cdtype)
+        return ConvDecodeState(method, 0, 0, kernel, weight, inputs)
+    width = (layer.dim_out,) if layer.depthwise else (2 * layer.num_filters, layer.dim_out)
+    capacity = min(layer.seq_len, _INITIAL_CACHE)
+    inputs = torch.zeros(batch_size, *width, capacity, device=device, dtype=cdtype)
+    future = torch.zeros(batch_size, layer.seq_len, layer.dim_out, device=device, dtype=cdtype)
+    return ConvDecodeState(method, 0, 0, kernel, weight, inputs, future)
+
+
+def _naive_encode(layer: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the naive decoder stores per token, (B, T, width): STU-T x @ M_inputs, STU x itself."""
+    return x @ weight.to(x.dtype) if layer.depthwise else x
+
+
+def _naive_output(layer: Any, history: torch.Tensor, kernel: torch.Tensor, weight: torch.Tensor):
+    """Output from `history` (B, t+1, width), row j = token t - j (pairs with kernel lag j): (B, dim_out)."""
+    if layer.depthwise:
+        return (history * kernel[: history.shape[1]]).sum(1)
+    u = kernel[: history.shape[1]].T @ history  # (B, 2K, dim)
+    return u.flatten(1) @ weight.to(u.dtype)
+
+
+@torch.no_grad()
+def prefill(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, ConvDecodeState]:
+    layer._check_input(x)
+    batch, length, _ = x.shape
+    state = init_state(layer, batch, x.device, x.dtype)
+    if length == 0:
+        return x.new_zeros(batch, 0, layer.dim_out), state
+    if state.method == "naive":
+        history = _naive_encode(layer, x, state.weight).flip(1)
+        state.inputs[:, layer.seq_len - length :] = history.to(state.inputs.dtype)
+        y = layer.forward(x)
+    else:
+        # One FFT gives the prompt's outputs and its contribution to every later position.
+        state.future = layer._sequence_conv(x, layer.seq_len).clone()  # own compact storage, not a view
+        y = state.future[:, :length].to(x.dtype)
+        state.inputs = state.inputs[..., : min(_INITIAL_CACHE, layer.seq_len - length)]
+    state.pos = state.start = length
+    return y, state
+
+
+@torch.no_grad()
+def step(layer: Any, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
+    batch = state.inputs.shape[0]
+    if x_t.dim() != 2 or x_t.shape != (batch, layer.dim):
+        raise UserError(f"expected x_t of shape ({batch}, {layer.dim}), got {tuple(x_t.shape)}")
+    t = state.pos
+    if t >= layer.seq_len:
+        raise UserError(f"cannot decode past seq_len={layer.seq_len}: the filters have no longer lags")
+    cdtype = state.kernel.dtype
+    row = layer.seq_len - 1 - t
+    if state.method == "naive":
+        state.inputs[:, row] = _naive_encode(layer, x_t[:, None], state.weight)[:, 0].to(cdtype)
+        with no_autocast(x_t.device):
+            y = _naive_output(layer, state.inputs[:, row:], state.kernel, state.weight)
+    else:
+        z_t = layer._encode(x_t[:, None], state.weight).to(cdtype)
+        with no_autocast(x_t.device):
+            y = state.future[:, t] + layer._contract_taps(z_t, _cached_taps(state, 0, 1, 1))[:, 0]
+            _futurefill_update(layer, state, z_t)
+    state.pos = t + 1
+    return y.to(x_t.dtype), state
+
+
+def _futurefill_update(layer: Any, state: ConvDecodeState, z_t: torch.Tensor) -> None:
+    t, r = state.pos, state.pos - state.start  # r: index of this token among the generated ones
+    capacity = state.inputs.shape[-1]
+    if r >= capacity:
+        size = min(2 * capacity, layer.seq_len - state.start)
+        grown = state.inputs.new_zeros(*state.inputs.shape[:-1], size)
+        grown[..., :capacity] = state.inputs
+        state.inputs = grown
+    state.inputs[..., r] = z_t[..., 0]
+    count = r + 1
+    block = count & -count  # the largest power of two dividing count
+    targets = min(block, layer.seq_len - 1 - t)
+    if targets <= 0:
+        return
+    src = state.inputs[..., count - block : count]  # tokens t-block+1..t, for positions t+1..t+targets
+    if block <= _DIRECT_BLOCK:
+        contribution = layer._contract_taps(src, _cached_taps(state, block, targets, block))
+    else:
+        key = ("spectrum", block, targets)
+        if key not in state.cache:
+            n = fft_size(block + targets - 1)
+            state.cache[key] = torch.fft.rfft(state.kernel[1 : block + targets], n=n, dim=0)
+        contribution = layer._fill_fft(src, block, targets, state.cache[key])
+    state.future[:, t + 1 : t + 1 + targets] += contribution
+
+
+def toeplitz_taps(kernel: torch.Tensor, start: int, length: int, m: int) -> torch.Tensor:
+    """Taps (length, m, columns) for outputs at start..start+length-1 from inputs at 0..m-1."""
+    steps = torch.arange(max(length, m), device=kernel.device)
+    lags = start + steps[:length, None] - steps[:m]
+    return kernel[lags.clamp_min(0)] * (lags >= 0)[..., None].to(kernel.dtype)
+
+
+def _cached_taps(state: ConvDecodeState, start: int, length: int, m: int) -> torch.Tensor:
+    key = ("taps", start, length, m)
+    if key not in state.cache:
+        state.cache[key] = toeplitz_taps(state.kernel, start, length, m)
+    return state.cache[key]
