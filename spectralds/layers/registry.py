@@ -44,8 +44,7 @@ def build_layer(name: str, **kwargs: Any) -> nn.Module:
     if name not in _REGISTRY:
         raise UserError(f"unknown layer {name!r}; registered layers: {', '.join(available_layers())}")
     layer = _REGISTRY[name](**kwargs)
-    # Remembered so a checkpoint can rebuild the same architecture before its weights load.
-    layer._build_spec = {"name": name, **kwargs}
+    layer.build_spec = {"name": name, **kwargs}  # see SequenceLayer.build_spec
     return layer
 
 
@@ -59,7 +58,7 @@ def layer_spec(layer: nn.Module) -> dict[str, Any] | None:
     """The `build_layer` arguments that rebuild `layer` now (a layer may refine them via `spec()`)."""
     if hasattr(layer, "spec"):
         return layer.spec()
-    return getattr(layer, "_build_spec", None)
+    return getattr(layer, "build_spec", None)
 
 
 def layer_specs(module: nn.Module) -> dict[str, dict[str, Any]]:
@@ -104,6 +103,9 @@ class SequenceLayer(nn.Module):
 
     decode_methods: tuple[str, ...] = ()
     decode_method: str | None = None
+    # The `build_layer` name and arguments this layer was made from (None: built directly). Saved in
+    # checkpoints (`layer_specs`) so a swapped or pruned architecture is rebuilt before its weights load.
+    build_spec: dict[str, Any] | None = None
 
     def set_decode_method(self, method: str) -> None:
         if not self.decode_methods:
