@@ -117,3 +117,47 @@ def test_generate_from_checkpoint_and_bad_checkpoints(tmp_path, capsys):
     assert corrupt.stat().st_size == 1000  # nothing overwritten
     err = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "missing.ckpt"), "--prompt", "x"])
     assert "does not exist" in err
+
+
+def test_help_lists_every_command_and_every_option_default(capsys):
+    from spectralds.cli import COMMANDS, LIGHTNING_COMMANDS
+
+    assert run_cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in [*LIGHTNING_COMMANDS, *COMMANDS]:
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), name
+    for command in COMMANDS:
+        assert run_cli([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        options = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+        assert options and all(o == "--help" or o in out for o in options)
+        assert out.count("(default:") >= len(options) - 2  # all but --help and the store_true flag
+
+
+def test_generate_from_a_user_module_checkpoint(tmp_path, capsys):
+    """Any LightningModule that holds an STU layer: fit, distill to LDS, generate from both checkpoints."""
+    import yaml
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    config["model"] = {"class_path": "cli_helpers.UserLM", "init_args": {"dim": 8, "seq_len": 64}}
+    distill = {"state_dim": 16, "validate": False}  # L=64 allows 16 states; 8 fit K=4 only to 8e-5
+    config["trainer"]["callbacks"] = [
+        {"class_path": "spectralds.callbacks.STUToLDSDistillation", "init_args": distill}
+    ]
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", str(path), f"--data.source={CORPUS}", "--trainer.logger.init_args.name=user"]
+    assert run_cli(args) == 0
+    checkpoints = tmp_path / "runs" / "user" / "version_0" / "checkpoints"
+    capsys.readouterr()
+    outputs = []
+    for name in ("last.ckpt", "lds.ckpt"):
+        gen = ["generate", "--ckpt", str(checkpoints / name), "--prompt", "def f(", "--max-new-tokens", "6"]
+        assert run_cli(gen) == 0
+        outputs.append(capsys.readouterr().out)
+    assert all(out.startswith("def f(") for out in outputs)
+    from spectralds.checkpoint_io import load_model
+    from spectralds.layers.lds import LDS
+
+    model = load_model(checkpoints / "lds.ckpt")
+    assert type(model).__name__ == "UserLM" and isinstance(model.mixer, LDS)
