@@ -69,6 +69,14 @@ class SpectraLDSCLI(LightningCLI):
             run=run,
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The model's vocabulary comes from the data module's tokenizer, written nowhere in a config
+        # (padded to a multiple of 64 for fast matmuls). Models without a vocab_size ignore the link,
+        # as do data modules without one.
+        parser.link_arguments(
+            "data.vocab_size", "model.init_args.vocab_size", compute_fn=padded_vocab, apply_on="instantiate"
+        )
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then read a given ckpt_path once (weights_only, memory-mapped): LightningCLI loads its
         hyperparameters next with a bare torch.load, whose errors would not name the file."""
@@ -122,6 +130,11 @@ class SpectraLDSCLI(LightningCLI):
                 raise UserError(f"cannot create the run directory {directory} ({e.strerror})") from e
 
     before_fit = before_validate = before_test = before_predict = _check_run_dirs
+
+
+def padded_vocab(vocab_size: int) -> int:
+    """The smallest multiple of 64 holding every token id."""
+    return -(-vocab_size // 64) * 64
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -161,3 +161,16 @@ def test_generate_from_a_user_module_checkpoint(tmp_path, capsys):
 
     model = load_model(checkpoints / "lds.ckpt")
     assert type(model).__name__ == "UserLM" and isinstance(model.mixer, LDS)
+
+
+def test_the_model_vocabulary_comes_from_the_data():
+    import warnings
+
+    from spectralds.cli import SpectraLDSCLI
+
+    args = ["--config", TINY, f"--data.source={CORPUS}", "--data.tokenizer=bpe", "--data.bpe_vocab_size=300"]
+    with warnings.catch_warnings():  # "args given while sys.argv is set too": intended here
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = SpectraLDSCLI(args=args, run=False)
+    assert cli.model.hparams.vocab_size == 320  # 300 padded to a multiple of 64
+    assert cli.model.embed.num_embeddings == 320
