@@ -70,11 +70,13 @@ class SpectraLDSCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The model's vocabulary comes from the data module's tokenizer, written nowhere in a config
-        # (padded to a multiple of 64 for fast matmuls). Models without a vocab_size ignore the link,
-        # as do data modules without one.
+        # The model's vocabulary comes from the data's tokenizer, written nowhere in a config. A parse
+        # link (not one on instantiation) keeps the model built before the data, so a config error in
+        # the model is reported first. Models or data modules without these arguments skip it.
         parser.link_arguments(
-            "data.vocab_size", "model.init_args.vocab_size", compute_fn=padded_vocab, apply_on="instantiate"
+            ("data.init_args.tokenizer", "data.init_args.bpe_vocab_size"),
+            "model.init_args.vocab_size",
+            compute_fn=tokenizer_vocab_size,
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -132,9 +134,12 @@ class SpectraLDSCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _check_run_dirs
 
 
-def padded_vocab(vocab_size: int) -> int:
-    """The smallest multiple of 64 holding every token id."""
-    return -(-vocab_size // 64) * 64
+def tokenizer_vocab_size(tokenizer: str, bpe_vocab_size: int) -> int:
+    """TextDataModule's vocab_size for these arguments, padded to a multiple of 64 (fast matmuls)."""
+    from spectralds.data import build_tokenizer
+
+    size = bpe_vocab_size if tokenizer == "bpe" else build_tokenizer(tokenizer).vocab_size
+    return -(-size // 64) * 64
 
 
 def _as_list(value: Any) -> list[Any]:
