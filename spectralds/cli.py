@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from spectralds.cli_errors import check_config_files, parser_problem
+from spectralds.compat import parse_written
 from spectralds.errors import UserError, check_float, check_int, first_line, require
 from spectralds.io import check_output_path
 
@@ -83,10 +84,30 @@ class SpectraLDSCLI(LightningCLI):
         """Parse, then read a given ckpt_path once (weights_only, memory-mapped): LightningCLI loads its
         hyperparameters next with a bare torch.load, whose errors would not name the file."""
         super().parse_arguments(parser, args)
+        if args is None or isinstance(args, list):
+            self._derive_seq_len(parse_written(parser, args))
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
             read_checkpoint(ckpt_path, mmap=True)
+
+    def _derive_seq_len(self, given: Any) -> None:
+        """seq_len written once: where a config (or the command line) sets it for only one of model and
+        data, the other follows: the model's is the data's longest sequence (training or validation),
+        the data's is the model's. Not a jsonargparse link, which would also override a value that
+        was written (lengthgen configs train at 128 and validate at 2048 with one 2048 model)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        given = given.get(subcommand) if subcommand else given
+        model, data = config.get("model.init_args"), config.get("data.init_args")
+        if given is None or model is None or data is None or "seq_len" not in model or "seq_len" not in data:
+            return
+        wrote_model = given.get("model.init_args.seq_len") is not None
+        wrote_data = given.get("data.init_args.seq_len") is not None
+        if wrote_data and not wrote_model:
+            model.seq_len = max(data.seq_len, data.get("val_seq_len") or 0)
+        elif wrote_model and not wrote_data:
+            data.seq_len = model.seq_len
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Crash-safe checkpoints by default: AtomicCheckpointIO (unless the config sets a CheckpointIO)

@@ -174,3 +174,29 @@ def test_the_model_vocabulary_comes_from_the_data():
         cli = SpectraLDSCLI(args=args, run=False)
     assert cli.model.hparams.vocab_size == 320  # 300 padded to a multiple of 64
     assert cli.model.embed.num_embeddings == 320
+
+
+@pytest.mark.parametrize(
+    "model_len, data_len, expected",
+    [(None, 48, (48, 48)), (64, None, (64, 64)), (64, 48, (64, 48)), (None, None, (256, 256))],
+)
+def test_seq_len_written_once(model_len, data_len, expected, tmp_path):
+    """Where only one of model and data sets seq_len, the other follows; values that are written stay."""
+    import warnings
+
+    import yaml
+
+    from spectralds.cli import SpectraLDSCLI
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    config["model"]["init_args"].pop("seq_len")
+    config["data"]["init_args"].pop("seq_len")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["--config", str(path), f"--data.source={CORPUS}"]
+    args += [f"--model.init_args.seq_len={model_len}"] if model_len else []
+    args += [f"--data.init_args.seq_len={data_len}"] if data_len else []
+    with warnings.catch_warnings():  # "args given while sys.argv is set too": intended here
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = SpectraLDSCLI(args=args, run=False)
+    assert (cli.model.seq_len, cli.datamodule.seq_len) == expected
