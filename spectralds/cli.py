@@ -81,8 +81,9 @@ class SpectraLDSCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then read a given ckpt_path once (weights_only, memory-mapped): LightningCLI loads its
-        hyperparameters next with a bare torch.load, whose errors would not name the file."""
+        """Parse; fill in the seq_len a config left out (see `_derive_seq_len`); read a given ckpt_path
+        once (weights_only, memory-mapped): LightningCLI loads its hyperparameters next with a bare
+        torch.load, whose errors would not name the file."""
         super().parse_arguments(parser, args)
         if args is None or isinstance(args, list):
             self._derive_seq_len(parse_written(parser, args))
