@@ -1,27 +1,31 @@
-"""`spectralds` command line: LightningCLI (fit/validate/test/predict) plus distill-filters and generate.
+"""`spectralds` command line: LightningCLI (fit/validate/test/predict) plus the commands in `COMMANDS`.
 
-This is the one place where exceptions become one-line user errors; set SPECTRALDS_DEBUG=1 for
-the full traceback.
+This is the one place where exceptions become one-line user errors (`spectralds: error: ...`, exit 2);
+set SPECTRALDS_DEBUG=1 for the full traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from spectralds.checkpoint_io import AtomicCheckpointIO
-from spectralds.errors import UserError, first_line
+from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from spectralds.cli_errors import CommandParser, check_config_files, parser_problem
+from spectralds.cli_import_fit import import_fit_main
+from spectralds.compat import parse_written
+from spectralds.errors import UserError, check_float, check_int, first_line, require
 from spectralds.io import check_output_path
+from spectralds.layers import DECODE_METHODS
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
@@ -54,11 +58,13 @@ class SpectraLDSCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=LoggedSaveConfigCallback,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf"},
+            # exit_on_error=False: parse errors raise ArgumentError, which `main` prints as one line
+            # (subcommand parsers inherit it) instead of jsonargparse's usage screen.
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
             trainer_defaults={
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "default"},
+                    "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
                 }
             },
             auto_configure_optimizers=False,
@@ -66,21 +72,75 @@ class SpectraLDSCLI(LightningCLI):
             run=run,
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The model's vocabulary comes from the data's tokenizer, written nowhere in a config. A parse
+        # link (not one on instantiation) keeps the model built before the data, so a config error in
+        # the model is reported first. Models or data modules without these arguments skip it.
+        parser.link_arguments(
+            ("data.init_args.tokenizer", "data.init_args.bpe_vocab_size"),
+            "model.init_args.vocab_size",
+            compute_fn=tokenizer_vocab_size,
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse; fill in the seq_len a config left out (see `_derive_seq_len`); read a given ckpt_path
+        once (weights_only, memory-mapped): LightningCLI loads its hyperparameters next with a bare
+        torch.load, whose errors would not name the file."""
+        super().parse_arguments(parser, args)
+        if args is None or isinstance(args, list):
+            self._derive_seq_len(parse_written(parser, args))
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
+            read_checkpoint(ckpt_path, mmap=True)
+
+    def _derive_seq_len(self, given: Any) -> None:
+        """seq_len written once: where a config (or the command line) sets it for only one of model and
+        data, the other follows: the model's is the data's longest sequence (training or validation),
+        the data's is the model's. Not a jsonargparse link, which would also override a value that
+        was written (lengthgen configs train at 128 and validate at 2048 with one 2048 model)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        given = given.get(subcommand) if subcommand else given
+        model, data = config.get("model.init_args"), config.get("data.init_args")
+        if given is None or model is None or data is None or "seq_len" not in model or "seq_len" not in data:
+            return
+        wrote_model = given.get("model.init_args.seq_len") is not None
+        wrote_data = given.get("data.init_args.seq_len") is not None
+        if wrote_data and not wrote_model:
+            model.seq_len = max(data.seq_len, data.get("val_seq_len") or 0)
+        elif wrote_model and not wrote_data:
+            data.seq_len = model.seq_len
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Crash-safe checkpoints by default: AtomicCheckpointIO (unless the config sets a CheckpointIO)
         and, when the config names no ModelCheckpoint, Lightning's default one plus a last.ckpt to resume."""
-        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        config = {**self._section(self.config_init, "trainer"), **kwargs}
         plugins, callbacks = _as_list(config.get("plugins")), _as_list(config.get("callbacks"))
-        strategy = config.get("strategy")
-        if not any(isinstance(p, CheckpointIO) for p in plugins) and not (
-            isinstance(strategy, Strategy) and strategy._checkpoint_io is not None
-        ):
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and not self._strategy_brings_io_plugin():
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         if config.get("enable_checkpointing") is not False and not any(
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
             kwargs["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True)]
-        return super().instantiate_trainer(**kwargs)
+        check_unique_stateful(callbacks)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as e:  # Lightning's own checks of trainer settings
+            if user_error_in(e) is not None:
+                raise
+            raise UserError(f"trainer: {first_line(e)}") from e
+
+    def _section(self, config: Any, key: str) -> dict[str, Any]:
+        section = config.get(self.subcommand, config) if self.subcommand else config
+        return section.get(key) or {}
+
+    def _strategy_brings_io_plugin(self) -> bool:
+        # Read from the parsed config, not the instantiated strategy: its public `checkpoint_io`
+        # property creates a default TorchCheckpointIO, which would hide whether the user gave one.
+        strategy = self._section(self.config, "trainer").get("strategy")
+        init_args = strategy.get("init_args") if hasattr(strategy, "get") else None
+        return bool(init_args and init_args.get("checkpoint_io") is not None)
 
     def _check_run_dirs(self) -> None:
         """The run's directories must be creatable before training starts, not at its first log."""
@@ -97,33 +157,47 @@ class SpectraLDSCLI(LightningCLI):
 
     before_fit = before_validate = before_test = before_predict = _check_run_dirs
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters with a bare torch.load: name the file when
-        # that fails (a truncated last.ckpt, say) instead of showing torch's error alone.
-        try:
-            super()._parse_ckpt_path()
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            raise UserError(f"checkpoint {path} could not be read ({_user_message(e)})") from e
+
+def tokenizer_vocab_size(tokenizer: str, bpe_vocab_size: int) -> int:
+    """TextDataModule's vocab_size for these arguments, padded to a multiple of 64 (fast matmuls)."""
+    from spectralds.data import build_tokenizer
+
+    size = bpe_vocab_size if tokenizer == "bpe" else build_tokenizer(tokenizer).vocab_size
+    return -(-size // 64) * 64
 
 
 def _as_list(value: Any) -> list[Any]:
     return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
+def check_unique_stateful(callbacks: list[Any]) -> None:
+    """Two stateful callbacks with one state key (say a config's STUToLDSDistillation and the drop-in
+    callbacks/distill.yaml) cannot both run: Lightning refuses them with a traceback, we with one line."""
+    seen: set[str] = set()
+    for callback in callbacks:
+        if not isinstance(callback, Callback) or type(callback).state_dict is Callback.state_dict:
+            continue
+        key = callback.state_key
+        if key in seen:
+            name = type(callback).__name__
+            raise UserError(
+                f"trainer.callbacks lists {name} twice and only one can run: remove one (a config that "
+                "has its own needs no --trainer.callbacks+= drop-in; set its init_args instead)"
+            )
+        seen.add(key)
+
+
 def distill_filters_main(argv: list[str]) -> None:
     from spectralds.distill import fit_filters, save_fit
 
-    p = argparse.ArgumentParser(
-        prog="spectralds distill-filters", description="Fit one diagonal LDS to the 2K spectral filters."
-    )
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--num-filters", type=int, default=24)
-    p.add_argument("--state-dim", type=int, default=80)
-    p.add_argument("--variant", default="hankel")
-    p.add_argument("--method", default=None, help="fit method (default: the library's best)")
+    p = CommandParser("spectralds distill-filters", "Fit one diagonal LDS to the 2K spectral filters.")
+    p.add_argument("--seq-len", type=int, default=8192, help="filter length L")
+    p.add_argument("--num-filters", type=int, default=24, help="K: the fit covers the 2K filters")
+    p.add_argument("--state-dim", type=int, default=80, help="LDS states")
+    p.add_argument("--variant", default="hankel", help="filter family")
+    p.add_argument("--method", default=None, help="fit method (None: the library's best)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     check_output_path(a.out)  # before the fit, not after it
     kwargs = {"method": a.method} if a.method else {}
@@ -140,22 +214,28 @@ def distill_filters_main(argv: list[str]) -> None:
 def generate_main(argv: list[str]) -> None:
     import torch
 
-    from spectralds.checkpoint import load_model, read_checkpoint, tokenizer_spec
+    from spectralds.checkpoint_io import load_model, tokenizer_spec
     from spectralds.data import build_tokenizer
     from spectralds.generate import generate, set_decode_method
 
-    p = argparse.ArgumentParser(prog="spectralds generate", description="Generate text from a checkpoint.")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p = CommandParser("spectralds generate", "Generate text from a checkpoint.")
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by `spectralds fit`")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (>= 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the one the model trained with)")
-    p.add_argument("--decode", choices=["futurefill", "naive"], default="futurefill", help="STU decoding")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (None: all)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (None: the one the model trained with)")
+    p.add_argument("--decode", choices=DECODE_METHODS, default=DECODE_METHODS[0], help="STU decoding")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     a = p.parse_args(argv)
+    # Every argument is checked before the checkpoint is read or a token decoded.
+    check_int("--max-new-tokens", a.max_new_tokens, minimum=1)
+    check_float("--temperature", a.temperature, minimum=0.0)
+    if a.top_k is not None:
+        check_int("--top-k", a.top_k, minimum=1)
+    require(a.prompt != "", "the prompt is empty")
     checkpoint = read_checkpoint(a.ckpt)
-    model = load_model(a.ckpt, checkpoint=checkpoint)
+    model = load_model(a.ckpt, checkpoint=checkpoint)  # refuses NaN/Inf weights
     set_decode_method(model, a.decode)
     spec = a.tokenizer or tokenizer_spec(checkpoint)
     if spec == "bpe":
@@ -164,11 +244,33 @@ def generate_main(argv: list[str]) -> None:
         )
     tokenizer = build_tokenizer(spec)
     prompt = torch.tensor([tokenizer.encode(a.prompt)], dtype=torch.long)
-    if prompt.shape[1] == 0:
-        raise UserError("the prompt is empty")
+    require(prompt.shape[1] > 0, "the prompt is empty")
     generator = torch.Generator().manual_seed(a.seed)
     out = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, generator)
     print(tokenizer.decode(out[0].tolist()))
+
+
+# LightningCLI's subcommands (their options come from the Trainer and the config).
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from --config files (LightningCLI)",
+    "validate": "run one validation epoch of a model (LightningCLI)",
+    "test": "run one test epoch of a model (LightningCLI)",
+    "predict": "run prediction over a data module (LightningCLI)",
+}
+# Our own commands: name -> (function of the remaining arguments, one-line help). Add one entry here.
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "generate": (generate_main, "generate text from a checkpoint"),
+    "distill-filters": (distill_filters_main, "fit one diagonal LDS to the spectral filters"),
+    "import-fit": (import_fit_main, "convert a released Flash STU 2 / SpectraLDS fit to ours, measured"),
+}
+
+
+def print_help() -> None:
+    lines = ["usage: spectralds <command> [options]", "", "commands:"]
+    helps = {**LIGHTNING_COMMANDS, **{name: text for name, (_, text) in COMMANDS.items()}}
+    lines += [f"  {name:<17} {text}" for name, text in helps.items()]
+    lines += ["", "`spectralds <command> --help` lists a command's options."]
+    print("\n".join(lines))
 
 
 def user_error_in(error: BaseException) -> UserError | None:
@@ -182,22 +284,35 @@ def user_error_in(error: BaseException) -> UserError | None:
     return None
 
 
-def _user_message(error: BaseException) -> str:
-    found = user_error_in(error)
-    return first_line(found if found is not None else error)
+def _lightning_command(argv: list[str]) -> str:
+    return next((a for a in argv if a in LIGHTNING_COMMANDS), "fit")
 
 
-SUBCOMMANDS = {"distill-filters": distill_filters_main, "generate": generate_main}
+def run(argv: list[str], from_command_line: bool) -> None:
+    """Dispatch one command line; raises what the command raises."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print_help()
+    elif argv[0] in COMMANDS:
+        COMMANDS[argv[0]][0](argv[1:])
+    elif not argv[0].startswith("-") and argv[0] not in LIGHTNING_COMMANDS:
+        names = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
+        raise UserError(f"unknown command {argv[0]!r}; commands: {names} (see `spectralds --help`)")
+    else:
+        check_config_files(argv)
+        try:  # LightningCLI reads sys.argv itself and warns when given both
+            SpectraLDSCLI(args=None if from_command_line else argv)
+        except argparse.ArgumentError as e:
+            if user_error_in(e) is not None:
+                raise
+            help_hint = f"see `spectralds {_lightning_command(argv)} --help`"
+            raise UserError(f"{parser_problem(e)} ({help_hint})") from e
 
 
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            SUBCOMMANDS[argv[0]](argv[1:])
-        else:  # LightningCLI reads sys.argv itself and warns when given both
-            SpectraLDSCLI(args=None if from_command_line else argv)
+        run(argv, from_command_line)
     except Exception as e:
         user_error = user_error_in(e)
         if user_error is None and "Error(s) in loading state_dict" in str(e):
@@ -206,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             user_error = UserError(f"the checkpoint does not match the model: {lines[-1]}")
         if user_error is None or os.environ.get("SPECTRALDS_DEBUG"):
             raise
-        print(f"spectralds: error: {first_line(user_error)}", file=sys.stderr)
+        sys.stderr.write(f"spectralds: error: {first_line(user_error)}\n")  # one write: DDP ranks interleave
         sys.exit(2)
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
+from spectralds.cli_errors import CommandParser
 from spectralds.io import check_output_path
 
 
@@ -12,15 +11,15 @@ def import_fit_main(argv: list[str]) -> None:
     from spectralds.distill import save_fit
     from spectralds.distill.released import import_released
 
-    p = argparse.ArgumentParser(
-        prog="spectralds import-fit",
-        description="Read a released Flash STU 2 / SpectraLDS LDS fit (torch file with A, B, C), align its "
+    p = CommandParser(
+        "spectralds import-fit",
+        "Read a released Flash STU 2 / SpectraLDS LDS fit (torch file with A, B, C), align its "
         "filter columns to ours (order and signs), measure it against our filters and write our format.",
     )
     p.add_argument("file", help="the released fit, e.g. phi_lds.pt or 80_phi_lds.pt")
-    p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--num-filters", type=int, default=24)
-    p.add_argument("--variant", default="hankel")
+    p.add_argument("--seq-len", type=int, default=8192, help="filter length L")
+    p.add_argument("--num-filters", type=int, default=24, help="K (the file holds 2K filters)")
+    p.add_argument("--variant", default="hankel", help="filter family")
     p.add_argument("--out", required=True, help="output .safetensors file")
     a = p.parse_args(argv)
     check_output_path(a.out)  # before the work, not after it

@@ -1,13 +1,16 @@
-"""Every use of a private Lightning attribute in spectralds, one small function each.
+"""Every private Lightning / jsonargparse access in spectralds, one small function each.
 
 Lightning has no public way to run the fit's validation loop from inside a training step (a mid-run
-layer swap validates before and after), so that loop's bookkeeping flag is saved and restored here.
-tests/test_compat.py checks that each attribute below still exists, so a Lightning upgrade that renames
-one fails there, loudly, instead of mid-run. Keep this a flat list of small functions (other branches
-add theirs), and list every private attribute path in TRAINER_ATTRIBUTES.
+layer swap validates before and after), so that loop's bookkeeping flag is saved and restored here;
+jsonargparse has no public lenient parse for "what did the user write". tests/test_compat.py checks
+that each attribute below still exists, so an upgrade that renames one fails there, loudly, instead of
+mid-run. Tested with lightning 2.6 (pinned <2.7) and jsonargparse 4.53. Keep this a flat list of small
+functions, and list every private Trainer attribute path in TRAINER_ATTRIBUTES.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 
@@ -23,3 +26,16 @@ def first_loop_iter(trainer: L.Trainer) -> bool | None:
 def set_first_loop_iter(trainer: L.Trainer, value: bool | None) -> None:
     """Restore the flag read by `first_loop_iter` (as Lightning's own mid-epoch validation does)."""
     trainer._logger_connector._first_loop_iter = value
+
+
+def parse_written(parser: Any, args: list[str] | None) -> Any:
+    """What the config files and the command line wrote, without the parser's defaults.
+
+    Private: `jsonargparse._common.parser_context(lenient_check=True)`. The public
+    `parse_args(defaults=False)` alone fails on required arguments that only defaults supply (the
+    logger's save_dir when the command line sets its name).
+    """
+    from jsonargparse._common import parser_context
+
+    with parser_context(lenient_check=True):
+        return parser.parse_args(args, defaults=False)

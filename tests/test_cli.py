@@ -117,3 +117,86 @@ def test_generate_from_checkpoint_and_bad_checkpoints(tmp_path, capsys):
     assert corrupt.stat().st_size == 1000  # nothing overwritten
     err = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "missing.ckpt"), "--prompt", "x"])
     assert "does not exist" in err
+
+
+def test_help_lists_every_command_and_every_option_default(capsys):
+    from spectralds.cli import COMMANDS, LIGHTNING_COMMANDS
+
+    assert run_cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in [*LIGHTNING_COMMANDS, *COMMANDS]:
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), name
+    for command in COMMANDS:
+        assert run_cli([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        options = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+        assert options and all(o == "--help" or o in out for o in options)
+        assert out.count("(default:") >= len(options) - 2  # all but --help and the store_true flag
+
+
+def test_generate_from_a_user_module_checkpoint(tmp_path, capsys):
+    """Any LightningModule that holds an STU layer: fit, distill to LDS, generate from both checkpoints."""
+    import yaml
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    config["model"] = {"class_path": "cli_helpers.UserLM", "init_args": {"dim": 8, "seq_len": 64}}
+    distill = {"state_dim": 16, "validate": False}  # L=64 allows 16 states; 8 fit K=4 only to 8e-5
+    config["trainer"]["callbacks"] = [
+        {"class_path": "spectralds.callbacks.STUToLDSDistillation", "init_args": distill}
+    ]
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", str(path), f"--data.source={CORPUS}", "--trainer.logger.init_args.name=user"]
+    assert run_cli(args) == 0
+    checkpoints = tmp_path / "runs" / "user" / "version_0" / "checkpoints"
+    capsys.readouterr()
+    outputs = []
+    for name in ("last.ckpt", "lds.ckpt"):
+        gen = ["generate", "--ckpt", str(checkpoints / name), "--prompt", "def f(", "--max-new-tokens", "6"]
+        assert run_cli(gen) == 0
+        outputs.append(capsys.readouterr().out)
+    assert all(out.startswith("def f(") for out in outputs)
+    from spectralds.checkpoint_io import load_model
+    from spectralds.layers.lds import LDS
+
+    model = load_model(checkpoints / "lds.ckpt")
+    assert type(model).__name__ == "UserLM" and isinstance(model.mixer, LDS)
+
+
+def test_the_model_vocabulary_comes_from_the_data():
+    import warnings
+
+    from spectralds.cli import SpectraLDSCLI
+
+    args = ["--config", TINY, f"--data.source={CORPUS}", "--data.tokenizer=bpe", "--data.bpe_vocab_size=300"]
+    with warnings.catch_warnings():  # "args given while sys.argv is set too": intended here
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = SpectraLDSCLI(args=args, run=False)
+    assert cli.model.hparams.vocab_size == 320  # 300 padded to a multiple of 64
+    assert cli.model.embed.num_embeddings == 320
+
+
+@pytest.mark.parametrize(
+    "model_len, data_len, expected",
+    [(None, 48, (48, 48)), (64, None, (64, 64)), (64, 48, (64, 48)), (None, None, (256, 256))],
+)
+def test_seq_len_written_once(model_len, data_len, expected, tmp_path):
+    """Where only one of model and data sets seq_len, the other follows; values that are written stay."""
+    import warnings
+
+    import yaml
+
+    from spectralds.cli import SpectraLDSCLI
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    config["model"]["init_args"].pop("seq_len")
+    config["data"]["init_args"].pop("seq_len")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["--config", str(path), f"--data.source={CORPUS}"]
+    args += [f"--model.init_args.seq_len={model_len}"] if model_len else []
+    args += [f"--data.init_args.seq_len={data_len}"] if data_len else []
+    with warnings.catch_warnings():  # "args given while sys.argv is set too": intended here
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = SpectraLDSCLI(args=args, run=False)
+    assert (cli.model.seq_len, cli.datamodule.seq_len) == expected

@@ -22,6 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "spectralds"
 PRIVATE = re.compile(
     r"\btrainer\._|\bstrategy\._|_logger_connector|_index_sampler|_checkpoint_io\b|_setup_model"
     r"|_register_ddp_hooks|_parse_ckpt_path|\._trainer\b"
+    r"|\bjsonargparse\._|\b(lightning|jsonargparse)[\w.]* import _"
 )
 
 
@@ -82,6 +83,14 @@ def test_the_compat_functions_round_trip(trainer):
     assert compat.first_loop_iter(trainer) is True
     compat.set_first_loop_iter(trainer, before)
     assert compat.first_loop_iter(trainer) is before
+
+
+def test_the_private_jsonargparse_context_compat_uses_exists():
+    from jsonargparse import _common
+
+    if not hasattr(_common, "parser_context"):
+        pytest.fail("jsonargparse has no _common.parser_context, which spectralds/compat.py uses; adapt "
+                    "compat.parse_written or pin jsonargparse below this version", pytrace=False)
 
 
 def test_no_private_lightning_access_outside_compat():
