@@ -88,11 +88,35 @@ class SpectraLDSCLI(LightningCLI):
         torch.load, whose errors would not name the file."""
         super().parse_arguments(parser, args)
         if args is None or isinstance(args, list):
-            self._derive_seq_len(parse_written(parser, args))
+            given = parse_written(parser, args)
+            self._derive_seq_len(given)
+            self._keep_written_vocab_size(given)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
             read_checkpoint(ckpt_path, mmap=True)
+
+    def _keep_written_vocab_size(self, given: Any) -> None:
+        """A vocab_size the user wrote wins over the tokenizer link (a padded vocabulary, say), but it
+        must hold every token id: never replaced silently, never too small."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        given = given.get(subcommand) if subcommand else given
+        written = given.get("model.init_args.vocab_size") if given is not None else None
+        model = config.get("model.init_args")
+        if written is None or model is None or "vocab_size" not in model:
+            return
+        linked = model.vocab_size
+        data = config.get("data.init_args") or {}
+        needed = linked
+        if "tokenizer" in data:  # the unpadded count: a written size between it and the padded one is fine
+            from spectralds.data import build_tokenizer
+
+            tok = data.tokenizer
+            needed = data.get("bpe_vocab_size") if tok == "bpe" else build_tokenizer(tok).vocab_size
+        if written < needed:
+            raise UserError(f"model vocab_size {written} is smaller than the tokenizer's {needed} tokens")
+        model.vocab_size = written
 
     def _derive_seq_len(self, given: Any) -> None:
         """seq_len written once: where a config (or the command line) sets it for only one of model and

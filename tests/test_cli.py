@@ -200,3 +200,14 @@ def test_seq_len_written_once(model_len, data_len, expected, tmp_path):
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
         cli = SpectraLDSCLI(args=args, run=False)
     assert (cli.model.seq_len, cli.datamodule.seq_len) == expected
+
+
+@pytest.mark.usefixtures("cli_env")
+@pytest.mark.parametrize("written, expected", [(None, 256), (320, 320)])
+def test_vocab_size_follows_the_tokenizer_unless_written(written, expected):
+    from spectralds.cli import SpectraLDSCLI
+
+    args = ["--config", TINY, f"--data.source={CORPUS}"]
+    args += [] if written is None else [f"--model.init_args.vocab_size={written}"]
+    cli = SpectraLDSCLI(args=args, run=False)
+    assert cli.model.hparams.vocab_size == expected
