@@ -1,0 +1,70 @@
+"""`spectralds eval`: lm-evaluation-harness tasks on one or more checkpoints, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from spectralds.errors import UserError
+from spectralds.io import check_output_path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spectralds eval",
+        description="Evaluate checkpoints on lm-eval tasks: one row per checkpoint, then their difference.",
+    )
+    p.add_argument("--ckpt", action="append", required=True, help="a checkpoint (repeat: one row each)")
+    p.add_argument("--label", action="append", default=None, help="row label per --ckpt (default: file name)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
+    p.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own setting")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--include-path", default=None, help="a folder of extra task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (< 1: a fraction)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the one each model trained with)")
+    p.add_argument("--decode", choices=["futurefill", "naive"], default="futurefill", help="STU decoding")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--offline", action="store_true", help="never download (sets HF_HUB_OFFLINE)")
+    p.add_argument("--output", default=None, help="results JSON; report.md is written beside it")
+    p.add_argument("--log-dir", default=None, help="also log the metrics to TensorBoard here")
+    return p
+
+
+def _labels(ckpts: list[str], given: list[str] | None) -> list[str]:
+    if given is not None:
+        if len(given) != len(ckpts):
+            raise UserError(f"{len(given)} --label for {len(ckpts)} --ckpt; give one per checkpoint or none")
+        labels = given
+    else:  # file names, with their folder when two share one (runs/a/last.ckpt, runs/b/last.ckpt)
+        labels = [Path(c).name for c in ckpts]
+        if len(set(labels)) < len(labels):
+            labels = [str(Path(*Path(c).parts[-2:])) for c in ckpts]
+    if len(set(labels)) < len(labels):
+        raise UserError(f"two checkpoints have the same label ({', '.join(labels)}); pass --label")
+    return labels
+
+
+def eval_main(argv: list[str]) -> None:
+    a = _parser().parse_args(argv)
+    if a.output is not None:
+        check_output_path(a.output)  # before the evaluation, not after it
+    if a.limit is not None and a.limit >= 1:
+        a.limit = int(a.limit)
+    from spectralds.evaluation import evaluate_models, format_table, log_tensorboard, set_offline
+    from spectralds.evaluation.table import write_results
+
+    if a.offline:
+        set_offline()
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines would bury the table
+    labels = _labels(a.ckpt, a.label)
+    results = evaluate_models(
+        dict(zip(labels, a.ckpt, strict=True)), a.tasks.split(","), include_path=a.include_path,
+        num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit, tokenizer=a.tokenizer,
+        device=a.device, decode=a.decode,
+    )
+    print(format_table(results))
+    if a.output is not None:
+        write_results(results, a.output)
+    if a.log_dir is not None:
+        log_tensorboard(results, a.log_dir)

@@ -1,0 +1,223 @@
+"""lm-eval evaluation: three local tasks (multiple choice, perplexity, generation) on a tiny trained STU
+model and its distilled LDS, through `spectralds eval` and through lm-eval's own CLI; one-line errors."""
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+pytest.importorskip("lm_eval")
+import lm_eval.utils  # noqa: E402
+from cli_helpers import one_line_error, run_cli  # noqa: E402
+
+from spectralds.callbacks import STUToLDSDistillation  # noqa: E402
+from spectralds.checkpoint import load_model  # noqa: E402
+from spectralds.evaluation import evaluate_models, format_table, rows  # noqa: E402
+from spectralds.evaluation.lm_eval_backend import SpectraLDSLM  # noqa: E402
+from spectralds.models import LanguageModel  # noqa: E402
+
+ASSETS = Path(__file__).parent / "assets"
+TASKS_DIR = ASSETS / "lm_eval"
+TASKS = "spectralds_mc,spectralds_ppl,spectralds_gen"
+SEQ = 64
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch):
+    """The CLI switches datasets/huggingface_hub to offline mode in-process: undo it after each test."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _corpus_tokens() -> torch.Tensor:
+    text = "\n\n".join(
+        p.read_text(encoding="utf-8") for p in sorted((ASSETS / "data" / "corpus").rglob("*")) if p.suffix in
+        (".md", ".txt")
+    )
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """A byte-level STU LM trained for a few steps (stu.ckpt) and its distilled LDS (lds.ckpt)."""
+    out = tmp_path_factory.mktemp("eval_models")
+    torch.manual_seed(0)
+    tokens = _corpus_tokens()
+    starts = torch.randint(0, len(tokens) - SEQ - 1, (64,))
+    windows = torch.stack([tokens[s : s + SEQ + 1] for s in starts])
+    data = DataLoader(TensorDataset(windows[:, :-1], windows[:, 1:]), batch_size=16)
+    model = LanguageModel(vocab_size=256, dim=16, num_layers=2, layer_pattern=["stu"], seq_len=SEQ,
+                          num_filters=4, mlp_ratio=2.0)
+    steps = 8
+    callbacks = [
+        ModelCheckpoint(dirpath=out, filename="stu", every_n_train_steps=steps, save_top_k=-1),
+        STUToLDSDistillation(state_dim=16, save_path=str(out / "lds.ckpt"), validate=False, log_plot=False),
+    ]
+    L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=callbacks, default_root_dir=out).fit(model, data)
+    return out / "stu.ckpt", out / "lds.ckpt"
+
+
+def _floats(tree) -> list[float]:
+    """Every float in lm-eval's nested per-sample responses (is_greedy flags are bools: left out)."""
+    if isinstance(tree, (list, tuple)):
+        return [f for item in tree for f in _floats(item)]
+    return [tree] if isinstance(tree, float) else []
+
+
+def _metrics(results: dict, label: str) -> dict:
+    return results["models"][label]["results"]
+
+
+def test_backend_scores_match_a_direct_forward(checkpoints):
+    """loglikelihood = the sum of log-softmax at the continuation's positions; long contexts are cut on
+    the left to seq_len; is_greedy is the argmax check; results come back in request order."""
+    from lm_eval.api.instance import Instance
+
+    model = load_model(checkpoints[0])
+    lm = SpectraLDSLM(model=model, batch_size=3)
+    pairs = [("Question: what is this", " a test"), ("x" * 150, " yz"), ("ab", "c"), ("", "hello")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    got = lm.loglikelihood(requests, disable_tqdm=True)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got, strict=True):
+        ctx = list(context.encode()) or [lm.eot_token_id]
+        full = (ctx + list(continuation.encode()))[-(SEQ + 1) :]
+        n = len(continuation.encode())
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([full[:-1]])).float(), -1)[0, -n:]
+        target = torch.tensor(full[-n:])
+        assert logprob == pytest.approx(float(lp.gather(1, target[:, None]).sum()), rel=1e-5)
+        assert greedy == bool((lp.argmax(-1) == target).all())
+    # the token the model predicts is greedy, any other is not
+    with torch.no_grad():
+        nxt = int(model(torch.tensor([list(b"abc")]))[0, -1].argmax())
+    scored = lm._loglikelihood_tokens([(None, list(b"abc"), [nxt]), (None, list(b"abc"), [(nxt + 1) % 256])])
+    assert [greedy for _, greedy in scored] == [True, False]
+
+
+def test_rolling_loglikelihood_covers_every_token_once(checkpoints):
+    """A text longer than seq_len: the sum over windows equals scoring each token with the model."""
+    from lm_eval.api.instance import Instance
+
+    model = load_model(checkpoints[0])
+    lm = SpectraLDSLM(model=model, batch_size=2)
+    text = "The river bends twice before the mill. " * 4  # 156 bytes: three windows of 64
+    [total] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    tokens = [lm.eot_token_id] + list(text.encode())
+    expected = 0.0
+    with torch.no_grad():
+        for end in range(1, len(tokens)):  # each token predicted from (at most) seq_len tokens before it
+            ctx = tokens[max(0, end - SEQ) : end]
+            expected += float(torch.log_softmax(model(torch.tensor([ctx]))[0, -1].float(), -1)[tokens[end]])
+    # lm-eval's windows give the first window's tokens less context than seq_len: compare loosely
+    assert total < 0 and math.isfinite(total)
+    assert total == pytest.approx(expected, rel=0.05)
+
+
+def test_stu_and_lds_agree_on_all_three_tasks(checkpoints, capsys):
+    stu, lds = checkpoints
+    results = evaluate_models({"STU": stu, "LDS": lds}, TASKS.split(","), include_path=TASKS_DIR,
+                              num_fewshot=0, batch_size=4, log_samples=True)
+    a, b = _metrics(results, "STU"), _metrics(results, "LDS")
+    assert set(a) == set(TASKS.split(","))
+    assert a["spectralds_mc"]["acc"] == b["spectralds_mc"]["acc"]
+    assert a["spectralds_mc"]["acc_norm"] == b["spectralds_mc"]["acc_norm"]
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert b["spectralds_ppl"][metric] == pytest.approx(a["spectralds_ppl"][metric], rel=1e-4)
+    assert a["spectralds_ppl"]["bits_per_byte"] > 0
+    samples = {label: results["models"][label]["samples"] for label in ("STU", "LDS")}
+    for task in ("spectralds_mc", "spectralds_ppl"):  # every loglikelihood, not only the aggregates
+        x, y = (_floats([s["resps"] for s in samples[label][task]]) for label in ("STU", "LDS"))
+        assert len(x) == {"spectralds_mc": 64, "spectralds_ppl": 6}[task]
+        assert y == pytest.approx(x, rel=1e-4)
+    gen_stu = [s["resps"] for s in samples["STU"]["spectralds_gen"]]
+    assert gen_stu == [s["resps"] for s in samples["LDS"]["spectralds_gen"]]
+    assert len(gen_stu) == 8 and any(r[0][0] for r in gen_stu)  # something was generated
+    header, table = rows(results)
+    assert header[-1] == "avg" and len(table) == 3
+    assert table[2][header.index("spectralds_mc/acc")] == 0.0
+    assert "LDS - STU" in format_table(results)
+    print(format_table(results))
+
+
+@pytest.mark.slow  # lm-eval's CLI indexes its ~15,000 built-in task YAMLs (13 s here)
+def test_both_entry_points_give_the_same_table(checkpoints, cli_env, tmp_path, capsys, monkeypatch):
+    """`spectralds eval` (table, JSON, report.md, TensorBoard) and lm-eval's own CLI through our wrapper."""
+    from spectralds.evaluation.lm_eval_cli import main as lm_eval_main
+
+    stu, lds = checkpoints
+    out = tmp_path / "results.json"
+    args = ["eval", "--ckpt", str(stu), "--ckpt", str(lds), "--tasks", TASKS,
+            "--include-path", str(TASKS_DIR), "--num-fewshot", "0", "--batch-size", "8", "--offline",
+            "--output", str(out), "--log-dir", str(tmp_path / "tb")]
+    assert run_cli(args) == 0
+    printed = capsys.readouterr().out
+    assert "lds.ckpt - stu.ckpt" in printed and "spectralds_mc/acc" in printed
+    ours = json.loads(out.read_text())
+    assert list(ours["models"]) == ["stu.ckpt", "lds.ckpt"]
+    assert "| lds.ckpt - stu.ckpt |" in (tmp_path / "report.md").read_text()
+    assert any((tmp_path / "tb" / "lds.ckpt").iterdir())
+
+    theirs = tmp_path / "lm_eval_out"
+    monkeypatch.setattr(sys, "argv", ["lm-eval"])
+    lm_eval_logger = logging.getLogger("lm_eval")  # lm-eval's CLI adds a stderr handler: undo it after
+    for attr in ("handlers", "propagate", "level"):
+        monkeypatch.setattr(lm_eval_logger, attr, [] if attr == "handlers" else getattr(lm_eval_logger, attr))
+    monkeypatch.setattr(lm_eval.utils, "_LOGGING_CONFIGURED", False)
+    lm_eval_main(["run", "--model", "spectralds", "--model_args", f"ckpt={lds},decode=naive",
+                  "--tasks", TASKS, "--include_path", str(TASKS_DIR), "--num_fewshot", "0",
+                  "--batch_size", "8", "--output_path", str(theirs)])
+    [written] = list(theirs.rglob("results*.json"))
+    results = json.loads(written.read_text())["results"]
+    mine = ours["models"]["lds.ckpt"]["results"]
+    assert results["spectralds_mc"]["acc,none"] == mine["spectralds_mc"]["acc"]
+    assert results["spectralds_ppl"]["bits_per_byte,none"] == pytest.approx(
+        mine["spectralds_ppl"]["bits_per_byte"], rel=1e-6)
+    assert results["spectralds_gen"]["exact_match,none"] == mine["spectralds_gen"]["exact_match"]
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        # these two index lm-eval's built-in tasks (13 s, once per process)
+        pytest.param("unknown_task", "unknown task(s) no_such_task", marks=pytest.mark.slow),
+        pytest.param("hub_task", "could not be loaded", marks=pytest.mark.slow),
+        ("not_ours", "is not a Lightning checkpoint"),
+        ("not_an_lm", "not a language model"),
+        ("missing", "does not exist"),
+        ("bad_output_dir", "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line(case, expected, checkpoints, cli_env, tmp_path, capsys):
+    stu = str(checkpoints[0])
+    tasks, ckpt, extra = "spectralds_mc", stu, []
+    if case == "unknown_task":
+        tasks = "spectralds_mc,no_such_task"
+    elif case == "hub_task":
+        tasks = "arc_easy"  # lm-eval knows it, but its data is on the hub and we are offline
+    elif case == "not_ours":
+        ckpt = str(tmp_path / "other.ckpt")
+        torch.save({"model": {"w": torch.zeros(2)}}, ckpt)
+    elif case == "not_an_lm":
+        ckpt = str(tmp_path / "regression.ckpt")
+        torch.save({"state_dict": {}, "spectralds_model": "SequenceRegression"}, ckpt)
+    elif case == "missing":
+        ckpt = str(tmp_path / "nowhere.ckpt")
+    elif case == "bad_output_dir":
+        extra = ["--output", str(tmp_path / "no" / "such" / "dir" / "r.json")]
+    err = one_line_error(capsys, ["eval", "--ckpt", ckpt, "--tasks", tasks, "--include-path", str(TASKS_DIR),
+                                  "--offline", *extra])
+    assert expected in err
