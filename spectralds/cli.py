@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import Strategy
 
 from spectralds.checkpoint_io import AtomicCheckpointIO
+from spectralds.cli_eval import eval_main
 from spectralds.errors import UserError, first_line
 from spectralds.io import check_output_path
 
@@ -187,7 +188,7 @@ def _user_message(error: BaseException) -> str:
     return first_line(found if found is not None else error)
 
 
-SUBCOMMANDS = {"distill-filters": distill_filters_main, "generate": generate_main}
+SUBCOMMANDS = {"distill-filters": distill_filters_main, "generate": generate_main, "eval": eval_main}
 
 
 def main(argv: list[str] | None = None) -> None:
