@@ -1,6 +1,7 @@
 """lm-eval evaluation: three local tasks (multiple choice, perplexity, generation) on a tiny trained STU
 model and its distilled LDS, through `spectralds eval` and through lm-eval's own CLI; one-line errors."""
 
+import base64
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from cli_helpers import one_line_error, run_cli  # noqa: E402
 
 from spectralds.callbacks import STUToLDSDistillation  # noqa: E402
 from spectralds.checkpoint import load_model  # noqa: E402
+from spectralds.errors import UserError  # noqa: E402
 from spectralds.evaluation import evaluate_models, format_table, rows  # noqa: E402
 from spectralds.evaluation.lm_eval_backend import SpectraLDSLM  # noqa: E402
 from spectralds.models import LanguageModel  # noqa: E402
@@ -221,3 +223,81 @@ def test_bad_input_is_one_line(case, expected, checkpoints, cli_env, tmp_path, c
     err = one_line_error(capsys, ["eval", "--ckpt", ckpt, "--tasks", tasks, "--include-path", str(TASKS_DIR),
                                   "--offline", *extra])
     assert expected in err
+
+
+def _write_tiktoken(path: Path, merges: list[bytes]) -> None:
+    ranks = [bytes([b]) for b in range(256)] + merges
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "tiktoken"])
+def test_tokenizer_files_from_the_checkpoint(kind, tmp_path, monkeypatch):
+    """A BPE tokenizer.json or a .tiktoken file named in the checkpoint: contexts and continuations are
+    split by tokens of that tokenizer, and generation decodes with it."""
+    from lm_eval.api.instance import Instance
+
+    from spectralds.data.tokenizers import BPETokenizer
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    if kind == "bpe":
+        path = tmp_path / "tokenizer.json"
+        BPETokenizer.train(["the river and the other river; " * 20], 270).save(path)
+    else:
+        path = tmp_path / "tiny.tiktoken"
+        _write_tiktoken(path, [b"th", b"the", b" the", b"er", b" r", b"iv"])
+    torch.manual_seed(0)
+    model = LanguageModel(vocab_size=320, dim=16, num_layers=1, layer_pattern=["stu"], seq_len=32,
+                          num_filters=4, mlp_ratio=2.0)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "datamodule_hyper_parameters": {"tokenizer": str(path)}}, ckpt)
+    lm = SpectraLDSLM(ckpt=str(ckpt), batch_size=2)
+    assert lm.tok.name.startswith("bpe:" if kind == "bpe" else "tiktoken:")
+    context, continuation = "the river", " the other"
+    [(logprob, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)],
+                                      disable_tqdm=True)
+    whole, ctx = lm.tok.encode(context + continuation), lm.tok.encode(context)
+    assert len(whole) < len(context + continuation)  # merges were used
+    with torch.no_grad():
+        lp = torch.log_softmax(model.eval()(torch.tensor([whole[:-1]])).float(), -1)[0, len(ctx) - 1 :]
+    target = torch.tensor(whole[len(ctx) :])
+    assert logprob == pytest.approx(float(lp.gather(1, target[:, None]).sum()), rel=1e-5)
+    [text] = lm.generate_until([Instance("generate_until", {}, ("the river", {"until": ["zzz"],
+                                                                            "max_gen_toks": 5}), 0)])
+    # the model's 320 ids include 58 the tokenizer lacks: never generated (decoding them would fail)
+    assert isinstance(text, str) and text
+
+
+def test_generation_greedy_sampled_stopped_and_truncated(checkpoints):
+    """Greedy = generate() directly; sampling is reproducible from the seed; `until` cuts the text;
+    a context longer than the model's leaves room for max_gen_toks by dropping its start."""
+    from lm_eval.api.instance import Instance
+
+    from spectralds.generate import generate
+
+    model = load_model(checkpoints[1])  # the LDS: decodes by stepping its state
+    lm = SpectraLDSLM(model=model, batch_size=4)
+    prompts = ["one, two,", "abc", "x" * 200, "def f(x):"]
+
+    def run(kwargs, seed=1234):
+        lm.seed = seed
+        return lm.generate_until([Instance("generate_until", {}, (p, dict(kwargs)), i)
+                                  for i, p in enumerate(prompts)], disable_tqdm=True)
+
+    greedy = run({"until": [], "max_gen_toks": 40})
+    for prompt, text in zip(prompts, greedy, strict=True):
+        ids = list(prompt.encode())[-(SEQ - 40) :]
+        out = generate(model, torch.tensor([ids]), 40)[0, len(ids) :].tolist()
+        assert text == bytes(out).decode("utf-8", errors="replace")
+    stop = greedy[0][3:5]
+    assert run({"until": [stop], "max_gen_toks": 40})[0] == greedy[0].split(stop)[0]
+    sampled = run({"do_sample": True, "temperature": 1.0, "max_gen_toks": 20, "until": []})
+    assert sampled == run({"do_sample": True, "temperature": 1.0, "max_gen_toks": 20, "until": []})
+    assert sampled != run({"do_sample": True, "temperature": 1.0, "max_gen_toks": 20, "until": []}, seed=7)
+    assert sampled != greedy
+
+
+def test_backend_rejects_a_tokenizer_larger_than_the_vocabulary():
+    model = LanguageModel(vocab_size=16, dim=8, num_layers=1, seq_len=16, num_filters=2)
+    with pytest.raises(UserError, match="256 tokens but the model only 16"):
+        SpectraLDSLM(model=model)

@@ -230,14 +230,37 @@ class SpectraLDSLM(TemplateLM):
         """
         tokens = prompt.to(self._device)
         start = tokens.shape[1]
+        model = _DecodableOnly(self.model, self.tok.vocab_size)
         while tokens.shape[1] - start < max_new:
             step = min(GEN_CHUNK, max_new - (tokens.shape[1] - start))
-            tokens = generate(self.model, tokens, step, temperature, top_k, generator)
+            tokens = generate(model, tokens, step, temperature, top_k, generator)
             texts = [self.tok_decode(row[start:].tolist()) for row in tokens]
             if all(any(stop in text for stop in until) for text in texts):
                 break
         texts = [self.tok_decode(row[start:].tolist()) for row in tokens]
         return [_cut(text, until) for text in texts]
+
+
+class _DecodableOnly:
+    """The model for `generate`, never choosing an id the tokenizer cannot decode (a vocabulary padded
+    past the tokenizer's size, say): those logits are -inf."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int) -> None:
+        self.model, self.vocab_size, self.seq_len = model, vocab_size, model.seq_len
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] > self.vocab_size:
+            logits = logits.clone()
+            logits[..., self.vocab_size :] = float("-inf")
+        return logits
+
+    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        logits, states = self.model.prefill(tokens)
+        return self._mask(logits), states
+
+    def step(self, token: torch.Tensor, states: Any) -> tuple[torch.Tensor, Any]:
+        logits, states = self.model.step(token, states)
+        return self._mask(logits), states
 
 
 def _cut(text: str, until: list[str]) -> str:
