@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", action="append", required=True, help="a checkpoint (repeat: one row each)")
     p.add_argument("--label", action="append", default=None, help="row label per --ckpt (default: file name)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
-    p.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own setting")
+    p.add_argument("--num-fewshot", type=_fewshot, default=None,
+                   help="N for every task, or per task: 0,mmlu=5 (default: each task's own setting)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--include-path", default=None, help="a folder of extra task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="documents per task (< 1: a fraction)")
@@ -29,6 +30,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="results JSON; report.md is written beside it")
     p.add_argument("--log-dir", default=None, help="also log the metrics to TensorBoard here")
     return p
+
+
+def _fewshot(text: str) -> int | dict[str, int]:
+    """ "0" -> 0; "0,mmlu=5" -> {"*": 0, "mmlu": 5}."""
+    counts: dict[str, int] = {}
+    for item in text.split(","):
+        task, _, count = item.rpartition("=")
+        if not count.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected N or TASK=N, got {item!r}")
+        counts[task.strip() or "*"] = int(count)
+    return counts["*"] if list(counts) == ["*"] else counts
 
 
 def _labels(ckpts: list[str], given: list[str] | None) -> list[str]:

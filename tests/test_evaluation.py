@@ -301,3 +301,22 @@ def test_backend_rejects_a_tokenizer_larger_than_the_vocabulary():
     model = LanguageModel(vocab_size=16, dim=8, num_layers=1, seq_len=16, num_filters=2)
     with pytest.raises(UserError, match="256 tokens but the model only 16"):
         SpectraLDSLM(model=model)
+
+
+def test_fewshot_per_task_on_a_module_in_memory(checkpoints):
+    """The paper's setting (one task 5-shot, the rest 0-shot) in one call; a module given in memory is
+    left in the mode it came in."""
+    from spectralds.cli_eval import _fewshot
+
+    assert _fewshot("0,mmlu=5") == {"*": 0, "mmlu": 5} and _fewshot("3") == 3
+    model = load_model(checkpoints[0]).train()
+    results = evaluate_models({"stu": model}, ["spectralds_mc", "spectralds_gen"], include_path=TASKS_DIR,
+                              num_fewshot={"spectralds_mc": 2, "*": 0}, limit=3, log_samples=True)
+    assert model.training
+    entry = results["models"]["stu"]
+    assert entry["n-shot"] == {"spectralds_mc": 2, "spectralds_gen": 0}
+    assert set(entry["results"]) == {"spectralds_mc", "spectralds_gen"}
+    [first, *_] = entry["samples"]["spectralds_mc"]
+    assert str(first["arguments"]).count("Question:") == 4 * 3  # 4 choices, each with 2 shots + itself
+    with pytest.raises(UserError, match="not evaluated: mmlu"):
+        evaluate_models({"stu": model}, ["spectralds_mc"], include_path=TASKS_DIR, num_fewshot={"mmlu": 5})

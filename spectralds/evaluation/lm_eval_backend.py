@@ -105,7 +105,10 @@ class SpectraLDSLM(TemplateLM):
         self.batch_size = _as_int("batch_size", batch_size)
         self.decode = check_choice("decode", decode, ("futurefill", "naive"))
         self.seed = _as_int("seed", seed, minimum=0)
-        self._device = _device(device)
+        if device is None and ckpt is None:  # a module given as is stays where it is
+            self._device = next(iter(model.parameters()), torch.empty(0)).device
+        else:
+            self._device = _device(device)
         self.model = model.to(self._device).eval()
         set_decode_method(self.model, self.decode)
         self.max_length = int(self.model.seq_len)

@@ -97,7 +97,7 @@ def evaluate_models(
     models: Mapping[str, LightningModule | torch.nn.Module | str | Path],
     tasks: Sequence[str],
     include_path: str | Path | None = None,
-    num_fewshot: int | None = None,
+    num_fewshot: int | Mapping[str, int] | None = None,
     batch_size: int = 8,
     limit: int | float | None = None,
     tokenizer: str | None = None,
@@ -108,40 +108,83 @@ def evaluate_models(
 ) -> dict[str, Any]:
     """Run lm-eval's `simple_evaluate` on every model (label -> module or checkpoint path).
 
-    Returns {"tasks": [...], "num_fewshot": ..., "models": {label: {"results": {task: {metric: value}},
-    "higher_is_better": {task: {metric: bool}}, "n-shot": {...}, "samples": ... (log_samples)}}}.
+    num_fewshot: one count for every task, or {task: count} with "*" for the others (the paper's
+    table: {"mmlu": 5, "*": 0}); None or a missing task = the task's own default. A module given in
+    `models` is left in the train/eval mode it came in.
+
+    Returns {"tasks": [...], "num_fewshot": {task: count}, "limit": ..., "models": {label: {"results":
+    {task: {metric: value}}, "higher_is_better": {task: {metric: bool}}, "n-shot": {task: count},
+    "samples": lm-eval's per-document records (only with log_samples)}}}.
     bootstrap_iters=0 skips lm-eval's bootstrap standard errors (minutes for perplexity metrics).
     """
-    from lm_eval import simple_evaluate
 
     tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:
         raise UserError("no task given")
     if not models:
         raise UserError("no model given")
-    if num_fewshot is not None:
-        check_int("num_fewshot", num_fewshot, minimum=0)
+    shots = fewshot_groups(tasks, num_fewshot)
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise UserError(f"limit must be > 0, got {limit!r}")
+    modes = {m: m.training for m in models.values() if isinstance(m, torch.nn.Module)}
+    try:
+        return _evaluate(models, tasks, include_path, shots, limit, bootstrap_iters, log_samples,
+                         tokenizer=tokenizer, batch_size=batch_size, device=device, decode=decode)
+    finally:  # the backend puts a module in eval mode; a caller's training module goes back as it was
+        for module, training in modes.items():
+            module.train(training)
+
+
+def _evaluate(
+    models: Mapping[str, Any], tasks: list[str], include_path: str | Path | None,
+    shots: dict[Any, list[str]], limit: int | float | None, bootstrap_iters: int, log_samples: bool,
+    **backend_args: Any,
+) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+
     # Checkpoints first (fast), then the tasks (seconds), then the evaluation: bad input fails early.
-    backends = {label: _backend(m, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                                decode=decode) for label, m in models.items()}
+    backends = {label: _backend(m, **backend_args) for label, m in models.items()}
     manager = task_manager(tasks, include_path)
     load_tasks(tasks, manager)
-    out: dict[str, Any] = {"tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "models": {}}
+    out: dict[str, Any] = {"tasks": tasks, "num_fewshot": {t: n for n, ts in shots.items() for t in ts},
+                           "limit": limit, "models": {}}
     for label, backend in backends.items():
-        result = simple_evaluate(
-            model=backend, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            bootstrap_iters=bootstrap_iters, log_samples=log_samples, verbosity=None,
-        )
-        kept = [t for t in result["results"] if t in tasks]
-        out["models"][label] = {
-            "results": {t: _numbers(result["results"][t]) for t in kept},
-            "higher_is_better": {t: result.get("higher_is_better", {}).get(t, {}) for t in kept},
-            "n-shot": {t: result.get("n-shot", {}).get(t) for t in kept},
-            **({"samples": result.get("samples")} if log_samples else {}),
-        }
+        entry: dict[str, Any] = {"results": {}, "higher_is_better": {}, "n-shot": {}}
+        if log_samples:
+            entry["samples"] = {}
+        for count, group in shots.items():  # one lm-eval run per few-shot setting
+            result = simple_evaluate(
+                model=backend, tasks=group, num_fewshot=count, limit=limit, task_manager=manager,
+                bootstrap_iters=bootstrap_iters, log_samples=log_samples, verbosity=None,
+            )
+            for t in (t for t in result["results"] if t in group):
+                entry["results"][t] = _numbers(result["results"][t])
+                entry["higher_is_better"][t] = result.get("higher_is_better", {}).get(t, {})
+                entry["n-shot"][t] = result.get("n-shot", {}).get(t)
+            if log_samples:
+                entry["samples"].update(result.get("samples") or {})
+        out["models"][label] = entry
     return out
+
+
+def fewshot_groups(
+    tasks: Sequence[str], num_fewshot: int | Mapping[str, int] | None
+) -> dict[Any, list[str]]:
+    """{few-shot count (None: the task's default): [tasks]} in task order."""
+    if num_fewshot is None or isinstance(num_fewshot, int):
+        if num_fewshot is not None:
+            check_int("num_fewshot", num_fewshot, minimum=0)
+        return {num_fewshot: list(tasks)}
+    unknown = [t for t in num_fewshot if t != "*" and t not in tasks]
+    if unknown:
+        raise UserError(f"num_fewshot names task(s) not evaluated: {', '.join(unknown)}")
+    groups: dict[Any, list[str]] = {}
+    for task in tasks:
+        count = num_fewshot.get(task, num_fewshot.get("*"))
+        if count is not None:
+            check_int(f"num_fewshot of {task}", count, minimum=0)
+        groups.setdefault(count, []).append(task)
+    return groups
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

@@ -74,8 +74,11 @@ def format_table(results: dict[str, Any], markdown: bool = False) -> str:
 
 
 def report_markdown(results: dict[str, Any]) -> str:
-    shots = results.get("num_fewshot")
-    setting = f"{'task default' if shots is None else shots}-shot"
+    shots = results.get("num_fewshot") or {}
+    by_count: dict[Any, list[str]] = {}
+    for task, count in shots.items():
+        by_count.setdefault("task default" if count is None else count, []).append(task)
+    setting = "; ".join(f"{count}-shot: {', '.join(tasks)}" for count, tasks in by_count.items())
     if results.get("limit"):
         setting += f", first {results['limit']} documents per task"
     return f"# lm-eval results ({setting})\n\n{format_table(results, markdown=True)}\n"
