@@ -111,22 +111,24 @@ def test_backend_scores_match_a_direct_forward(checkpoints):
 
 
 def test_rolling_loglikelihood_covers_every_token_once(checkpoints):
-    """A text longer than seq_len: the sum over windows equals scoring each token with the model."""
+    """A text longer than seq_len, in lm-eval's disjoint windows (its LM.loglikelihood_rolling docs): every
+    token scored once, from the context that starts where its window starts."""
     from lm_eval.api.instance import Instance
 
     model = load_model(checkpoints[0])
     lm = SpectraLDSLM(model=model, batch_size=2)
     text = "The river bends twice before the mill. " * 4  # 156 bytes: three windows of 64
     [total] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
-    tokens = [lm.eot_token_id] + list(text.encode())
+    t = list(text.encode())
+    # window 1: prefix + t[:63] predicts t[0:64]; window 2: t[63:127] predicts t[64:128]; window 3 (the
+    # last, still a full 64-token input): t[91:155] predicts t[128:156]
+    contexts = [[lm.eot_token_id] + t[:j] for j in range(64)]
+    contexts += [t[63:j] for j in range(64, 128)] + [t[91:j] for j in range(128, 156)]
     expected = 0.0
     with torch.no_grad():
-        for end in range(1, len(tokens)):  # each token predicted from (at most) seq_len tokens before it
-            ctx = tokens[max(0, end - SEQ) : end]
-            expected += float(torch.log_softmax(model(torch.tensor([ctx]))[0, -1].float(), -1)[tokens[end]])
-    # lm-eval's windows give the first window's tokens less context than seq_len: compare loosely
-    assert total < 0 and math.isfinite(total)
-    assert total == pytest.approx(expected, rel=0.05)
+        for j, ctx in enumerate(contexts):
+            expected += float(torch.log_softmax(model(torch.tensor([ctx]))[0, -1].float(), -1)[t[j]])
+    assert math.isfinite(total) and total == pytest.approx(expected, rel=1e-5)
 
 
 def test_stu_and_lds_agree_on_all_three_tasks(checkpoints, capsys):

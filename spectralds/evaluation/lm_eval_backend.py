@@ -203,8 +203,10 @@ class SpectraLDSLM(TemplateLM):
             kwargs = batch[0][2]
             until = handle_stop_sequences(kwargs.get("until"), eos=None)
             max_new = min(_as_int("max_gen_toks", kwargs.get("max_gen_toks", 256)), self.max_length - 1)
-            do_sample = bool(kwargs.get("do_sample", False)) or float(kwargs.get("temperature", 0.0)) > 0
-            temperature = float(kwargs.get("temperature", 1.0) or 1.0) if do_sample else 0.0
+            # As in lm-eval's HF backend: do_sample decides; unset, a temperature above 0 means sampling.
+            given = float(kwargs.get("temperature", 0.0) or 0.0)
+            do_sample = bool(kwargs["do_sample"]) if "do_sample" in kwargs else given > 0
+            temperature = (given or 1.0) if do_sample else 0.0
             top_k = kwargs.get("top_k")
             # Prompts are left-truncated so prompt + generation fits the model's context.
             prompts = [ids[-(self.max_length - max_new) :] or [self._prefix] for _, ids, _ in batch]
