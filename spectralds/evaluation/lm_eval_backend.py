@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401 (lm-eval's own names first: it skips them once its registry is non-empty)
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
