@@ -191,6 +191,12 @@ def test_both_entry_points_give_the_same_table(checkpoints, cli_env, tmp_path, c
     assert results["spectralds_ppl"]["bits_per_byte,none"] == pytest.approx(
         mine["spectralds_ppl"]["bits_per_byte"], rel=1e-6)
     assert results["spectralds_gen"]["exact_match,none"] == mine["spectralds_gen"]["exact_match"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # our one-line errors through lm-eval's CLI too
+        lm_eval_main(["run", "--model", "spectralds", "--model_args", f"ckpt={tmp_path / 'none.ckpt'}",
+                      "--tasks", "spectralds_mc", "--include_path", str(TASKS_DIR)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and err.startswith("lm-eval: error: checkpoint") and "exist" in err
 
 
 @pytest.mark.parametrize(
