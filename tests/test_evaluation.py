@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("lm_eval")
+import lm_eval.tasks  # noqa: E402
 import lm_eval.utils  # noqa: E402
 from cli_helpers import one_line_error, run_cli  # noqa: E402
 
@@ -192,7 +193,10 @@ def test_both_entry_points_give_the_same_table(checkpoints, cli_env, tmp_path, c
         mine["spectralds_ppl"]["bits_per_byte"], rel=1e-6)
     assert results["spectralds_gen"]["exact_match,none"] == mine["spectralds_gen"]["exact_match"]
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:  # our one-line errors through lm-eval's CLI too
+    # our one-line errors through lm-eval's CLI too (indexing only the local tasks this time: 13 s less)
+    local_only = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kw: local_only(**kw, include_defaults=False))
+    with pytest.raises(SystemExit) as exit_info:
         lm_eval_main(["run", "--model", "spectralds", "--model_args", f"ckpt={tmp_path / 'none.ckpt'}",
                       "--tasks", "spectralds_mc", "--include_path", str(TASKS_DIR)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
