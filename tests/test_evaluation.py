@@ -309,10 +309,16 @@ def test_generation_greedy_sampled_stopped_and_truncated(checkpoints):
     assert sampled != greedy
 
 
-def test_backend_rejects_a_tokenizer_larger_than_the_vocabulary():
+def test_backend_rejects_bad_arguments():
     model = LanguageModel(vocab_size=16, dim=8, num_layers=1, seq_len=16, num_filters=2)
     with pytest.raises(UserError, match="256 tokens but the model only 16"):
         SpectraLDSLM(model=model)
+    with pytest.raises(UserError, match="unknown spectralds model argument.*ckpts"):
+        SpectraLDSLM(model=model, tokenizer="byte", ckpts="a.ckpt")
+    with pytest.raises(UserError, match="exactly one of"):
+        SpectraLDSLM()
+    with pytest.raises(UserError, match="'auto' is not supported"):
+        SpectraLDSLM.create_from_arg_string("ckpt=x.ckpt", {"batch_size": "auto"})
 
 
 def test_fewshot_per_task_on_a_module_in_memory(checkpoints):

@@ -83,11 +83,20 @@ class SpectraLDSLM(TemplateLM):
         device: str | None = None,
         decode: str = "futurefill",
         seed: int | str = 1234,
-        **_unused: Any,  # lm-eval passes max_batch_size etc. to every backend
+        max_batch_size: Any = None,  # lm-eval passes it to every backend; only for batch_size "auto"
+        **unknown: Any,
     ) -> None:
         super().__init__()
+        if unknown:  # a misspelt model_args key would otherwise be ignored without a word
+            raise UserError(f"unknown spectralds model argument(s): {', '.join(sorted(unknown))}; "
+                            "expected ckpt, tokenizer, batch_size, device, decode, seed")
         if (ckpt is None) == (model is None):
             raise UserError("give the spectralds backend exactly one of ckpt=PATH or model=<module>")
+        if str(batch_size).startswith("auto"):
+            raise UserError("batch_size 'auto' is not supported by the spectralds backend; give a number")
+        self.batch_size = _as_int("batch_size", batch_size)
+        self.decode = check_choice("decode", decode, ("futurefill", "naive"))
+        self.seed = _as_int("seed", seed, minimum=0)
         spec: str | Tokenizer = "byte"
         if ckpt is not None:
             model, spec = load_language_model(ckpt)
@@ -101,11 +110,6 @@ class SpectraLDSLM(TemplateLM):
         vocab = dict(getattr(model, "hparams", {})).get("vocab_size")
         if vocab is not None and self.tok.vocab_size > vocab:
             raise UserError(f"the tokenizer has {self.tok.vocab_size} tokens but the model only {vocab}")
-        if batch_size == "auto" or str(batch_size).startswith("auto"):
-            raise UserError("batch_size 'auto' is not supported by the spectralds backend; give a number")
-        self.batch_size = _as_int("batch_size", batch_size)
-        self.decode = check_choice("decode", decode, ("futurefill", "naive"))
-        self.seed = _as_int("seed", seed, minimum=0)
         if device is None and ckpt is None:  # a module given as is stays where it is
             self._device = next(iter(model.parameters()), torch.empty(0)).device
         else:
