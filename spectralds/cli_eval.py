@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="never download (sets HF_HUB_OFFLINE)")
     p.add_argument("--output", default=None, help="results JSON; report.md is written beside it")
     p.add_argument("--log-dir", default=None, help="also log the metrics to TensorBoard here")
+    p.add_argument("--verbosity", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="lm-eval's log level (default ERROR: its per-task notices would bury the table)")
     return p
 
 
@@ -68,7 +70,7 @@ def eval_main(argv: list[str]) -> None:
 
     if a.offline:
         set_offline()
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines would bury the table
+    logging.getLogger("lm_eval").setLevel(a.verbosity)
     labels = _labels(a.ckpt, a.label)
     results = evaluate_models(
         dict(zip(labels, a.ckpt, strict=True)), a.tasks.split(","), include_path=a.include_path,
