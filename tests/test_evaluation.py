@@ -338,3 +338,20 @@ def test_fewshot_per_task_on_a_module_in_memory(checkpoints):
     assert str(first["arguments"]).count("Question:") == 4 * 3  # 4 choices, each with 2 shots + itself
     with pytest.raises(UserError, match="not evaluated: mmlu"):
         evaluate_models({"stu": model}, ["spectralds_mc"], include_path=TASKS_DIR, num_fewshot={"mmlu": 5})
+
+
+def test_table_with_one_model_and_with_a_metric_one_model_lacks():
+    """The average covers higher-is-better metrics only; a metric one model lacks is "-"; no
+    difference row for a single model."""
+    hib = {"t1": {"acc": True}, "t2": {"bits_per_byte": False}}
+    one = {"tasks": ["t1", "t2"], "num_fewshot": {"t1": 0, "t2": 0},
+           "models": {"A": {"results": {"t1": {"acc": 0.5}, "t2": {"bits_per_byte": 2.0}},
+                            "higher_is_better": hib}}}
+    header, table = rows(one)
+    assert header == ["t1/acc", "t2/bits_per_byte", "avg"] and table == [[0.5, 2.0, 0.5]]
+    assert len(format_table(one).splitlines()) == 2
+    b = {"results": {"t1": {"acc": 0.75}}, "higher_is_better": hib}
+    two = dict(one, models={**one["models"], "B": b})
+    header, table = rows(two)
+    assert table[1][:1] == [0.75] and math.isnan(table[1][1]) and table[2][0] == 0.25
+    assert format_table(two).splitlines()[2].split()[2] == "-"
