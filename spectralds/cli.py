@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from spectralds.cli_errors import CommandParser, check_config_files, parser_problem
+from spectralds.cli_eval import eval_main
 from spectralds.cli_import_fit import import_fit_main
 from spectralds.compat import parse_written
 from spectralds.errors import UserError, check_float, check_int, first_line, require
@@ -286,6 +287,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "generate": (generate_main, "generate text from a checkpoint"),
     "distill-filters": (distill_filters_main, "fit one diagonal LDS to the spectral filters"),
     "import-fit": (import_fit_main, "convert a released Flash STU 2 / SpectraLDS fit to ours, measured"),
+    "eval": (eval_main, "lm-evaluation-harness tasks on several checkpoints, side by side"),
 }
 
 

@@ -42,7 +42,11 @@ CASES = [
     ),
     ("dropout-above-1", ["--model.init_args.dropout=2"], "dropout must be <= 1, got 2.0"),
     ("data-longer-than-model", ["--data.init_args.seq_len=64"], "data seq_len 64 exceeds the model's"),
-    ("vocab-below-tokenizer", ["--model.init_args.vocab_size=100"], "model vocab_size 100 is smaller than the tokenizer's 256 tokens"),
+    (
+        "vocab-below-tokenizer",
+        ["--model.init_args.vocab_size=100"],
+        "model vocab_size 100 is smaller than the tokenizer's 256 tokens",
+    ),
     ("batch-size-0", ["--data.init_args.batch_size=0"], "batch_size must be at least 1, got 0"),
     ("val-fraction-above-1", ["--data.init_args.val_fraction=1.5"], "val_fraction must be strictly between"),
     ("num-workers-negative", ["--data.init_args.num_workers=-1"], "num_workers must be non-negative"),
@@ -59,7 +63,11 @@ CASES = [
         ["--model.init_args.layer_pattern=[attn]", DISTILL],
         "STUToLDSDistillation: no STU layer in LanguageModel to distill",
     ),
-    ("prune-ratio-above-1", [PRUNE, "--trainer.callbacks.ratio=1.5"], "LayerAdaptiveStatePruning: ratio must be in (0, 1), got 1.5"),
+    (
+        "prune-ratio-above-1",
+        [PRUNE, "--trainer.callbacks.ratio=1.5"],
+        "LayerAdaptiveStatePruning: ratio must be in (0, 1), got 1.5",
+    ),
     (
         "diverging-lr-stops-naming-the-step",
         [SGD, f"{OPT}lr=1e30", "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0"],

@@ -1,0 +1,40 @@
+"""lm-eval's own command line with the "spectralds" model registered.
+
+lm-eval 0.4.13 finds models only in its registry (it reads no entry points and --include_path loads
+task YAMLs, not Python), so its `lm_eval` script cannot see our backend; this wrapper imports it, then
+hands over to lm-eval's CLI unchanged:
+
+    python -m spectralds.evaluation.lm_eval_cli run --model spectralds --model_args ckpt=lds.ckpt \
+        --tasks hellaswag --num_fewshot 0 --batch_size 8
+
+A problem with what was given (a missing checkpoint, say) is one line, as in `spectralds`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from spectralds.errors import first_line
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    import spectralds.evaluation.lm_eval_backend  # noqa: F401 (registers "spectralds")
+    from spectralds.cli import user_error_in
+
+    if argv is not None:
+        sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except Exception as e:
+        user_error = user_error_in(e)
+        if user_error is None or os.environ.get("SPECTRALDS_DEBUG"):
+            raise
+        print(f"lm-eval: error: {first_line(user_error)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Evaluate several models on the same lm-eval tasks: `evaluate_models` (what `spectralds eval` runs).
+
+lm-eval loads the tasks, builds few-shot contexts, computes and aggregates the metrics; this module
+picks the tasks, turns lm-eval's failures that are the user's into one-line errors, and keeps only
+the rows of the tasks asked for (a group such as mmlu keeps its aggregate, not its 57 subtasks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import LightningModule
+
+from spectralds.errors import MissingFileError, UserError, check_int, first_line
+
+OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
+def set_offline() -> None:
+    """No downloads from the Hugging Face hub: the environment variables for child processes, and the
+    flags that datasets and huggingface_hub already read at import."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for name in OFFLINE_VARIABLES:
+        os.environ[name] = "1"
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def is_offline() -> bool:
+    import datasets.config
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:
+    """An lm-eval TaskManager that knows every task in `tasks`, or a UserError naming the unknown ones.
+
+    Indexing lm-eval's thousands of built-in YAMLs takes seconds, so when every task is in
+    include_path only that folder is indexed.
+    """
+    if include_path is not None and not Path(include_path).is_dir():
+        raise MissingFileError(f"--include-path {include_path} is not a directory")
+    if include_path is not None:
+        local = _indexed(str(Path(include_path).resolve()), False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = _indexed(str(Path(include_path).resolve()) if include_path else None, True)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = " or in " + str(include_path) if include_path else ""
+        raise UserError(f"unknown task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}")
+    return manager
+
+
+@lru_cache(maxsize=4)
+def _indexed(include_path: str | None, include_defaults: bool) -> Any:
+    """TaskManagers are kept: the index of task YAMLs is the same on every call (tasks are built anew)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def load_tasks(tasks: Sequence[str], manager: Any) -> dict[str, Any]:
+    """Build the tasks once (their datasets are loaded here) so that a task whose data cannot be had
+    fails before any model is evaluated, with one line saying which."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        return get_task_dict(list(tasks), manager)
+    except (ConnectionError, OSError, FileNotFoundError) as e:
+        hint = (
+            " (offline: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE are set; hub tasks need a machine with the "
+            "Hugging Face hub, or their data already in the datasets cache)"
+            if is_offline()
+            else ""
+        )
+        names = ", ".join(tasks)
+        raise UserError(f"the data of task(s) {names} could not be loaded: {first_line(e)}{hint}") from e
+
+
+def _backend(model: LightningModule | torch.nn.Module | str | Path, **kwargs: Any) -> Any:
+    from spectralds.evaluation.lm_eval_backend import SpectraLDSLM
+
+    if isinstance(model, (str, Path)):
+        return SpectraLDSLM(ckpt=str(model), **kwargs)
+    return SpectraLDSLM(model=model, **kwargs)
+
+
+def evaluate_models(
+    models: Mapping[str, LightningModule | torch.nn.Module | str | Path],
+    tasks: Sequence[str],
+    include_path: str | Path | None = None,
+    num_fewshot: int | Mapping[str, int] | None = None,
+    batch_size: int = 8,
+    limit: int | float | None = None,
+    tokenizer: str | None = None,
+    device: str | None = None,
+    decode: str = "futurefill",
+    bootstrap_iters: int = 0,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Run lm-eval's `simple_evaluate` on every model (label -> module or checkpoint path).
+
+    num_fewshot: one count for every task, or {task: count} with "*" for the others (the paper's
+    table: {"mmlu": 5, "*": 0}); None or a missing task = the task's own default. A module given in
+    `models` is left in the train/eval mode it came in.
+
+    Returns {"tasks": [...], "num_fewshot": {task: count}, "limit": ..., "models": {label: {"results":
+    {task: {metric: value}}, "higher_is_better": {task: {metric: bool}}, "n-shot": {task: count},
+    "samples": lm-eval's per-document records (only with log_samples)}}}.
+    bootstrap_iters=0 skips lm-eval's bootstrap standard errors (minutes for perplexity metrics).
+    """
+
+    tasks = [t.strip() for t in tasks if t.strip()]
+    if not tasks:
+        raise UserError("no task given")
+    if not models:
+        raise UserError("no model given")
+    shots = fewshot_groups(tasks, num_fewshot)
+    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+        raise UserError(f"limit must be > 0, got {limit!r}")
+    modes = {m: m.training for m in models.values() if isinstance(m, torch.nn.Module)}
+    try:
+        return _evaluate(models, tasks, include_path, shots, limit, bootstrap_iters, log_samples,
+                         tokenizer=tokenizer, batch_size=batch_size, device=device, decode=decode)
+    finally:  # the backend puts a module in eval mode; a caller's training module goes back as it was
+        for module, training in modes.items():
+            module.train(training)
+
+
+def _evaluate(
+    models: Mapping[str, Any], tasks: list[str], include_path: str | Path | None,
+    shots: dict[Any, list[str]], limit: int | float | None, bootstrap_iters: int, log_samples: bool,
+    **backend_args: Any,
+) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+
+    # Checkpoints first (fast), then the tasks (seconds), then the evaluation: bad input fails early.
+    backends = {label: _backend(m, **backend_args) for label, m in models.items()}
+    manager = task_manager(tasks, include_path)
+    load_tasks(tasks, manager)
+    out: dict[str, Any] = {"tasks": tasks, "num_fewshot": {t: n for n, ts in shots.items() for t in ts},
+                           "limit": limit, "models": {}}
+    for label, backend in backends.items():
+        entry: dict[str, Any] = {"results": {}, "higher_is_better": {}, "n-shot": {}}
+        if log_samples:
+            entry["samples"] = {}
+        for count, group in shots.items():  # one lm-eval run per few-shot setting
+            result = simple_evaluate(
+                model=backend, tasks=group, num_fewshot=count, limit=limit, task_manager=manager,
+                bootstrap_iters=bootstrap_iters, log_samples=log_samples, verbosity=None,
+            )
+            for t in (t for t in result["results"] if t in group):
+                entry["results"][t] = _numbers(result["results"][t])
+                entry["higher_is_better"][t] = result.get("higher_is_better", {}).get(t, {})
+                entry["n-shot"][t] = result.get("n-shot", {}).get(t)
+            if log_samples:
+                entry["samples"].update(result.get("samples") or {})
+        out["models"][label] = entry
+    return out
+
+
+def fewshot_groups(
+    tasks: Sequence[str], num_fewshot: int | Mapping[str, int] | None
+) -> dict[Any, list[str]]:
+    """{few-shot count (None: the task's default): [tasks]} in task order."""
+    if num_fewshot is None or isinstance(num_fewshot, int):
+        if num_fewshot is not None:
+            check_int("num_fewshot", num_fewshot, minimum=0)
+        return {num_fewshot: list(tasks)}
+    unknown = [t for t in num_fewshot if t != "*" and t not in tasks]
+    if unknown:
+        raise UserError(f"num_fewshot names task(s) not evaluated: {', '.join(unknown)}")
+    groups: dict[Any, list[str]] = {}
+    for task in tasks:
+        count = num_fewshot.get(task, num_fewshot.get("*"))
+        if count is not None:
+            check_int(f"num_fewshot of {task}", count, minimum=0)
+        groups.setdefault(count, []).append(task)
+    return groups
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's "acc,none" metric keys as "acc" (filters other than "none" keep theirs), numbers only."""
+    kept = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or "_stderr" in key:
+            continue
+        if key.startswith("sample_len"):  # a document count, not a metric
+            continue
+        name, _, filt = key.partition(",")
+        kept[name if filt in ("", "none") else key] = float(value)
+    return kept
