@@ -50,6 +50,8 @@ def tiny_config(tmp_path: Path, val_check_interval: int = 3) -> Path:
             callback["init_args"]["state_dim"] = 16
         if callback["class_path"].endswith("StageReport"):
             callback["init_args"]["decode_tokens"] = 16
+            callback["init_args"]["eval_include_path"] = str(ROOT / "tests" / "assets" / "lm_eval")
+            callback["init_args"]["eval_limit"] = 4
     path = tmp_path / "tiny_distill_prune.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -96,6 +98,14 @@ def test_distill_prune_config_prints_the_table(tmp_path, capsys, validations):
     # The distilled model's checkpoint (saved between the stages) carries the STU's row.
     checkpoint = torch.load(run_dir / "checkpoints" / "lds.ckpt", weights_only=True)
     assert checkpoint["callbacks"][StageReport("STU").state_key]["row"] == saved["rows"][0]
+    # "Swap, then evaluate": the lm-eval table has one row per stage; the LDS scores as the STU does.
+    scored = json.loads((run_dir / "eval.json").read_text())["models"]
+    assert list(scored) == ["STU", "LDS", "LDS pruned 50%"]
+    assert set(scored["STU"]["results"]) == {"spectralds_mc", "spectralds_ppl", "spectralds_gen"}
+    assert scored["LDS"]["results"]["spectralds_mc"] == scored["STU"]["results"]["spectralds_mc"]
+    ppl = [scored[m]["results"]["spectralds_ppl"]["bits_per_byte"] for m in ("STU", "LDS")]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+    assert "LDS - STU" in out
 
 
 def lm_trainer(tmp_path, callbacks, val_check_interval: int):

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from spectralds.callbacks._common import log_scalars, run_validation
-from spectralds.errors import UserError
+from spectralds.errors import UserError, check_int
 from spectralds.generate import decode_loop
 from spectralds.layers import SequenceLayer, layer_specs
 from spectralds.layers.lds import LDS
@@ -43,6 +43,14 @@ class StageReport(Callback):
         decode_tokens: time at most this many greedy decode steps (batch 1) after the prompt.
         prompt_len: prompt length (None: half the model's seq_len); prompt + decode_tokens fit seq_len.
         repeats: timed decodes after one warm-up; the fastest counts (the least disturbed by other load).
+        eval_tasks: lm-evaluation-harness tasks to run on this stage's model (needs the `eval` extra);
+            the printing StageReport then also prints their side-by-side table (with the difference of
+            the second row from the first) and writes it to <log_dir>/eval.md and eval.json.
+        eval_include_path: a folder of extra task YAMLs (lm-eval's include_path).
+        eval_num_fewshot / eval_limit / eval_batch_size: lm-eval's few-shot count, documents per task,
+            requests per forward pass.
+        eval_offline: set the Hugging Face offline flags for this process before evaluating, so a task
+            whose data is not local fails in one line instead of downloading.
     """
 
     def __init__(
@@ -53,9 +61,22 @@ class StageReport(Callback):
         decode_tokens: int = 64,
         prompt_len: int | None = None,
         repeats: int = 3,
+        eval_tasks: list[str] | None = None,
+        eval_include_path: str | None = None,
+        eval_num_fewshot: int | None = 0,
+        eval_limit: float | None = None,
+        eval_batch_size: int = 8,
+        eval_offline: bool = True,
     ) -> None:
         if min(decode_tokens, repeats) < 1 or (prompt_len is not None and prompt_len < 1):
             raise UserError("decode_tokens, repeats and prompt_len must be positive")
+        if eval_tasks:
+            _check_eval_args(eval_include_path, eval_batch_size)
+        self.eval_tasks, self.eval_include_path = list(eval_tasks or []), eval_include_path
+        self.eval_num_fewshot, self.eval_limit = eval_num_fewshot, eval_limit
+        self.eval_batch_size = eval_batch_size
+        self.eval_offline = eval_offline
+        self.eval_results: dict[str, Any] | None = None
         self.label, self.print_table, self.monitor = label, print_table, monitor
         self.decode_tokens, self.prompt_len, self.repeats = decode_tokens, prompt_len, repeats
         self.row: dict[str, Any] | None = None
@@ -97,6 +118,8 @@ class StageReport(Callback):
         }
         if trainer.is_global_zero:  # no collectives in decoding; the other ranks need not wait for it
             self.row.update(self._time_decode(trainer, pl_module))
+            if self.eval_tasks:
+                self.eval_results = self._evaluate(trainer, pl_module)
         if self.print_table:
             self._report(trainer)
 
@@ -114,6 +137,18 @@ class StageReport(Callback):
         finally:
             pl_module.train(was_training)
         return {"decode_ms_per_token": ms, "prompt_len": prompt_len, "decode_tokens": tokens}
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        from spectralds.evaluation import evaluate_models, set_offline
+
+        if self.eval_offline:
+            set_offline()
+        hparams = getattr(trainer.datamodule, "hparams", {}) if trainer.datamodule is not None else {}
+        return evaluate_models(
+            {self.label: pl_module}, self.eval_tasks, include_path=self.eval_include_path,
+            num_fewshot=self.eval_num_fewshot, batch_size=self.eval_batch_size, limit=self.eval_limit,
+            tokenizer=hparams.get("tokenizer"), device=str(pl_module.device),
+        )
 
     # ---- the table --------------------------------------------------------------------------------
     def _report(self, trainer: L.Trainer) -> None:
@@ -140,12 +175,37 @@ class StageReport(Callback):
         with open(os.path.join(log_dir, "report.json"), "w") as f:
             json.dump({"split": "validation", "metric": self.monitor, "rows": rows}, f, indent=2)
         print(f"wrote {os.path.join(log_dir, 'report.md')} and report.json", flush=True)
+        evaluated = [cb.eval_results for cb in trainer.callbacks if isinstance(cb, StageReport)]
+        if any(evaluated):
+            self._report_eval([r for r in evaluated if r], log_dir)
+
+    def _report_eval(self, results: list[dict[str, Any]], log_dir: str) -> None:
+        from spectralds.evaluation import format_table as eval_table
+        from spectralds.evaluation import write_results
+
+        merged = {**results[0], "models": {k: v for r in results for k, v in r["models"].items()}}
+        print(eval_table(merged), flush=True)
+        write_results(merged, os.path.join(log_dir, "eval.json"), os.path.join(log_dir, "eval.md"))
+        print(f"wrote {os.path.join(log_dir, 'eval.md')} and eval.json", flush=True)
 
     def state_dict(self) -> dict:
-        return {"row": self.row}
+        return {"row": self.row, "eval_results": self.eval_results}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.row = state_dict.get("row")
+        self.eval_results = state_dict.get("eval_results")
+
+
+def _check_eval_args(include_path: str | None, batch_size: int) -> None:
+    """Before training, not after it: lm-eval installed, the task folder there, a usable batch size."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        hint = "pip install 'spectralds[eval]'"
+        raise UserError(f"StageReport eval_tasks needs lm-evaluation-harness: {hint}") from e
+    if include_path is not None and not os.path.isdir(include_path):
+        raise UserError(f"StageReport eval_include_path {include_path} is not a folder")
+    check_int("StageReport eval_batch_size", batch_size, minimum=1)
 
 
 @torch.inference_mode()
