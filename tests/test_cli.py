@@ -10,6 +10,8 @@ from cli_helpers import one_line_error, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
 SNIPPETS = sorted(glob.glob(str(ROOT / "callbacks" / "*.yaml")))
+# Override files: each applies on top of the complete config named like its folder.
+VARIANTS = sorted(glob.glob(str(ROOT / "configs" / "*" / "*.yaml")))
 TINY = str(ROOT / "tests" / "assets" / "configs" / "tiny_lm.yaml")
 CORPUS = str(ROOT / "tests" / "assets" / "data" / "corpus")
 
@@ -29,6 +31,13 @@ def test_every_config_prints(config, capsys):
     assert run_cli(["fit", "--config", config, "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "class_path: spectralds.models." in out
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: f"{Path(p).parent.name}/{Path(p).name}")
+def test_every_config_variant_prints_on_its_base(variant, capsys):
+    base = str(Path(variant).parent) + ".yaml"
+    assert run_cli(["fit", "--config", base, "--config", variant, "--print_config"]) == 0
+    assert "class_path: spectralds.models." in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda p: Path(p).name)

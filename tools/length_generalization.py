@@ -6,7 +6,7 @@
 
 Every model is trained on sequences of --train-len steps from a marginally stable random LDS and then
 scored, per position, on validation sequences of train-len x each --eval-mult. Settings come from the
-configs/lengthgen_*.yaml files, instantiated through the same LightningCLI as
+configs/lengthgen.yaml (+ configs/lengthgen/*.yaml), instantiated through the same LightningCLI as
 `spectralds fit --config ...`; this tool only overrides lengths, steps and seeds (see `cli_overrides`).
 All models are built for the longest evaluation length (model seq_len), so only what they learned from
 short sequences decides how they fare beyond it:
@@ -45,14 +45,24 @@ from _bench_common import format_table, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-# name -> (config file, description)
+BASE = CONFIGS / "lengthgen.yaml"  # the task and the STU; a variant file overrides the model only
+# name -> (variant file in configs/lengthgen/, or None for the base alone; description)
 MODELS = {
-    "stu": ("lengthgen_stu.yaml", "STU, Hankel filters of the eval length"),
-    "stu_tensor": ("lengthgen_stu_tensor.yaml", "STU, tensor filters of the eval length"),
-    "stu_short": ("lengthgen_stu.yaml", "STU, Hankel filters of the train length, zero beyond"),
-    "attn": ("lengthgen_attn.yaml", "full causal attention, RoPE"),
-    "lds": ("lengthgen_lds.yaml", "diagonal LDS trained directly"),
+    "stu": (None, "STU, Hankel filters of the eval length"),
+    "stu_tensor": ("stu_tensor.yaml", "STU, tensor filters of the eval length"),
+    "stu_short": (None, "STU, Hankel filters of the train length, zero beyond"),
+    "attn": ("attn.yaml", "full causal attention, RoPE"),
+    "lds": ("lds.yaml", "diagonal LDS trained directly"),
 }
+
+
+def config_args(name: str) -> list[str]:
+    """The --config arguments of one model: the base, then its variant."""
+    variant = MODELS[name][0]
+    extra = [] if variant is None else ["--config", str(CONFIGS / "lengthgen" / variant)]
+    return ["--config", str(BASE), *extra]
+
+
 ORACLE = "context-T oracle"
 EVAL_BATCH = 4  # validation sequences per forward pass (full attention at 16x is O(L^2) memory)
 
@@ -113,8 +123,8 @@ def cli_overrides(args: argparse.Namespace, seed: int, root: str) -> list[str]:
 
 
 def config_value(key: str):
-    """A data setting shared by all lengthgen configs (read from the STU one)."""
-    config = yaml.safe_load((CONFIGS / MODELS["stu"][0]).read_text())
+    """A data setting of the task (the base config: variants never change the data)."""
+    config = yaml.safe_load(BASE.read_text())
     return config["data"]["init_args"][key]
 
 
@@ -125,7 +135,7 @@ def build_run(name: str, args: argparse.Namespace, seed: int, root: str):
     with warnings.catch_warnings():  # "args given while sys.argv is set too": intended here
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
         cli = SpectraLDSCLI(
-            args=["--config", str(CONFIGS / MODELS[name][0]), *cli_overrides(args, seed, root)], run=False
+            args=[*config_args(name), *cli_overrides(args, seed, root)], run=False
         )
     if name == "stu_short":
         shorten_filters(cli.model, args.train_len)
