@@ -24,7 +24,7 @@ def require(condition: bool, message: str) -> None:
 def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | None = None) -> int:
     """An int (not a bool or a float) within [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{name} must be an integer, got {value!r}")
+        raise UserTypeError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise UserError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:

@@ -48,7 +48,7 @@ import scipy.linalg
 import torch
 from safetensors.torch import load, save
 
-from spectralds.errors import UserError, UserTypeError
+from spectralds.errors import UserError, UserTypeError, check_int
 from spectralds.io import cache_dir, tensor_hash, write_cache  # cache_dir: also re-exported here
 
 VARIANTS = ("hankel", "hankel_L", "tensor")
@@ -146,8 +146,7 @@ def _validate(
     seq_len: int, num_filters: int, variant: str, method: str, names: tuple = ("seq_len", "num_filters")
 ) -> None:
     for name, value in zip(names, (seq_len, num_filters), strict=True):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserTypeError(f"{name} must be an int, got {type(value).__name__}")
+        check_int(name, value, minimum=None)
     if seq_len < 1:
         raise UserError(f"{names[0]} must be >= 1, got {seq_len}")
     if not 1 <= num_filters <= seq_len:

@@ -45,7 +45,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from spectralds.distill.lds_file import LDSFit, impulse_response
+from spectralds.distill.lds_file import LDSFit, impulse_response, measured_fit
 from spectralds.distill.measure import (
     cancellation_factor,
     float32_check,
@@ -53,7 +53,7 @@ from spectralds.distill.measure import (
     relative_mse,
     target_filters,
 )
-from spectralds.errors import UserError, UserTypeError
+from spectralds.errors import UserError, check_int
 from spectralds.filters import spectral_filters
 
 # Part of the fit cache's key (spectralds.distill.cache): bump when the solver's results change,
@@ -283,8 +283,7 @@ def _fit_spectralds(phi: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Ten
 # ---- public entry points --------------------------------------------------------------------------
 def _check_args(seq_len: int, num_filters: int, state_dim: int, method: str) -> None:
     for name, value in (("seq_len", seq_len), ("num_filters", num_filters), ("state_dim", state_dim)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserTypeError(f"{name} must be an int, got {type(value).__name__}")
+        check_int(name, value, minimum=None)
     if seq_len < 16:
         raise UserError(f"seq_len must be at least 16, got {seq_len}")
     if not 1 <= num_filters <= seq_len:
@@ -370,14 +369,7 @@ def fit_filters(
             chosen = min(tied, key=lambda i: checks[i][0])
             A, B, C = (t.contiguous() for t in candidates[chosen])
             f32, f32_per_filter = checks[chosen]
-            response = impulse_response(A, B, C, seq_len)
             bar.update()
     finally:
         bar.close()
-    return LDSFit(
-        A=A, B=B, C=C, seq_len=seq_len, num_filters=num_filters, variant=variant, method=method,
-        rel_mse_f64=relative_mse(response, targets),
-        rel_mse_f64_per_filter=relative_mse(response, targets, per_filter=True).tolist(),
-        rel_mse_f32=f32, rel_mse_f32_per_filter=f32_per_filter,
-        cancellation=cancellation_factor(B, C, targets),
-    )
+    return measured_fit(A, B, C, targets, variant, method, float32=(f32, f32_per_filter))

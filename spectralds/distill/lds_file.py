@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from spectralds.distill.measure import relative_mse, target_filters
+from spectralds.distill.measure import cancellation_factor, float32_check, relative_mse, target_filters
 from spectralds.errors import MissingFileError, UserError, check_float
 from spectralds.filters import spectral_filters
 from spectralds.io import atomic_write, tensor_hash
@@ -79,6 +79,25 @@ def impulse_response(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: 
     A, B, C = (torch.as_tensor(v, dtype=torch.float64) for v in (A, B, C))
     powers = A[None, :] ** torch.arange(length, dtype=torch.float64)[:, None]
     return powers @ (B[:, None] * C)
+
+
+def measured_fit(
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, targets: torch.Tensor, variant: str, method: str,
+    float32: tuple[float, list[float]] | None = None,
+) -> LDSFit:
+    """An LDSFit of (A, B, C) whose errors are measured here against `targets` (seq_len, 2K), the
+    float32 check included unless the caller already ran it (`float32`: its (error, per filter))."""
+    A, B, C = (t.detach().to("cpu", torch.float64).contiguous() for t in (A, B, C))
+    seq_len, width = targets.shape
+    response = impulse_response(A, B, C, seq_len)
+    f32, f32_per_filter = float32 if float32 is not None else float32_check(A, B, C, targets)
+    return LDSFit(
+        A=A, B=B, C=C, seq_len=seq_len, num_filters=width // 2, variant=variant, method=method,
+        rel_mse_f64=relative_mse(response, targets),
+        rel_mse_f64_per_filter=relative_mse(response, targets, per_filter=True).tolist(),
+        rel_mse_f32=f32, rel_mse_f32_per_filter=list(f32_per_filter),
+        cancellation=cancellation_factor(B, C, targets),
+    )
 
 
 def predicted_float32_error(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, seq_len: int) -> float:

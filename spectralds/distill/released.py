@@ -17,13 +17,11 @@ from pathlib import Path
 import torch
 
 from spectralds.distill.fit import (
-    cancellation_factor,
-    float32_check,
     impulse_response,
     relative_mse,
     target_filters,
 )
-from spectralds.distill.lds_file import LDSFit
+from spectralds.distill.lds_file import LDSFit, measured_fit
 from spectralds.errors import MissingFileError, UserError, check_int, first_line
 from spectralds.filters import spectral_filters
 
@@ -130,17 +128,7 @@ def measure(
 ) -> LDSFit:
     """An LDSFit of (A, B, C) with its errors measured against our filters, as `fit_filters` does."""
     phi = spectral_filters(seq_len, num_filters, variant) if filters is None else filters
-    targets = target_filters(phi.detach().to("cpu", F64))
-    A, B, C = (t.detach().to("cpu", F64).contiguous() for t in (A, B, C))
-    response = impulse_response(A, B, C, seq_len)
-    f32, f32_per_filter = float32_check(A, B, C, targets)
-    return LDSFit(
-        A=A, B=B, C=C, seq_len=seq_len, num_filters=num_filters, variant=variant, method=method,
-        rel_mse_f64=relative_mse(response, targets),
-        rel_mse_f64_per_filter=relative_mse(response, targets, per_filter=True).tolist(),
-        rel_mse_f32=f32, rel_mse_f32_per_filter=f32_per_filter,
-        cancellation=cancellation_factor(B, C, targets),
-    )
+    return measured_fit(A, B, C, target_filters(phi.detach().to("cpu", F64)), variant, method)
 
 
 def import_released(
