@@ -48,7 +48,7 @@ import scipy.linalg
 import torch
 from safetensors.torch import load, save
 
-from spectralds.errors import UserError, UserTypeError, check_int
+from spectralds.errors import UserError, UserTypeError, check_choice, check_int
 from spectralds.io import cache_dir, tensor_hash, write_cache  # cache_dir: also re-exported here
 
 VARIANTS = ("hankel", "hankel_L", "tensor")
@@ -145,16 +145,10 @@ def _lanczos(seq_len: int, k: int, variant: str) -> tuple[torch.Tensor, torch.Te
 def _validate(
     seq_len: int, num_filters: int, variant: str, method: str, names: tuple = ("seq_len", "num_filters")
 ) -> None:
-    for name, value in zip(names, (seq_len, num_filters), strict=True):
-        check_int(name, value, minimum=None)
-    if seq_len < 1:
-        raise UserError(f"{names[0]} must be >= 1, got {seq_len}")
-    if not 1 <= num_filters <= seq_len:
-        raise UserError(f"{names[1]} must be between 1 and {names[0]}={seq_len}, got {num_filters}")
-    if variant not in VARIANTS:
-        raise UserError(f"unknown filter variant {variant!r}; expected one of {VARIANTS}")
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; expected one of {METHODS}")
+    check_int(names[0], seq_len)
+    check_int(names[1], num_filters, maximum=seq_len)
+    check_choice("filter variant", variant, VARIANTS)
+    check_choice("filter method", method, METHODS)
 
 
 def _eigenpairs(seq_len: int, k: int, variant: str, method: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,7 +53,7 @@ from spectralds.distill.measure import (
     relative_mse,
     target_filters,
 )
-from spectralds.errors import UserError, check_int
+from spectralds.errors import UserError, check_choice, check_int
 from spectralds.filters import spectral_filters
 
 # Part of the fit cache's key (spectralds.distill.cache): bump when the solver's results change,
@@ -282,16 +282,10 @@ def _fit_spectralds(phi: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Ten
 
 # ---- public entry points --------------------------------------------------------------------------
 def _check_args(seq_len: int, num_filters: int, state_dim: int, method: str) -> None:
-    for name, value in (("seq_len", seq_len), ("num_filters", num_filters), ("state_dim", state_dim)):
-        check_int(name, value, minimum=None)
-    if seq_len < 16:
-        raise UserError(f"seq_len must be at least 16, got {seq_len}")
-    if not 1 <= num_filters <= seq_len:
-        raise UserError(f"num_filters must be between 1 and seq_len={seq_len}, got {num_filters}")
-    if method not in METHODS:
-        raise UserError(f"unknown fit method {method!r}; expected one of {METHODS}")
-    if not 1 <= state_dim <= seq_len // 4:
-        raise UserError(f"state_dim must be between 1 and seq_len/4 = {seq_len // 4}, got {state_dim}")
+    check_int("seq_len", seq_len, minimum=16)
+    check_int("num_filters", num_filters, maximum=seq_len)
+    check_choice("fit method", method, METHODS)
+    check_int("state_dim", state_dim, maximum=seq_len // 4)  # a fit needs several samples per state
     if method == "spectralds" and state_dim % 2:
         raise UserError(f"state_dim must be even for the mirrored 'spectralds' fit, got {state_dim}")
 
