@@ -1,0 +1,80 @@
+"""The diagonal LDS as a convolution: its 2K outputs are causal convolutions of each input channel with
+the system's impulse response G[t, f] = sum_j C[j, f] B[j] A[j]^t (lag 0 included).
+
+  impulse_response(A, B, C, length)       G (length, F), differentiable (learnable systems)
+  response_spectrum(A, B, C, length, n)   rfft of G's columns zero-padded to n, (n // 2 + 1, F)
+  exact_conv(x, spectrum, m, n, path)     sum_k (G_k * x) m[k]: the STU's two exact arrangements
+  depthwise_conv(z, spectrum, n)          one kernel per channel (tensordot mode)
+  scan_flops / conv_flops                 forward cost estimates the layer picks its path by
+
+A fitted system is fixed, so its spectrum is computed once per FFT length (the layer caches it); a
+learnable one is rebuilt every step, O(length h F) for G plus F FFTs, and gets its gradient through
+`real_fft`, `filter_sum` and `kernel_mix`. Checked against the chunked scan in tests/test_lds.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spectralds.ops.fft_conv import arrangement_flops, fft_flops, fft_size, filter_sum, kernel_mix, real_fft
+
+CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
+# The scan's small per-chunk matmuls, table building and log-depth combine run far below the peak
+# the FFTs reach: measured on CPU (bench_throughput, dim 64, K 24) they cost about this many times
+# their flop count relative to the convolution's.
+SCAN_OVERHEAD = 3.0
+
+
+def impulse_response(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
+    """G (length, F) = sum_j C[j, f] B[j] A[j]^t in A's dtype (pow's gradient is 0 at A = 0, t = 0)."""
+    t = torch.arange(length, dtype=A.dtype, device=A.device)
+    return (A ** t[:, None] * B) @ C
+
+
+def response_spectrum(
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int, n: int, stacked: bool = False
+) -> torch.Tensor:
+    """rfft of G zero-padded to n: (n // 2 + 1, F) complex, or stacked [real; imag] (2 (n // 2 + 1), F)."""
+    spectrum = real_fft(impulse_response(A, B, C, length).T, n).T
+    return torch.cat([spectrum.real, spectrum.imag]) if stacked else spectrum
+
+
+def exact_conv(x: torch.Tensor, spectrum: torch.Tensor, m: torch.Tensor, n: int, path: str) -> torch.Tensor:
+    """y (B, T, dim_out) = sum_k (G_k * x) @ m[k] for x (B, T, dim), spectrum (n // 2 + 1, 2K) of G and
+    m (2K, dim, dim_out), by the STU's "kernel" (W(f) = sum_k S_k(f) m_k) or "project" arrangement."""
+    T = x.shape[1]
+    if path == "kernel":
+        xf = real_fft(x.transpose(1, 2), n).permute(2, 0, 1).contiguous()  # (F, B, dim)
+        y = torch.fft.irfft(kernel_mix(xf, spectrum, m).permute(1, 2, 0), n=n)
+    else:
+        z = x @ m.permute(1, 0, 2).flatten(1)  # (B, T, 2K * dim_out)
+        z = z.transpose(1, 2).unflatten(1, (m.shape[0], m.shape[2]))  # (B, 2K, dim_out, T)
+        y = torch.fft.irfft(filter_sum(real_fft(z, n), spectrum), n=n)
+    return y[..., :T].transpose(1, 2)
+
+
+def depthwise_conv(z: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
+    """y (B, T, ch): channel c of z (B, T, ch) convolved with its own kernel, spectrum (n // 2 + 1, ch)."""
+    y = torch.fft.irfft(real_fft(z.transpose(1, 2), n) * spectrum.T, n=n)
+    return y[..., : z.shape[1]].transpose(1, 2)
+
+
+def scan_flops(batch: int, T: int, ch: int, h: int, chunk: int, F: int, project: int = 0) -> float:
+    """The chunked scan: a (chunk + h, chunk F) matmul per chunk and channel, then `project` flops per
+    token (the exact readout), weighted by SCAN_OVERHEAD."""
+    return SCAN_OVERHEAD * 2 * batch * T * ch * (chunk + h) * F + batch * T * project
+
+
+def conv_flops(
+    batch: int, T: int, dim: int, dim_out: int, cols: int, h: int, exact: bool, learnable: bool
+) -> dict[str, float]:
+    """Estimated forward flops of each convolution arrangement ("kernel", "project" for the exact mode,
+    "conv" for tensordot), including the response spectrum when it is rebuilt (learnable)."""
+    n = fft_size(2 * T - 1)
+    freqs = n // 2 + 1
+    response = (2 * T * h * cols + cols * fft_flops(n)) if learnable else 0.0
+    if exact:
+        kernel, project = arrangement_flops(batch, T, T, cols, dim, dim_out)
+        return {"kernel": kernel + response, "project": project + response}
+    mix = 4 * freqs * cols * dim_out  # stacked spectrum @ M_filters
+    return {"conv": batch * dim_out * (2 * fft_flops(n) + 6 * freqs) + mix + response}
