@@ -64,7 +64,9 @@ class ConvolutionPaths:
         def build() -> torch.Tensor:
             tdt = table_dtype(self.B.device)
             A, B, C = (p.to(tdt) for p in self.system())
-            spectrum = response_spectrum(A, B, C, T, n, stacked)
+            # A learnable system's FFT runs in the run dtype (it is rebuilt every step); a fixed one's
+            # is computed once, in float64.
+            spectrum = response_spectrum(A, B, C, T, n, stacked, self.run_dtype if self.learnable else None)
             return spectrum.to(self.run_dtype if stacked else _complex(self.run_dtype))
 
         if self.learnable:

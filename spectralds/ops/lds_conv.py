@@ -32,10 +32,21 @@ def impulse_response(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: 
 
 
 def response_spectrum(
-    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int, n: int, stacked: bool = False
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    length: int,
+    n: int,
+    stacked: bool = False,
+    fft_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """rfft of G zero-padded to n: (n // 2 + 1, F) complex, or stacked [real; imag] (2 (n // 2 + 1), F)."""
-    spectrum = real_fft(impulse_response(A, B, C, length).T, n).T
+    """rfft of G zero-padded to n: (n // 2 + 1, F) complex, or stacked [real; imag] (2 (n // 2 + 1), F).
+
+    fft_dtype: G is formed in A's dtype (fitted systems cancel large terms: float64), then cast to this
+    one for the FFT (G itself is of the filters' size, so float32 keeps it to float32 accuracy).
+    """
+    G = impulse_response(A, B, C, length)
+    spectrum = real_fft(G.T.to(fft_dtype or G.dtype), n).T
     return torch.cat([spectrum.real, spectrum.imag]) if stacked else spectrum
 
 
