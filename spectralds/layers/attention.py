@@ -104,7 +104,7 @@ class SlidingWindowAttention(SequenceLayer):
             check_float("softcap", softcap, minimum=0, strict=True)
         check_float("dropout", dropout, minimum=0, maximum=1)
         self.kernel = check_choice("kernel", kernel, KERNELS)
-        self._block_masks: dict[tuple, object] = {}  # FlexAttention block masks per (T, device)
+        self._block_masks: dict[tuple, object] = {}  # FlexAttention: (block mask, score_mod), see _flex
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
         self.softcap, self.dropout = softcap, dropout
@@ -187,18 +187,23 @@ class SlidingWindowAttention(SequenceLayer):
         """FlexAttention with a cached causal (windowed) block mask; compiled on CUDA (eager is unfused)."""
         global _compiled_flex
         T, window, cap = q.shape[2], self.window_size, self.softcap
-        key = (T, q.device)
+        key = (T, q.device, window, cap)  # window and cap are plain attributes: a change rebuilds
         if key not in self._block_masks:
             def keep(b, h, q_idx, kv_idx):
                 causal = q_idx >= kv_idx
                 return causal if window is None else causal & (q_idx - kv_idx < window)
 
-            self._block_masks = {key: create_block_mask(keep, None, None, T, T, device=q.device)}
-        score_mod = None if cap is None else (lambda s, b, h, q_idx, kv_idx: cap * torch.tanh(s / cap))
+            def capped(s, b, h, q_idx, kv_idx):
+                return cap * torch.tanh(s / cap)
+
+            # One score_mod object per layer and length: a new function per call would recompile.
+            mask = create_block_mask(keep, None, None, T, T, device=q.device)
+            self._block_masks = {key: (mask, None if cap is None else capped)}
         if q.is_cuda and _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         attend = _compiled_flex if q.is_cuda else flex_attention
-        return attend(q, k, v, block_mask=self._block_masks[key], score_mod=score_mod)
+        mask, score_mod = self._block_masks[key]
+        return attend(q, k, v, block_mask=mask, score_mod=score_mod)
 
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
