@@ -48,22 +48,27 @@ class ConvolutionPaths:
         n = fft_size(2 * T - 1)
         z = x if exact else x @ self.M_inputs  # tensordot: as in the scan, this matmul follows autocast
         with no_autocast(x.device):
-            spectrum = self._response_spectrum(T, n, stacked=not exact)
             if exact:
                 m = torch.cat([self.M_phi_plus, self.M_phi_minus]).to(dt)  # M may have been cast
-                y = exact_conv(z.to(dt), spectrum, m, n, path)
-            else:  # the FFT is linear: mix the 2K response spectra into one kernel spectrum per channel
-                mixed = spectrum @ torch.cat([self.M_filters_plus, self.M_filters_minus]).to(dt)
+                y = exact_conv(z.to(dt), self._response_spectrum(T, n, stacked=False), m, n, path)
+            elif self.learnable:  # rebuilt anyway: fold M_filters into C, one FFT per channel, no mix
+                y = depthwise_conv(z.to(dt), self._response_spectrum(T, n, stacked=False, folded=True), n)
+            else:  # the FFT is linear: mix the cached 2K response spectra into one kernel per channel
+                mixed = self._response_spectrum(T, n, stacked=True) @ torch.cat(
+                    [self.M_filters_plus, self.M_filters_minus]
+                ).to(dt)
                 y = depthwise_conv(z.to(dt), torch.complex(*mixed.chunk(2)), n)
         return y.to(x.dtype)
 
-    def _response_spectrum(self, T: int, n: int, stacked: bool) -> torch.Tensor:
+    def _response_spectrum(self, T: int, n: int, stacked: bool, folded: bool = False) -> torch.Tensor:
         """Spectrum of the impulse response at lags 0..T-1 (ops.lds_conv.response_spectrum) in the run
         dtype, from float64 tables. A fixed system's is cached per FFT length (invalidated when A, B or
-        C is replaced or edited); a learnable one's is rebuilt, differentiably, every call."""
+        C is replaced or edited); a learnable one's is rebuilt, differentiably, every call.
+        folded: the response of the tensordot readout (C with M_filters folded in, one per channel)."""
         def build() -> torch.Tensor:
             tdt = table_dtype(self.B.device)
             A, B, C = (p.to(tdt) for p in self.system())
+            C = self._tensordot_C(tdt)[..., 0].T if folded else C
             # A learnable system's FFT runs in the run dtype (it is rebuilt every step); a fixed one's
             # is computed once, in float64.
             spectrum = response_spectrum(A, B, C, T, n, stacked, self.run_dtype if self.learnable else None)

@@ -1,7 +1,7 @@
 """The diagonal LDS as a convolution: its 2K outputs are causal convolutions of each input channel with
 the system's impulse response G[t, f] = sum_j C[j, f] B[j] A[j]^t (lag 0 included).
 
-  impulse_response(A, B, C, length)       G (length, F), differentiable (learnable systems)
+  impulse_response(A, B, C, length)       G (length, F), differentiable (reference: impulse_response_ref)
   response_spectrum(A, B, C, length, n)   rfft of G's columns zero-padded to n, (n // 2 + 1, F)
   exact_conv(x, spectrum, m, n, path)     sum_k (G_k * x) m[k]: the STU's two exact arrangements
   depthwise_conv(z, spectrum, n)          one kernel per channel (tensordot mode)
@@ -25,8 +25,40 @@ CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
 SCAN_OVERHEAD = 3.0
 
 
+class _ImpulseResponse(torch.autograd.Function):
+    """G = (P * B) @ C with P[t, j] = A[j]^t, and a backward from the saved powers (autograd would run
+    pow again for dP/dA, the costliest step): with R = dG C^T,
+    dC = (P B)^T dG,  dB = sum_t P R,  dA = B sum_{t >= 1} t P[t - 1] R[t]  (exact at A = 0 too)."""
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
+        powers = A ** torch.arange(length, dtype=A.dtype, device=A.device)[:, None]  # (T, h)
+        ctx.save_for_backward(powers, B, C)
+        return (powers * B) @ C
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        powers, B, C = ctx.saved_tensors
+        need_A, need_B, need_C = ctx.needs_input_grad[:3]
+        grad_A = grad_B = grad_C = None
+        if need_C:
+            grad_C = (powers * B).T @ grad
+        if need_A or need_B:
+            R = grad @ C.T  # (T, h)
+            grad_B = (powers * R).sum(0) if need_B else None
+            if need_A:
+                lags = torch.arange(1, powers.shape[0], dtype=R.dtype, device=R.device)[:, None]
+                grad_A = B * (powers[:-1] * R[1:]).mul_(lags).sum(0)
+        return grad_A, grad_B, grad_C, None
+
+
 def impulse_response(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
-    """G (length, F) = sum_j C[j, f] B[j] A[j]^t in A's dtype (pow's gradient is 0 at A = 0, t = 0)."""
+    """G (length, F) = sum_j C[j, f] B[j] A[j]^t in A's dtype."""
+    return _ImpulseResponse.apply(A, B, C, length)
+
+
+def impulse_response_ref(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
     t = torch.arange(length, dtype=A.dtype, device=A.device)
     return (A ** t[:, None] * B) @ C
 
