@@ -239,7 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pin the STU's sequence arrangement (spectralds.layers.stu.STU.conv_path)")
     parser.add_argument("--lds-path", choices=list(CONV_PATHS), default="auto",
                         help="pin the LDS's training path (spectralds.layers.lds.LDS.conv_path)")
-    parser.add_argument("--lds-fit-states", type=int, default=48, help="states of the lds-fit* systems")
+    parser.add_argument("--lds-fit-states", type=int, default=None,
+                        help="states of the lds-fit* systems (default 48; 8 with --quick)")
     parser.add_argument("--compile", action="store_true", help="model-* configs with compile=True")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
                         help="count FLOPs and MFU (default: on with CUDA, off on CPU)")
@@ -252,6 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "dim": 16 if quick else 512 if cuda else 64,
         "num_filters": 4 if quick else 24,
         "num_layers": 1 if quick else 4 if cuda else 2,
+        "lds_fit_states": 8 if quick else 48,
         "repeats": 1 if quick else 10 if cuda else 3,
         "warmup": 0 if quick else 3 if cuda else 1,
         "flops": cuda,
