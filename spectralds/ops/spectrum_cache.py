@@ -27,6 +27,9 @@ class SpectrumCache:
         self._entries: dict[tuple, torch.Tensor] = {}
         self._sources: tuple[tuple[torch.Tensor, int], ...] = ()
 
+    # Version counters and inference flags cannot be traced: under torch.compile the lookup runs eager
+    # (one graph break) and its result enters the compiled graph as an input.
+    @torch.compiler.disable
     def get(
         self, sources: Sequence[torch.Tensor], key: Hashable, build: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
