@@ -344,12 +344,14 @@ def test_conv_path_in_float32_stays_close_to_the_float64_scan(mode):
     assert rel_err(layer(x), reference(x.double())) < 1e-5
 
 
-def test_auto_takes_the_convolution_for_a_fitted_layer_of_realistic_size():
+def test_auto_path_follows_the_cost_estimates():
+    """Exact mode: the scan's one shared-readout matmul wins at batch 1, the convolution (whose kernel
+    W(f) is built once per batch) at batch 8; tensordot: the convolution (the per-channel scan is slow)."""
     layer = LDS(64, num_filters=24, state_dim=48, learnable=False)
-    assert layer._sequence_path(1, 1024) in ("kernel", "project")
+    assert layer._sequence_path(1, 1024) == "scan" and layer._sequence_path(8, 4096) == "kernel"
     assert LDS(64, num_filters=24, state_dim=48, mode="tensordot")._sequence_path(1, 4096) == "conv"
-    layer.conv_path = "scan"
-    assert layer._sequence_path(1, 1024) == "scan"
+    layer.conv_path = "conv"
+    assert layer._sequence_path(1, 1024) in ("kernel", "project")
     layer.conv_path = "fft"
     with pytest.raises(UserError, match="conv_path"):
         layer(torch.randn(1, 8, 64))

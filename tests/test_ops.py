@@ -198,7 +198,10 @@ def test_depthwise_conv_is_a_causal_convolution_per_channel():
     z = torch.randn(2, T, 3, dtype=F64, requires_grad=True)
     kernel = torch.randn(T, 3, dtype=F64, requires_grad=True)
     w = torch.randn(2, T, 3, dtype=F64)
-    out, g = grads(lambda z, k: lds_conv.depthwise_conv(z, real_fft(k.T, n).T, n), [z, kernel], w)
+    def fast(z, k):
+        return lds_conv.depthwise_conv(z.transpose(1, 2), real_fft(k.T, n).T, n)
+
+    out, g = grads(fast, [z, kernel], w)
     ref, g_ref = grads(lambda z, k: causal_conv_ref(z.transpose(1, 2), k.T).transpose(1, 2), [z, kernel], w)
     assert_close(out, ref)
     for a, b in zip(g, g_ref, strict=True):

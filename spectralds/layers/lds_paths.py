@@ -39,14 +39,15 @@ class ConvolutionPaths:
         best = min(costs, key=costs.get)
         readout = 2 * cols * self.dim * self.dim_out if exact else 0
         h, c = self.state_dim, self.chunk_size
-        scan = scan_flops(batch, T, self.channels, h, c, cols if exact else 1, readout)
+        scan = scan_flops(batch, T, self.channels, h, c, cols if exact else 1, readout, shared=exact)
         return best if path == "conv" or costs[best] <= scan else "scan"
 
     def _convolve(self, x: torch.Tensor, path: str) -> torch.Tensor:
         """`forward` as a causal convolution with the impulse response (ops.lds_conv), in the run dtype."""
         T, dt, exact = x.shape[1], self.run_dtype, self.mode == "exact"
         n = fft_size(2 * T - 1)
-        z = x if exact else x @ self.M_inputs  # tensordot: as in the scan, this matmul follows autocast
+        # tensordot: as in the scan, this matmul follows autocast; computed time-last, ready for the FFT
+        z = x if exact else torch.matmul(self.M_inputs.T, x.transpose(1, 2))
         with no_autocast(x.device):
             if exact:
                 m = torch.cat([self.M_phi_plus, self.M_phi_minus]).to(dt)  # M may have been cast

@@ -4,7 +4,7 @@ the system's impulse response G[t, f] = sum_j C[j, f] B[j] A[j]^t (lag 0 include
   impulse_response(A, B, C, length)       G (length, F), differentiable (reference: impulse_response_ref)
   response_spectrum(A, B, C, length, n)   rfft of G's columns zero-padded to n, (n // 2 + 1, F)
   exact_conv(x, spectrum, m, n, path)     sum_k (G_k * x) m[k]: the STU's two exact arrangements
-  depthwise_conv(z, spectrum, n)          one kernel per channel (tensordot mode)
+  depthwise_conv(z, spectrum, n)          one kernel per channel (tensordot mode), z time-last
   scan_flops / conv_flops                 forward cost estimates the layer picks its path by
 
 A fitted system is fixed, so its spectrum is computed once per FFT length (the layer caches it); a
@@ -19,10 +19,12 @@ import torch
 from spectralds.ops.fft_conv import arrangement_flops, fft_flops, fft_size, filter_sum, kernel_mix, real_fft
 
 CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
-# The scan's small per-chunk matmuls, table building and log-depth combine run far below the peak
-# the FFTs reach: measured on CPU (bench_throughput, dim 64, K 24) they cost about this many times
-# their flop count relative to the convolution's.
-SCAN_OVERHEAD = 3.0
+# Time per estimated flop of the scan relative to the FFT convolutions, measured on CPU (one thread,
+# dim 64, K 24, h 48-80, L 1k-4k, fwd+bwd). With one readout shared by all channels (exact mode) the
+# scan is one large matmul and runs ~4x more flops per second than the memory-bound FFT paths; with a
+# readout per channel (tensordot) it is many small matmuls plus table building, ~2.5x fewer.
+SCAN_WEIGHT_SHARED = 0.25
+SCAN_WEIGHT_PER_CHANNEL = 2.5
 
 
 class _ImpulseResponse(torch.autograd.Function):
@@ -97,15 +99,20 @@ def exact_conv(x: torch.Tensor, spectrum: torch.Tensor, m: torch.Tensor, n: int,
 
 
 def depthwise_conv(z: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
-    """y (B, T, ch): channel c of z (B, T, ch) convolved with its own kernel, spectrum (n // 2 + 1, ch)."""
-    y = torch.fft.irfft(real_fft(z.transpose(1, 2), n) * spectrum.T, n=n)
-    return y[..., : z.shape[1]].transpose(1, 2)
+    """y (B, T, ch): channel c of z (B, ch, T), time last and contiguous (a strided FFT copies), convolved
+    with its own kernel, spectrum (n // 2 + 1, ch)."""
+    y = torch.fft.irfft(real_fft(z, n) * spectrum.T, n=n)
+    return y[..., : z.shape[-1]].transpose(1, 2)
 
 
-def scan_flops(batch: int, T: int, ch: int, h: int, chunk: int, F: int, project: int = 0) -> float:
+def scan_flops(
+    batch: int, T: int, ch: int, h: int, chunk: int, F: int, project: int = 0, shared: bool = True
+) -> float:
     """The chunked scan: a (chunk + h, chunk F) matmul per chunk and channel, then `project` flops per
-    token (the exact readout), weighted by SCAN_OVERHEAD."""
-    return SCAN_OVERHEAD * 2 * batch * T * ch * (chunk + h) * F + batch * T * project
+    token (the exact readout), weighted by SCAN_WEIGHT_SHARED or SCAN_WEIGHT_PER_CHANNEL (`shared`: one
+    readout C for all channels)."""
+    weight = SCAN_WEIGHT_SHARED if shared else SCAN_WEIGHT_PER_CHANNEL
+    return weight * (2 * batch * T * ch * (chunk + h) * F + batch * T * project)
 
 
 def conv_flops(
@@ -115,9 +122,11 @@ def conv_flops(
     "conv" for tensordot), including the response spectrum when it is rebuilt (learnable)."""
     n = fft_size(2 * T - 1)
     freqs = n // 2 + 1
-    response = (2 * T * h * cols + cols * fft_flops(n)) if learnable else 0.0
     if exact:
+        response = (2 * T * h * cols + cols * fft_flops(n)) if learnable else 0.0
         kernel, project = arrangement_flops(batch, T, T, cols, dim, dim_out)
         return {"kernel": kernel + response, "project": project + response}
-    mix = 4 * freqs * cols * dim_out  # stacked spectrum @ M_filters
-    return {"conv": batch * dim_out * (2 * fft_flops(n) + 6 * freqs) + mix + response}
+    # tensordot: a learnable system's folded response, one column per channel; a fixed one's cached
+    # spectrum mixed by M_filters
+    extra = 2 * T * h * dim_out + dim_out * fft_flops(n) if learnable else 4 * freqs * cols * dim_out
+    return {"conv": batch * dim_out * (2 * fft_flops(n) + 6 * freqs) + extra}
