@@ -170,7 +170,9 @@ class SlidingWindowAttention(SequenceLayer):
         if kernel == "auto":
             if flash_attn_func is not None and q.is_cuda and half:
                 return "flash"
-            if flex_attention is not None and q.is_cuda and not dropout:
+            # FlexAttention's GPU kernels want a power-of-two head size of at least 16.
+            hd = self.head_dim
+            if flex_attention is not None and q.is_cuda and not dropout and hd >= 16 and not hd & (hd - 1):
                 return "flex"
             return "math" if self.softcap is not None else "sdpa"
         if kernel == "flash" and (flash_attn_func is None or not q.is_cuda or not half):
