@@ -43,41 +43,47 @@ class ConvolutionPaths:
         return best if path == "conv" or costs[best] <= scan else "scan"
 
     def _convolve(self, x: torch.Tensor, path: str) -> torch.Tensor:
-        """`forward` as a causal convolution with the impulse response (ops.lds_conv), in the run dtype."""
-        T, dt, exact = x.shape[1], self.run_dtype, self.mode == "exact"
+        """`forward` as a causal convolution with the impulse response (ops.lds_conv), in the run dtype, or
+        float64 for float64 inputs: an FFT spreads rounding over every position, so this keeps float64
+        inputs causal to float64 rounding (the scan is causal by construction)."""
+        T, exact = x.shape[1], self.mode == "exact"
+        dt = torch.float64 if x.dtype == torch.float64 else self.run_dtype
         n = fft_size(2 * T - 1)
         # tensordot: as in the scan, this matmul follows autocast; computed time-last, ready for the FFT
         z = x if exact else torch.matmul(self.M_inputs.T, x.transpose(1, 2))
         with no_autocast(x.device):
             if exact:
                 m = torch.cat([self.M_phi_plus, self.M_phi_minus]).to(dt)  # M may have been cast
-                y = exact_conv(z.to(dt), self._response_spectrum(T, n, stacked=False), m, n, path)
+                y = exact_conv(z.to(dt), self._response_spectrum(T, n, dt, stacked=False), m, n, path)
             elif self.learnable:  # rebuilt anyway: fold M_filters into C, one FFT per channel, no mix
-                y = depthwise_conv(z.to(dt), self._response_spectrum(T, n, stacked=False, folded=True), n)
+                spectrum = self._response_spectrum(T, n, dt, stacked=False, folded=True)
+                y = depthwise_conv(z.to(dt), spectrum, n)
             else:  # the FFT is linear: mix the cached 2K response spectra into one kernel per channel
-                mixed = self._response_spectrum(T, n, stacked=True) @ torch.cat(
+                mixed = self._response_spectrum(T, n, dt, stacked=True) @ torch.cat(
                     [self.M_filters_plus, self.M_filters_minus]
                 ).to(dt)
                 y = depthwise_conv(z.to(dt), torch.complex(*mixed.chunk(2)), n)
         return y.to(x.dtype)
 
-    def _response_spectrum(self, T: int, n: int, stacked: bool, folded: bool = False) -> torch.Tensor:
-        """Spectrum of the impulse response at lags 0..T-1 (ops.lds_conv.response_spectrum) in the run
-        dtype, from float64 tables. A fixed system's is cached per FFT length (invalidated when A, B or
+    def _response_spectrum(
+        self, T: int, n: int, dtype: torch.dtype, stacked: bool, folded: bool = False
+    ) -> torch.Tensor:
+        """Spectrum of the impulse response at lags 0..T-1 (ops.lds_conv.response_spectrum) in `dtype`,
+        from float64 tables. A fixed system's is cached per FFT length (invalidated when A, B or
         C is replaced or edited); a learnable one's is rebuilt, differentiably, every call.
         folded: the response of the tensordot readout (C with M_filters folded in, one per channel)."""
         def build() -> torch.Tensor:
             tdt = table_dtype(self.B.device)
             A, B, C = (p.to(tdt) for p in self.system())
             C = self._tensordot_C(tdt)[..., 0].T if folded else C
-            # A learnable system's FFT runs in the run dtype (it is rebuilt every step); a fixed one's
+            # A learnable system's FFT runs in `dtype` (it is rebuilt every step); a fixed one's
             # is computed once, in float64.
-            spectrum = response_spectrum(A, B, C, T, n, stacked, self.run_dtype if self.learnable else None)
-            return spectrum.to(self.run_dtype if stacked else _complex(self.run_dtype))
+            spectrum = response_spectrum(A, B, C, T, n, stacked, dtype if self.learnable else None)
+            return spectrum.to(dtype if stacked else _complex(dtype))
 
         if self.learnable:
             return build()
-        return self._spectra.get((self.A, self.B, self.C), (T, n, stacked, self.run_dtype), build)
+        return self._spectra.get((self.A, self.B, self.C), (T, n, stacked, dtype), build)
 
 
 def table_dtype(device: torch.device) -> torch.dtype:
