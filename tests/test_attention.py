@@ -154,3 +154,68 @@ def test_training_forward_builds_no_kv_cache(monkeypatch):
     monkeypatch.setattr(attention, "KVCache", no_cache)
     monkeypatch.setattr(layer, "prefill", no_cache)
     assert torch.equal(layer(x), expected)
+
+
+# ---- kernel choice: FlexAttention / SDPA / math ----------------------------------------------------------
+
+needs_flex = pytest.mark.skipif(attention.flex_attention is None, reason="torch without FlexAttention")
+
+
+@needs_flex
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("window", [None, 1, 4, 40])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_flex_kernel_matches_reference_on_cpu(window, softcap):
+    """FlexAttention's block mask and soft-cap score_mod, against the reference (RoPE included). CPU: no
+    backward in torch 2.13, so forward only."""
+    layer = make(window_size=window, softcap=softcap, kernel="flex")
+    x = torch.randn(2, 37, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+        assert torch.allclose(y, reference_attention(layer, x), atol=1e-12)
+        layer(x[:, :20])  # another length: another block mask
+    assert len(layer._block_masks) == 1
+
+
+@pytest.mark.parametrize("window", [None, 3, 40])
+def test_sdpa_and_math_kernels_agree_forward_and_backward(window):
+    x = torch.randn(2, 21, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for kernel in ("sdpa", "math"):
+        layer = make(window_size=window, kernel=kernel)
+        y = layer(x)
+        results.append([y, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])])
+    assert torch.allclose(results[0][0], reference_attention(layer, x.detach()), atol=1e-12)
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_auto_kernel_choice_and_forced_kernel_errors():
+    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    assert make(window_size=4)._kernel_for(x, 0.0) == "sdpa"  # CPU: FlexAttention has no backward here
+    assert make(softcap=3.0)._kernel_for(x, 0.0) == "math"
+    with pytest.raises(ValueError, match="kernel"):
+        SlidingWindowAttention(16, num_heads=2, kernel="xformers")
+    with pytest.raises(ValueError, match="soft cap"):
+        make(softcap=3.0, kernel="sdpa")(x)
+    if attention.flash_attn_func is None:
+        with pytest.raises(ValueError, match="flash-attn"):
+            make(kernel="flash")(x)
+    if attention.flex_attention is not None:
+        with pytest.raises(ValueError, match="backward on CPU"):
+            make(window_size=4, kernel="flex")(x.requires_grad_())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.flex_attention is None, reason="needs CUDA")
+@pytest.mark.parametrize("window, softcap", [(None, None), (64, None), (64, 30.0)])
+def test_flex_attention_matches_sdpa_on_gpu(window, softcap):
+    layers = [make(dim=128, heads=2, window_size=window, softcap=softcap, kernel=k).float().cuda()
+              for k in ("flex", "math")]
+    x = torch.randn(2, 300, 128, device="cuda", requires_grad=True)
+    out = []
+    for layer in layers:
+        y = layer(x)
+        out.append([y, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])])
+    for a, b in zip(*out, strict=True):
+        assert (a - b).abs().max() < 1e-3 * b.abs().max()

@@ -3,6 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spectralds.errors import UserError
+from spectralds.layers import lds_paths
 from spectralds.layers.lds import LDS
 from spectralds.layers.registry import build_layer
 
@@ -298,3 +300,107 @@ def test_step_cache_follows_parameter_updates_and_new_systems(mode):
     assert rel_err(decode(), layer(x)) < 1e-12
     layer.keep_states(torch.tensor([0, 1]))
     assert rel_err(decode(), layer(x)) < 1e-12
+
+
+# ---- the convolution path of the training forward --------------------------------------------------------
+
+
+def learnable_lds(dim, h=10, K=3, mode="exact", dtype=F64, chunk_size=16, seed=0, **kw) -> LDS:
+    torch.manual_seed(seed)
+    return LDS(dim, num_filters=K, state_dim=h, mode=mode, learnable=True, dtype=dtype, chunk_size=chunk_size,
+               **kw)
+
+
+def outputs_and_grads(layer, x, weight, path):
+    layer.conv_path = path
+    inputs = [x, *layer.parameters()]
+    y = layer(x)
+    return [y, *torch.autograd.grad((y * weight).sum(), inputs)]
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+@pytest.mark.parametrize("mode, path", [("exact", "kernel"), ("exact", "project"), ("tensordot", "conv")])
+@pytest.mark.parametrize("T", [1, 16, 37, 100])
+def test_conv_path_equals_the_scan_forward_and_backward(learnable, mode, path, T):
+    make = learnable_lds if learnable else fitted_lds
+    layer = make(5, mode=mode, dim_out=4)
+    x = torch.randn(2, T, 5, dtype=F64, requires_grad=True)
+    weight = torch.randn(2, T, 4, dtype=F64)
+    scanned = outputs_and_grads(layer, x, weight, "scan")
+    convolved = outputs_and_grads(layer, x, weight, path)
+    assert len(convolved) == (8 if learnable and mode == "tensordot" else 7 if learnable else
+                              5 if mode == "tensordot" else 4)
+    for a, b in zip(convolved, scanned, strict=True):  # (at T = 1 the gradient of A is exactly 0)
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["exact", "tensordot"])
+def test_conv_path_in_float32_stays_close_to_the_float64_scan(mode):
+    layer = fitted_lds(4, h=12, K=3, mode=mode, dtype=torch.float32)
+    reference = fitted_lds(4, h=12, K=3, mode=mode, dtype=F64)
+    reference.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    reference.conv_path, layer.conv_path = "scan", "conv"
+    x = torch.randn(2, 300, 4)
+    assert rel_err(layer(x), reference(x.double())) < 1e-5
+
+
+def test_auto_path_follows_the_cost_estimates():
+    """Exact mode: the scan's one shared-readout matmul wins at batch 1, the convolution (whose kernel
+    W(f) is built once per batch) at batch 8; tensordot: the convolution (the per-channel scan is slow)."""
+    layer = LDS(64, num_filters=24, state_dim=48, learnable=False)
+    assert layer._sequence_path(1, 1024) == "scan" and layer._sequence_path(8, 4096) == "kernel"
+    assert LDS(64, num_filters=24, state_dim=48, mode="tensordot")._sequence_path(1, 4096) == "conv"
+    layer.conv_path = "conv"
+    assert layer._sequence_path(1, 1024) in ("kernel", "project")
+    layer.conv_path = "fft"
+    with pytest.raises(UserError, match="conv_path"):
+        layer(torch.randn(1, 8, 64))
+
+
+def test_fixed_response_spectrum_is_cached_and_follows_the_system(monkeypatch):
+    layer = fitted_lds(3, mode="tensordot")
+    layer.conv_path = "conv"
+    calls = []
+    original = lds_paths.response_spectrum
+    monkeypatch.setattr(lds_paths, "response_spectrum", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(2, 30, 3, dtype=F64)
+    y = layer(x)
+    assert torch.equal(layer(x), y) and len(calls) == 1  # same length: from the cache
+    layer(x[:, :10])
+    assert len(calls) == 2  # another FFT length
+    assert not any(k.startswith("_spectra") for k in layer.state_dict())
+    with torch.no_grad():
+        layer.C.mul_(2)  # edited in place (as load_state_dict does)
+    layer.conv_path = "scan"
+    expected = layer(x)
+    layer.conv_path = "conv"
+    assert rel_err(layer(x), expected) < 1e-12 and len(calls) == 3
+    layer.set_system(*random_system(10, 3, seed=1))  # a new system: new tensors
+    layer.conv_path = "scan"
+    expected = layer(x)
+    layer.conv_path = "conv"
+    assert rel_err(layer(x), expected) < 1e-12 and len(calls) == 4
+
+
+def test_learnable_conv_path_trains_like_the_scan():
+    layers = [learnable_lds(3, mode=mode) for mode in ("exact", "exact")]
+    layers[0].conv_path, layers[1].conv_path = "scan", "kernel"
+    x = torch.randn(2, 40, 3, dtype=F64)
+    for layer in layers:
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        for _ in range(3):  # the spectrum is rebuilt every step from the updated parameters
+            opt.zero_grad()
+            layer(x).square().mean().backward()
+            opt.step()
+    layers[1].conv_path = "scan"
+    assert rel_err(layers[1](x), layers[0](x)) < 1e-10
+
+
+def test_conv_path_ignores_autocast():
+    layer = fitted_lds(2, dtype=torch.float32)
+    layer.conv_path = "kernel"
+    x = torch.randn(1, 50, 2)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32 and rel_err(y, expected) < 1e-6

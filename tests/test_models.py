@@ -234,3 +234,27 @@ def test_default_telemetry_adds_one_lr_monitor_and_throughput_only_when_missing(
     # One learning-rate curve, named train/lr, with or without a scheduler.
     config = tiny_lm().configure_optimizers()["lr_scheduler"]
     assert config["name"] == "train/lr" and config["interval"] == "step"
+
+
+@pytest.mark.slow  # inductor compiles two blocks on the CPU: about a minute on 2 cores
+@pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex")
+def test_compiled_model_matches_eager_and_trains_the_same(tmp_path):
+    eager = tiny_lm(("stu_t", "attn")).train()
+    compiled = tiny_lm(("stu_t", "attn"), compile=True).train()
+    compiled.load_state_dict(eager.state_dict())
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # same names: checkpoints interchange
+    ids = torch.randint(0, 32, (2, 25))
+    batch = (ids[:, :-1], ids[:, 1:])
+    torch.testing.assert_close(compiled(batch[0]), eager(batch[0]), rtol=1e-5, atol=1e-5)
+    losses = []
+    for model in (eager, compiled):  # one training step each
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses.append(model._nll(batch).mean())
+        losses[-1].backward()
+        opt.step()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="compile"):
+        tiny_lm(compile="yes")

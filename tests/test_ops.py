@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spectralds.ops import fft_conv
+from spectralds.ops import fft_conv, lds_conv
 from spectralds.ops.fft_conv import (
     alternating,
     causal_conv_ref,
@@ -17,6 +17,7 @@ from spectralds.ops.fft_conv import (
     real_fft,
     real_fft_ref,
 )
+from spectralds.ops.spectrum_cache import SpectrumCache
 
 F64, C128 = torch.float64, torch.complex128
 
@@ -111,3 +112,119 @@ def test_causal_conv_ref_is_causal_and_includes_lag_zero():
 
 def test_fft_size():
     assert [fft_size(n) for n in (1, 2, 3, 4, 5, 1023, 1024, 1025)] == [2, 2, 4, 4, 8, 1024, 1024, 2048]
+
+
+# ---- spectrum gradients (a learnable LDS's kernel spectrum) and the LDS convolution ops ----------------
+
+
+def test_filter_sum_gives_the_spectrum_its_gradient():
+    zf = torch.randn(2, 5, 3, 9, dtype=C128, requires_grad=True)
+    spectrum = torch.randn(9, 5, dtype=C128, requires_grad=True)
+    w = torch.randn(2, 3, 9, dtype=C128)
+    out, g = grads(filter_sum, [zf, spectrum], w)
+    ref, g_ref = grads(filter_sum_ref, [zf, spectrum], w)
+    assert_close(out, ref)
+    for a, b in zip(g, g_ref, strict=True):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_kernel_mix_gives_the_spectrum_its_gradient(chunk):
+    xf = torch.randn(9, 2, 3, dtype=C128, requires_grad=True)
+    spectrum = torch.randn(9, 6, dtype=C128, requires_grad=True)
+    m = torch.randn(6, 3, 4, dtype=F64, requires_grad=True)
+    w = torch.randn(9, 2, 4, dtype=C128)
+    out, g = grads(lambda x, s, m: kernel_mix(x, s, m, chunk), [xf, spectrum, m], w)
+    ref, g_ref = grads(kernel_mix_ref, [xf, spectrum, m], w)
+    assert_close(out, ref)
+    for a, b in zip(g, g_ref, strict=True):
+        assert_close(a, b)
+
+
+def lds_system(h=6, F=4):
+    A = torch.linspace(-0.95, 0.99, h, dtype=F64)
+    A[1] = 0.0  # 0^0 = 1 at lag 0: pow's gradient must stay finite there
+    return (A.requires_grad_(), torch.randn(h, dtype=F64, requires_grad=True),
+            torch.randn(h, F, dtype=F64, requires_grad=True))
+
+
+@pytest.mark.parametrize("length", [1, 2, 20])
+def test_impulse_response_backward_matches_autograd(length):
+    A, B, C = lds_system()
+    w = torch.randn(length, 4, dtype=F64)
+    out, g = grads(lambda *s: lds_conv.impulse_response(*s, length), [A, B, C], w)
+    ref, g_ref = grads(lambda *s: lds_conv.impulse_response_ref(*s, length), [A, B, C], w)
+    assert_close(out, ref)
+    for a, b in zip(g, g_ref, strict=True):
+        assert_close(a, b)
+
+
+def test_impulse_response_and_its_spectrum():
+    A, B, C = lds_system()
+    G = lds_conv.impulse_response(A, B, C, 20)
+    direct = torch.stack([(A.detach() ** t * B.detach()) @ C.detach() for t in range(20)])
+    assert_close(G.detach(), direct)
+    assert_close(lds_conv.response_spectrum(A, B, C, 20, 64).detach(), torch.fft.rfft(direct, n=64, dim=0))
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(G.square().sum(), [A, B, C]))
+    stacked = lds_conv.response_spectrum(A, B, C, 20, 64, stacked=True)
+    assert stacked.shape == (2 * 33, 4)
+
+
+@pytest.mark.parametrize("path", ["kernel", "project"])
+def test_exact_conv_is_the_mixed_causal_convolution(path):
+    A, B, C = lds_system(F=4)
+    T, n = 13, fft_size(25)
+    x = torch.randn(2, T, 3, dtype=F64, requires_grad=True)
+    m = torch.randn(4, 3, 5, dtype=F64, requires_grad=True)
+
+    def fast(x, A, B, C, m):
+        return lds_conv.exact_conv(x, lds_conv.response_spectrum(A, B, C, T, n), m, n, path)
+
+    def ref(x, A, B, C, m):  # U[b, k, i, t] = (G_k * x_i)(t), then sum_k U_k @ m_k
+        G = lds_conv.impulse_response(A, B, C, T)
+        U = causal_conv_ref(x.transpose(1, 2)[:, None], G.T[None, :, None])
+        return torch.einsum("bkit,kio->bto", U, m)
+
+    w = torch.randn(2, T, 5, dtype=F64)
+    out, g = grads(fast, [x, A, B, C, m], w)
+    expected, g_ref = grads(ref, [x, A, B, C, m], w)
+    assert_close(out, expected)
+    for a, b in zip(g, g_ref, strict=True):
+        assert_close(a, b, 1e-11)
+
+
+def test_depthwise_conv_is_a_causal_convolution_per_channel():
+    T, n = 11, fft_size(21)
+    z = torch.randn(2, T, 3, dtype=F64, requires_grad=True)
+    kernel = torch.randn(T, 3, dtype=F64, requires_grad=True)
+    w = torch.randn(2, T, 3, dtype=F64)
+    def fast(z, k):
+        return lds_conv.depthwise_conv(z.transpose(1, 2), real_fft(k.T, n).T, n)
+
+    out, g = grads(fast, [z, kernel], w)
+    ref, g_ref = grads(lambda z, k: causal_conv_ref(z.transpose(1, 2), k.T).transpose(1, 2), [z, kernel], w)
+    assert_close(out, ref)
+    for a, b in zip(g, g_ref, strict=True):
+        assert_close(a, b)
+
+
+def test_spectrum_cache_builds_once_and_follows_its_sources():
+    cache, source, built = SpectrumCache(capacity=2), torch.ones(3), []
+
+    def build():
+        built.append(1)
+        return source * 2
+
+    assert torch.equal(cache.get([source], "a", build), torch.full((3,), 2.0))
+    cache.get([source], "a", build)
+    assert len(built) == 1
+    source.add_(1)  # edited in place: its version counter empties the cache
+    assert torch.equal(cache.get([source], "a", build), torch.full((3,), 4.0)) and len(built) == 2
+    cache.get([source.clone()], "a", build)  # another tensor: rebuilt
+    assert len(built) == 3
+    for key in "bcd":
+        cache.get([source], key, build)  # back to `source`: emptied again, then 3 entries built
+    assert len(built) == 6 and len(cache) == 2  # the oldest entry went
+    with torch.inference_mode():
+        cache.get([source], "d", build)  # kept apart from the entry a training step may save
+    assert len(built) == 7

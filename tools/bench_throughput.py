@@ -4,12 +4,19 @@
     python tools/bench_throughput.py --device cuda --dtype bfloat16 --json tp.json --plot tp.png
     python tools/bench_throughput.py --configs stu lds model-stu --seq-lens 8192 --batch 4
 
-Configs: the layers stu, stu_t, lds, attn (full causal), attn-window, and LanguageModels model-stu
+Configs: the layers stu, stu_t, attn (full causal), attn-window; LDS layers in the mode of the layer
+they replace: lds / lds-t (learnable, exact / tensordot, --lds-states random states) and lds-fit /
+lds-fit-t (a fixed system fitted to the filters, --lds-fit-states states, converted from an STU / STU-T
+with its projections; the fit comes from the distillation cache, computed once). Their "vs" column is
+tokens/s over the replaced layer's (stu or stu_t, when it ran at that length). LanguageModels model-stu
 (all STU), model-hybrid (STU / windowed attention), model-flash (STU-T / windowed attention, the
 Flash STU arrangement), model-transformer (full attention), model-lds.
 One timed training step = forward, a scalar loss (mean square for a layer, cross-entropy on random
 tokens for a model), backward; no optimizer step. ms/step is the median over --repeats after --warmup
-untimed steps (CUDA synchronized); tokens/s = batch * seq / that median.
+untimed steps (CUDA synchronized); tokens/s = batch * seq / that median. CPU ms is the median process
+CPU time of a step (steadier than wall time on a loaded machine; with --threads 1 the two agree on an
+idle one); on CPU the "vs" ratio uses CPU time. --compile runs the model-* configs with
+LanguageModel(compile=True) (torch.compile of the blocks; its warm-up step compiles).
 
 FLOPs (--flops, on by default on CUDA): the matmul FLOPs torch.utils.flop_counter sees in one step
 (FFTs and elementwise ops are not counted), with attention's score and value products counted
@@ -22,6 +29,8 @@ growth over the first step.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -30,18 +39,21 @@ from _bench_common import (
     PeakMemory,
     add_common_args,
     format_table,
-    median_seconds,
     plot_panels,
     setup,
+    synchronize,
     write_json,
 )
 from torch.utils.flop_counter import FlopCounterMode
 
 from spectralds.layers import build_layer
 from spectralds.layers.attention import SlidingWindowAttention
+from spectralds.layers.lds import LDS
 from spectralds.layers.stu import STU
+from spectralds.ops.lds_conv import CONV_PATHS
 
-LAYER_CONFIGS = ("stu", "stu_t", "lds", "attn", "attn-window")
+LAYER_CONFIGS = ("stu", "stu_t", "lds", "lds-t", "lds-fit", "lds-fit-t", "attn", "attn-window")
+REPLACES = {"lds": "stu", "lds-fit": "stu", "lds-t": "stu_t", "lds-fit-t": "stu_t"}  # for the "vs" column
 MODEL_CONFIGS = ("model-stu", "model-hybrid", "model-flash", "model-transformer", "model-lds")
 # Dense peak TFLOP/s by GPU name fragment (first match wins) and dtype; fp32 is without TF32.
 PEAK_TFLOPS = {
@@ -56,11 +68,19 @@ def build(config: str, seq_len: int, args: argparse.Namespace) -> torch.nn.Modul
     """A layer or a LanguageModel for `config`, sized by the command line."""
     attn_full = {"num_heads": args.num_heads, "window_size": None}
     attn_window = {"num_heads": args.num_heads, "window_size": args.window}
+    if config in ("lds-fit", "lds-fit-t"):
+        from spectralds.distill.cache import get_fit
+        from spectralds.distill.convert import lds_from_stu
+
+        stu = build_layer(REPLACES[config], dim=args.dim, seq_len=seq_len, num_filters=args.num_filters)
+        return lds_from_stu(stu, get_fit(seq_len, args.num_filters, args.lds_fit_states, progress=False))
+    lds = {"num_filters": args.num_filters, "state_dim": args.lds_states}
     if config in LAYER_CONFIGS:
         name, kwargs = {
             "stu": ("stu", {"num_filters": args.num_filters}),
             "stu_t": ("stu_t", {"num_filters": args.num_filters}),
-            "lds": ("lds", {"num_filters": args.num_filters, "state_dim": args.lds_states}),
+            "lds": ("lds", lds),
+            "lds-t": ("lds", {**lds, "mode": "tensordot"}),
             "attn": ("attn", attn_full),
             "attn-window": ("attn", attn_window),
         }[config]
@@ -77,7 +97,7 @@ def build(config: str, seq_len: int, args: argparse.Namespace) -> torch.nn.Modul
     return LanguageModel(
         vocab_size=args.vocab_size, dim=args.dim, num_layers=args.num_layers, layer_pattern=pattern,
         seq_len=seq_len, num_filters=args.num_filters, mlp_ratio=args.mlp_ratio,
-        layer_kwargs={"attn": attn, "lds": {"state_dim": args.lds_states}},
+        layer_kwargs={"attn": attn, "lds": {"state_dim": args.lds_states}}, compile=args.compile,
     )
 
 
@@ -137,16 +157,35 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
     return next((peaks.get(args.dtype) for key, peaks in PEAK_TFLOPS.items() if key in name), None)
 
 
+def median_times(
+    fn: Callable[[], None], repeats: int, warmup: int, device: torch.device
+) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of fn() over `repeats` runs after `warmup` (CUDA synchronized)."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        synchronize(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        synchronize(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch.device) -> dict:
     module = build(config, seq_len, args).to(device).train()
     for layer in module.modules():
         if isinstance(layer, STU):
             layer.conv_path = args.stu_path
+        if isinstance(layer, LDS):
+            layer.conv_path = args.lds_path
     step = training_step(module, config, seq_len, args, device)
     with PeakMemory(device) as peak:
         step()  # also the first warm-up step
     flops = step_flops(step, module, args.batch, seq_len) if args.flops else None
-    seconds = median_seconds(step, args.repeats, args.warmup, device)
+    seconds, cpu_seconds = median_times(step, args.repeats, args.warmup, device)
     peak_tf = peak_tflops(args)
     achieved = flops / seconds / 1e12 if flops is not None else None
     return {
@@ -154,6 +193,7 @@ def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch
         "seq_len": seq_len,
         "batch": args.batch,
         "ms_per_step": 1e3 * seconds,
+        "cpu_ms_per_step": 1e3 * cpu_seconds if device.type == "cpu" else None,
         "tokens_per_s": args.batch * seq_len / seconds,
         "gflop_per_step": flops / 1e9 if flops is not None else None,
         "tflops": achieved,
@@ -163,7 +203,20 @@ def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch
         "device": str(device),
         "dtype": args.dtype,
         "stu_path": args.stu_path,
+        "lds_path": args.lds_path,
+        "compile": args.compile and config.startswith("model-"),
     }
+
+
+def add_ratios(records: list[dict]) -> None:
+    """vs_replaced: an LDS config's speed over the layer it replaces at the same length (CPU time on CPU)."""
+    def step_time(r: dict) -> float:
+        return r["cpu_ms_per_step"] or r["ms_per_step"]
+
+    by_key = {(r["config"], r["seq_len"]): r for r in records}
+    for r in records:
+        parent = by_key.get((REPLACES.get(r["config"]), r["seq_len"]))
+        r["vs_replaced"] = step_time(parent) / step_time(r) if parent else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -184,6 +237,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlp-ratio", type=float, default=4.0, help="SwiGLU hidden size / dim of the models")
     parser.add_argument("--stu-path", choices=["auto", "kernel", "project"], default="auto",
                         help="pin the STU's sequence arrangement (spectralds.layers.stu.STU.conv_path)")
+    parser.add_argument("--lds-path", choices=list(CONV_PATHS), default="auto",
+                        help="pin the LDS's training path (spectralds.layers.lds.LDS.conv_path)")
+    parser.add_argument("--lds-fit-states", type=int, default=None,
+                        help="states of the lds-fit* systems (default 48; 8 with --quick)")
+    parser.add_argument("--compile", action="store_true", help="model-* configs with compile=True")
     parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=None,
                         help="count FLOPs and MFU (default: on with CUDA, off on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (TFLOP/s)")
@@ -195,6 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "dim": 16 if quick else 512 if cuda else 64,
         "num_filters": 4 if quick else 24,
         "num_layers": 1 if quick else 4 if cuda else 2,
+        "lds_fit_states": 8 if quick else 48,
         "repeats": 1 if quick else 10 if cuda else 3,
         "warmup": 0 if quick else 3 if cuda else 1,
         "flops": cuda,
@@ -219,10 +278,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r = records[-1]
             print(f"  {config:18} seq={seq_len:<6} {r['ms_per_step']:9.1f} ms/step "
                   f"{r['tokens_per_s']:10.0f} tokens/s", flush=True)
+    add_ratios(records)
     print()
     print(format_table(records, [
         ("config", "config", "s"), ("seq", "seq_len", "d"), ("batch", "batch", "d"),
-        ("ms/step", "ms_per_step", ".1f"), ("tokens/s", "tokens_per_s", ".0f"),
+        ("ms/step", "ms_per_step", ".1f"), ("CPU ms", "cpu_ms_per_step", ".1f"),
+        ("tokens/s", "tokens_per_s", ".0f"), ("vs", "vs_replaced", ".2f"),
         ("GFLOP/step", "gflop_per_step", ".2f"), ("TFLOP/s", "tflops", ".3f"), ("MFU", "mfu", ".1%"),
         ("peak MB", "peak_mem_mb", ".0f"), ("params", "params", ",d"),
     ]))

@@ -2,8 +2,12 @@
 
 Token t attends to tokens t - window + 1 .. t (all earlier tokens when window_size is None). Queries
 and keys are rotated by their position in the sequence, so attention scores depend on positions only
-through their difference. Kernels: flash-attn on CUDA fp16/bf16 when it is installed; otherwise
-PyTorch SDPA with an explicit mask, or plain math when a logit soft cap is set (SDPA has none).
+through their difference. Training kernels (`kernel`, "auto" picks by device and availability):
+flash-attn on CUDA fp16/bf16 when it is installed; else on CUDA FlexAttention (compiled; its block mask
+skips the blocks outside the window, and the soft cap is a score_mod); else PyTorch SDPA (is_causal for
+full attention, an explicit mask for a window), or plain math when a soft cap is set (SDPA has none).
+FlexAttention has no CPU backward in torch 2.13 (its CPU forward runs eager, unfused), so "auto" never
+takes it on CPU; "flex" forces it (tests compare it with SDPA there, without gradients).
 Decoding keeps a KV cache of at most `window_size` entries, stored after rotation. It is preallocated
 and written in place (a ring buffer for a window, a buffer that doubles for full attention), so a step
 does not copy the cache; after rotation the order of the cached entries does not matter to attention.
@@ -17,13 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spectralds.errors import UserError, check_float, check_int
+from spectralds.errors import UserError, check_choice, check_float, check_int
 from spectralds.layers.registry import SequenceLayer, register_layer
 
 try:
     from flash_attn import flash_attn_func
 except ImportError:  # optional dependency: spectralds[gpu]
     flash_attn_func = None
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch without FlexAttention
+    create_block_mask = flex_attention = None
+
+KERNELS = ("auto", "flash", "flex", "sdpa", "math")
+_compiled_flex = None  # flex_attention is only fused under torch.compile: compiled once per process
 
 
 class KVCache(NamedTuple):
@@ -76,6 +87,7 @@ class SlidingWindowAttention(SequenceLayer):
         softcap: float | None = None,
         dropout: float = 0.0,
         bias: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         check_int("dim", dim)
@@ -91,6 +103,8 @@ class SlidingWindowAttention(SequenceLayer):
         if softcap is not None:
             check_float("softcap", softcap, minimum=0, strict=True)
         check_float("dropout", dropout, minimum=0, maximum=1)
+        self.kernel = check_choice("kernel", kernel, KERNELS)
+        self._block_masks: dict[tuple, object] = {}  # FlexAttention: (block mask, score_mod), see _flex
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
         self.softcap, self.dropout = softcap, dropout
@@ -128,20 +142,70 @@ class SlidingWindowAttention(SequenceLayer):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        kernel = self._kernel_for(q, p)
+        if kernel == "flash":
             window = (-1, -1) if self.window_size is None else (self.window_size - 1, 0)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, T, heads, hd)
             y = flash_attn_func(
                 q, k, v, dropout_p=p, causal=True, window_size=window, softcap=self.softcap or 0.0
             )
             return y.transpose(1, 2)
+        if kernel == "flex":
+            return self._flex(q, k, v)
+        if kernel == "sdpa" and self.window_size is None:  # no mask tensor: lets CUDA use its flash backend
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         mask = window_mask(q.shape[2], self.window_size, q.device)
-        if self.softcap is None:
+        if kernel == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         scores = _at_least_float32(q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        scores = self.softcap * torch.tanh(scores / self.softcap)
+        if self.softcap is not None:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
         weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), p)
         return weights.to(v.dtype) @ v
+
+    def _kernel_for(self, q: torch.Tensor, dropout: float) -> str:
+        """The kernel `self.kernel` asks for, checked; "auto": the fastest one that applies."""
+        kernel = check_choice("kernel", self.kernel, KERNELS)
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if kernel == "auto":
+            if flash_attn_func is not None and q.is_cuda and half:
+                return "flash"
+            # FlexAttention's GPU kernels want a power-of-two head size of at least 16.
+            hd = self.head_dim
+            if flex_attention is not None and q.is_cuda and not dropout and hd >= 16 and not hd & (hd - 1):
+                return "flex"
+            return "math" if self.softcap is not None else "sdpa"
+        if kernel == "flash" and (flash_attn_func is None or not q.is_cuda or not half):
+            raise UserError("kernel='flash' needs flash-attn installed, a CUDA device and fp16/bf16 inputs")
+        if kernel == "flex" and (flex_attention is None or dropout):
+            raise UserError("kernel='flex' needs torch.nn.attention.flex_attention and no attention dropout")
+        if kernel == "flex" and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+            raise UserError("kernel='flex' has no backward on CPU in this torch; use 'sdpa' to train there")
+        if kernel == "sdpa" and self.softcap is not None:
+            raise UserError("kernel='sdpa' has no logit soft cap; use 'math', 'flex' or 'auto'")
+        return kernel
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """FlexAttention with a cached causal (windowed) block mask; compiled on CUDA (eager is unfused)."""
+        global _compiled_flex
+        T, window, cap = q.shape[2], self.window_size, self.softcap
+        key = (T, q.device, window, cap)  # window and cap are plain attributes: a change rebuilds
+        if key not in self._block_masks:
+            def keep(b, h, q_idx, kv_idx):
+                causal = q_idx >= kv_idx
+                return causal if window is None else causal & (q_idx - kv_idx < window)
+
+            def capped(s, b, h, q_idx, kv_idx):
+                return cap * torch.tanh(s / cap)
+
+            # One score_mod object per layer and length: a new function per call would recompile.
+            mask = create_block_mask(keep, None, None, T, T, device=q.device)
+            self._block_masks = {key: (mask, None if cap is None else capped)}
+        if q.is_cuda and _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        attend = _compiled_flex if q.is_cuda else flex_attention
+        mask, score_mod = self._block_masks[key]
+        return attend(q, k, v, block_mask=mask, score_mod=score_mod)
 
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None

@@ -8,7 +8,10 @@ One real diagonal system with h states is shared by every channel i:
 Fitted to the spectral filters (SpectraLDS), U reproduces the STU's convolutions, and the STU's learned
 projections map U to the output exactly as in the STU ("exact" or "tensordot" mode).
 
-Sequences run as a chunked scan, never a loop over time: inside a chunk of c steps the output is a
+Training sequences (`forward`) take the cheaper of two exact paths (`conv_path`): the FFT convolution of
+the input with the system's impulse response (`spectralds.ops.lds_conv`; a fitted system's spectrum is
+cached per FFT length, a learnable one's rebuilt every step), or the chunked scan, which `prefill` uses.
+The scan is never a loop over time: inside a chunk of c steps the output is a
 causal matmul with the impulse response; the states at chunk ends are combined by a log-depth scan
 over chunks; each chunk adds the response to the state it inherits. All tables are built in float64
 from the float64 system and cast to the run dtype, so no large power is ever formed in float32.
@@ -23,13 +26,15 @@ import torch
 from torch import nn
 
 from spectralds.errors import UserError, check_int
+from spectralds.layers.lds_paths import ConvolutionPaths, table_dtype
 from spectralds.layers.registry import SequenceLayer, register_layer
+from spectralds.ops.spectrum_cache import SpectrumCache
 
 MODES = ("exact", "tensordot")
 
 
 @register_layer("lds")
-class LDS(SequenceLayer):
+class LDS(ConvolutionPaths, SequenceLayer):
     """Diagonal LDS layer carrying an STU's learned projections.
 
     Args:
@@ -86,6 +91,7 @@ class LDS(SequenceLayer):
             self.M_filters_plus = nn.Parameter(torch.randn(K, d_out, dtype=dtype) * (2 * K) ** -0.5)
             self.M_filters_minus = nn.Parameter(torch.randn(K, d_out, dtype=dtype) * (2 * K) ** -0.5)
         self._step_cache = None  # decoding tables, see `_step_tables`
+        self._spectra = SpectrumCache()  # a fixed system's response spectra (see `lds_paths`)
         if learnable:
             self._store(*_random_system(state_dim, K), learnable=True)
         else:
@@ -204,23 +210,28 @@ class LDS(SequenceLayer):
     # ---- sequences ----------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.prefill(x)[0]
+        self._check_input(x)
+        path = self._sequence_path(x.shape[0], x.shape[1])
+        return self.prefill(x)[0] if path == "scan" else self._convolve(x, path)
 
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs for a whole prompt and the state after it, through the scan (no step loop)."""
+        self._check_input(x)
+        if self.mode == "exact":
+            U, state = self.scan(x, self.C)
+            y = self._project(U.transpose(2, 3))  # (B, T, 2K, d): contiguous, see `scan`
+        else:
+            U, state = self.scan(x @ self.M_inputs, self._tensordot_C(table_dtype(x.device)))
+            y = U.squeeze(-1)
+        return y.to(x.dtype), state
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise UserError(f"LDS expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
         if x.shape[1] == 0:
             raise UserError("LDS got an empty sequence")
         if self.seq_len is not None and x.shape[1] > self.seq_len:
             raise UserError(f"sequence length {x.shape[1]} exceeds the LDS seq_len {self.seq_len}")
-        if self.mode == "exact":
-            U, state = self.scan(x, self.C)
-            y = self._project(U.transpose(2, 3))  # (B, T, 2K, d): contiguous, see `scan`
-        else:
-            U, state = self.scan(x @ self.M_inputs, self._tensordot_C(_table_dtype(x.device)))
-            y = U.squeeze(-1)
-        return y.to(x.dtype), state
 
     def features(self, u: torch.Tensor) -> torch.Tensor:
         """U (batch, seq, channels, 2K): the system's outputs for every channel of u."""
@@ -235,7 +246,7 @@ class LDS(SequenceLayer):
         batch, T, ch = u.shape
         c, dt = self.chunk_size, self.run_dtype
         A, B, _ = self.system()
-        tdt = _table_dtype(u.device)
+        tdt = table_dtype(u.device)
         A, B, C = A.to(tdt), B.to(tdt), C.to(tdt)
         C = C if C.dim() == 3 else C[None]  # (groups, h, F): 1 group or one per channel
         h, F = C.shape[-2:]
@@ -321,13 +332,9 @@ class LDS(SequenceLayer):
                 return cached[1]
         A, B, C = (p.to(self.run_dtype) for p in self.system())
         if self.mode == "tensordot":
-            C = self._tensordot_C(_table_dtype(C.device))[..., 0].to(self.run_dtype)
+            C = self._tensordot_C(table_dtype(C.device))[..., 0].to(self.run_dtype)
         self._step_cache = (sources, (A, B, C)) if not torch.is_grad_enabled() else None
         return A, B, C
-
-
-def _table_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 def _random_system(h: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

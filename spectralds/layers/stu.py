@@ -14,7 +14,6 @@ depends on parameters). Decoding (`init_state` / `prefill` / `step`) is exact; `
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from spectralds.layers.futurefill import ConvDecodeState
 from spectralds.layers.registry import DECODE_METHODS, SequenceLayer, register_layer
 from spectralds.ops.fft_conv import (
     alternating,
+    arrangement_flops,
     compute_dtype,
     fft_size,
     filter_spectra,
@@ -35,6 +35,7 @@ from spectralds.ops.fft_conv import (
     no_autocast,
     real_fft,
 )
+from spectralds.ops.spectrum_cache import SpectrumCache
 
 _SPECTRA_KEPT = 8  # filter spectra kept per layer (one per FFT length in use: training, prefills)
 
@@ -97,8 +98,7 @@ class SpectralConv(SequenceLayer):
         self.seq_len, self.num_filters, self.variant = seq_len, num_filters, variant
         # Fixed and recomputable, so not saved in checkpoints.
         self.register_buffer("phi", filters.detach().float().clone(), persistent=False)
-        self._spectra: dict[tuple, torch.Tensor] = {}
-        self._spectra_source: tuple[torch.Tensor, int] | None = None
+        self._spectra = SpectrumCache(_SPECTRA_KEPT)
         self._init_projections()
 
     def _init_projections(self) -> None:
@@ -133,25 +133,16 @@ class SpectralConv(SequenceLayer):
         stacked: its real parts over its imaginary parts, (2 (n // 2 + 1), 2K) real, one matmul away
         from a projected spectrum.
 
-        Only `phi` enters, which no optimizer changes: the cache is emptied when phi is replaced,
-        edited in place (its version counter) or moved. Inference-mode tensors cannot be saved for
-        backward, so they are kept apart from the ones a training step may use.
+        Only `phi` enters, which no optimizer changes: the cache (`ops.spectrum_cache`) is emptied
+        when phi is replaced, edited in place (its version counter) or moved. Inference-mode tensors
+        cannot be saved for backward, so they are kept apart from the ones a training step may use.
         """
-        # (Inference tensors have no version counter; a phi made under inference_mode counts as 0.)
-        source, old = (self.phi, 0 if self.phi.is_inference() else self.phi._version), self._spectra_source
-        if old is None or old[0] is not source[0] or old[1] != source[1]:
-            self._spectra.clear()
-            self._spectra_source = source
-        key = (lo, hi, n, dtype, stacked, torch.is_inference_mode_enabled())
-        spectrum = self._spectra.get(key)
-        if spectrum is None:
-            with torch.no_grad():
-                spectrum = filter_spectra(self.phi.to(dtype), lo, hi, n)
-                spectrum = torch.cat([spectrum.real, spectrum.imag]) if stacked else spectrum
-            if len(self._spectra) >= _SPECTRA_KEPT:
-                self._spectra.pop(next(iter(self._spectra)))
-            self._spectra[key] = spectrum
-        return spectrum
+
+        def build() -> torch.Tensor:
+            spectrum = filter_spectra(self.phi.to(dtype), lo, hi, n)
+            return torch.cat([spectrum.real, spectrum.imag]) if stacked else spectrum
+
+        return self._spectra.get((self.phi,), (lo, hi, n, dtype, stacked), build)
 
     def _kernel(self, length: int, dtype: torch.dtype) -> torch.Tensor:
         """The kernel bank at lags 0..length-1: (length, 2K) for STU, (length, dim_out) for STU-T."""
@@ -277,11 +268,8 @@ class STU(SpectralConv):
     def _kernel_path_is_cheaper(self, batch: int, steps: int, length: int) -> bool:
         if self.conv_path != "auto":
             return self.conv_path == "kernel"
-        n = fft_size(steps + length - 1)
-        freqs, cols, dd = n // 2 + 1, 2 * self.num_filters, self.dim * self.dim_out
-        kernel = 2 * freqs * cols * dd + 4 * batch * freqs * dd  # build W(f), then B matmuls per f
-        fft_flops = 2.5 * n * math.log2(n)
-        project = batch * (steps * cols * dd + cols * self.dim_out * (fft_flops + 4 * freqs))
+        cols = 2 * self.num_filters
+        kernel, project = arrangement_flops(batch, steps, length, cols, self.dim, self.dim_out)
         return kernel < project
 
     def _sequence_conv(self, x: torch.Tensor, length: int) -> torch.Tensor:

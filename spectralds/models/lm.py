@@ -48,7 +48,11 @@ def _check_config(vocab_size, dim, num_layers, layer_pattern, seq_len, mlp_ratio
 
 
 class LanguageModel(SpectralModule):
-    """Decoder-only LM: embedding -> pre-norm blocks (mixer + SwiGLU MLP) -> RMSNorm -> tied head."""
+    """Decoder-only LM: embedding -> pre-norm blocks (mixer + SwiGLU MLP) -> RMSNorm -> tied head.
+
+    compile: torch.compile each block's forward in place (`nn.Module.compile`: parameter names, and so
+    checkpoints, are unchanged; decoding's prefill/step stay eager). The first step pays the compile.
+    """
 
     def __init__(
         self,
@@ -64,6 +68,7 @@ class LanguageModel(SpectralModule):
         tie_embeddings: bool = True,
         norm_eps: float = 1e-6,
         nonfinite_loss: str = "stop",
+        compile: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -86,6 +91,11 @@ class LanguageModel(SpectralModule):
         self._init_weights(num_layers)
         if tie_embeddings:
             self.head.weight = self.embed.weight
+        if not isinstance(compile, bool):
+            raise UserTypeError(f"compile must be true or false, got {compile!r}")
+        if compile:
+            for block in self.blocks:
+                block.compile()
         self.val_nll = torchmetrics.MeanMetric()
         self.test_nll = torchmetrics.MeanMetric()
 

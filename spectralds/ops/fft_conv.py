@@ -13,6 +13,8 @@ tests/test_ops.py compares every op's forward and backward with its reference in
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # kernel_mix builds the per-frequency kernels W(f) this many bytes at a time (bounds peak memory).
@@ -69,7 +71,7 @@ def real_fft_ref(z: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class _FilterSum(torch.autograd.Function):
-    """y[b, o, f] = sum_k zf[b, k, o, f] * spectrum[f, k] (spectrum constant).
+    """y[b, o, f] = sum_k zf[b, k, o, f] * spectrum[f, k] (constant for the STU, learnable for an LDS).
 
     Forward is a loop of fused multiply-adds (an einsum copies zf, the largest tensor, into a batched
     matmul layout, several times slower); backward is one broadcast product (autograd through the loop
@@ -78,7 +80,8 @@ class _FilterSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zf: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(spectrum)
+        # zf is kept only when the spectrum needs a gradient (a learnable LDS kernel): it is the big one.
+        ctx.save_for_backward(spectrum, zf if ctx.needs_input_grad[1] else None)
         spectrum = spectrum.T
         y = zf[:, 0] * spectrum[0]
         for k in range(1, zf.shape[1]):
@@ -88,12 +91,16 @@ class _FilterSum(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        (spectrum,) = ctx.saved_tensors
-        return grad[:, None] * spectrum.T.conj()[:, None], None
+        spectrum, zf = ctx.saved_tensors
+        grad_z = grad[:, None] * spectrum.T.conj()[:, None] if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if zf is not None:  # dS[f, k] = sum_bo conj(zf[b, k, o, f]) g[b, o, f]; einsum's complex bmm is slow
+            grad_s = torch.stack([(zf[:, k].conj() * grad).sum((0, 1)) for k in range(zf.shape[1])], 1)
+        return grad_z, grad_s
 
 
 def filter_sum(zf: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
-    """zf (B, K, O, F) times a constant spectrum (F, K), summed over K: (B, O, F)."""
+    """zf (B, K, O, F) times a spectrum (F, K), summed over K: (B, O, F)."""
     return _FilterSum.apply(zf, spectrum)
 
 
@@ -114,7 +121,8 @@ class _KernelMix(torch.autograd.Function):
     """Y(f) = X(f) @ W(f) with W(f) = sum_k S[f, k] M[k], a few frequencies at a time.
 
     Only X, S and M are saved: backward rebuilds each chunk of W instead of keeping all F of them
-    (F * dim * dim_out complex numbers). S is a constant (no gradient).
+    (F * dim * dim_out complex numbers). S gets a gradient only when it asks for one (a learnable LDS):
+    W is complex-linear in S with M real, so dS[f, k] = sum_io M[k, io] dW[f, io], dW = X^H dY.
     """
 
     @staticmethod
@@ -134,16 +142,21 @@ class _KernelMix(torch.autograd.Function):
         grad = grad.contiguous()  # it arrives permuted from the inverse FFT; strided complex bmm is slow
         grad_x = torch.empty_like(xf) if ctx.needs_input_grad[0] else None
         grad_m = torch.zeros_like(m) if ctx.needs_input_grad[2] else None
+        grad_s = torch.empty_like(spectrum) if ctx.needs_input_grad[1] else None
+        m_rows = m.flatten(1).T  # (dim * dim_out, K)
         for f in range(0, xf.shape[0], ctx.chunk):
             part = slice(f, f + ctx.chunk)
             if grad_x is not None:  # complex matmul rule: dX = dY W^H
                 w = _frequency_kernel(spectrum[part], m)
                 grad_x[part] = torch.bmm(grad[part].conj(), w.transpose(1, 2)).conj()
-            if grad_m is not None:  # dW = X^H dY; W = S_re M + i S_im M with M real
+            if grad_m is not None or grad_s is not None:  # dW = X^H dY; W = S_re M + i S_im M, M real
                 grad_w = torch.bmm(xf[part].mH, grad[part]).flatten(1)
+            if grad_m is not None:
                 s = spectrum[part]
                 grad_m += (s.real.T @ grad_w.real + s.imag.T @ grad_w.imag).view_as(m)
-        return grad_x, None, grad_m, None
+            if grad_s is not None:
+                grad_s[part] = torch.complex(grad_w.real @ m_rows, grad_w.imag @ m_rows)
+        return grad_x, grad_s, grad_m, None
 
 
 def kernel_mix(
@@ -191,6 +204,24 @@ def causal_conv_ref(z: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     for s in range(min(T, kernel.shape[-1])):
         y[..., s:] += kernel[..., s, None] * z[..., : T - s]
     return y
+
+
+def arrangement_flops(
+    batch: int, steps: int, length: int, cols: int, dim: int, dim_out: int
+) -> tuple[float, float]:
+    """Forward flop estimates of the two exact arrangements of a 2K-filter convolution mixed by M
+    (STU, fitted LDS): ("kernel": build W(f), then a matmul per frequency; "project": x @ M, then one
+    FFT per filter and output channel). Inputs at `steps` positions, outputs at `length`."""
+    n = fft_size(steps + length - 1)
+    freqs, dd = n // 2 + 1, dim * dim_out
+    kernel = 2 * freqs * cols * dd + 4 * batch * freqs * dd  # build W(f), then B matmuls per f
+    project = batch * (steps * cols * dd + cols * dim_out * (fft_flops(n) + 4 * freqs))
+    return kernel, project
+
+
+def fft_flops(n: int) -> float:
+    """The usual estimate of one length-n real FFT."""
+    return 2.5 * n * math.log2(n)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

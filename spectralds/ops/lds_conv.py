@@ -1,0 +1,132 @@
+"""The diagonal LDS as a convolution: its 2K outputs are causal convolutions of each input channel with
+the system's impulse response G[t, f] = sum_j C[j, f] B[j] A[j]^t (lag 0 included).
+
+  impulse_response(A, B, C, length)       G (length, F), differentiable (reference: impulse_response_ref)
+  response_spectrum(A, B, C, length, n)   rfft of G's columns zero-padded to n, (n // 2 + 1, F)
+  exact_conv(x, spectrum, m, n, path)     sum_k (G_k * x) m[k]: the STU's two exact arrangements
+  depthwise_conv(z, spectrum, n)          one kernel per channel (tensordot mode), z time-last
+  scan_flops / conv_flops                 forward cost estimates the layer picks its path by
+
+A fitted system is fixed, so its spectrum is computed once per FFT length (the layer caches it); a
+learnable one is rebuilt every step, O(length h F) for G plus F FFTs, and gets its gradient through
+`real_fft`, `filter_sum` and `kernel_mix`. Checked against the chunked scan in tests/test_lds.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spectralds.ops.fft_conv import arrangement_flops, fft_flops, fft_size, filter_sum, kernel_mix, real_fft
+
+CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
+# Time per estimated flop of the scan relative to the FFT convolutions, measured on CPU (one thread,
+# dim 64, K 24, h 48-80, L 1k-4k, fwd+bwd). With one readout shared by all channels (exact mode) the
+# scan is one large matmul and runs ~4x more flops per second than the memory-bound FFT paths; with a
+# readout per channel (tensordot) it is many small matmuls plus table building, ~2.5x fewer.
+SCAN_WEIGHT_SHARED = 0.25
+SCAN_WEIGHT_PER_CHANNEL = 2.5
+
+
+class _ImpulseResponse(torch.autograd.Function):
+    """G = (P * B) @ C with P[t, j] = A[j]^t, and a backward from the saved powers (autograd would run
+    pow again for dP/dA, the costliest step): with R = dG C^T,
+    dC = (P B)^T dG,  dB = sum_t P R,  dA = B sum_{t >= 1} t P[t - 1] R[t]  (exact at A = 0 too)."""
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
+        powers = A ** torch.arange(length, dtype=A.dtype, device=A.device)[:, None]  # (T, h)
+        ctx.save_for_backward(powers, B, C)
+        return (powers * B) @ C
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        powers, B, C = ctx.saved_tensors
+        need_A, need_B, need_C = ctx.needs_input_grad[:3]
+        grad_A = grad_B = grad_C = None
+        if need_C:
+            grad_C = (powers * B).T @ grad
+        if need_A or need_B:
+            R = grad @ C.T  # (T, h)
+            grad_B = (powers * R).sum(0) if need_B else None
+            if need_A:
+                lags = torch.arange(1, powers.shape[0], dtype=R.dtype, device=R.device)[:, None]
+                grad_A = B * (powers[:-1] * R[1:]).mul_(lags).sum(0)
+        return grad_A, grad_B, grad_C, None
+
+
+def impulse_response(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
+    """G (length, F) = sum_j C[j, f] B[j] A[j]^t in A's dtype."""
+    return _ImpulseResponse.apply(A, B, C, length)
+
+
+def impulse_response_ref(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
+    t = torch.arange(length, dtype=A.dtype, device=A.device)
+    return (A ** t[:, None] * B) @ C
+
+
+def response_spectrum(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    length: int,
+    n: int,
+    stacked: bool = False,
+    fft_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """rfft of G zero-padded to n: (n // 2 + 1, F) complex, or stacked [real; imag] (2 (n // 2 + 1), F).
+
+    fft_dtype: G is formed in A's dtype (fitted systems cancel large terms: float64), then cast to this
+    one for the FFT (G itself is of the filters' size, so float32 keeps it to float32 accuracy).
+    """
+    G = impulse_response(A, B, C, length)
+    spectrum = real_fft(G.T.to(fft_dtype or G.dtype), n).T
+    return torch.cat([spectrum.real, spectrum.imag]) if stacked else spectrum
+
+
+def exact_conv(x: torch.Tensor, spectrum: torch.Tensor, m: torch.Tensor, n: int, path: str) -> torch.Tensor:
+    """y (B, T, dim_out) = sum_k (G_k * x) @ m[k] for x (B, T, dim), spectrum (n // 2 + 1, 2K) of G and
+    m (2K, dim, dim_out), by the STU's "kernel" (W(f) = sum_k S_k(f) m_k) or "project" arrangement."""
+    T = x.shape[1]
+    if path == "kernel":
+        xf = real_fft(x.transpose(1, 2), n).permute(2, 0, 1).contiguous()  # (F, B, dim)
+        y = torch.fft.irfft(kernel_mix(xf, spectrum, m).permute(1, 2, 0), n=n)
+    else:
+        z = x @ m.permute(1, 0, 2).flatten(1)  # (B, T, 2K * dim_out)
+        z = z.transpose(1, 2).unflatten(1, (m.shape[0], m.shape[2]))  # (B, 2K, dim_out, T)
+        y = torch.fft.irfft(filter_sum(real_fft(z, n), spectrum), n=n)
+    return y[..., :T].transpose(1, 2)
+
+
+def depthwise_conv(z: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
+    """y (B, T, ch): channel c of z (B, ch, T), time last and contiguous (a strided FFT copies), convolved
+    with its own kernel, spectrum (n // 2 + 1, ch)."""
+    y = torch.fft.irfft(real_fft(z, n) * spectrum.T, n=n)
+    return y[..., : z.shape[-1]].transpose(1, 2)
+
+
+def scan_flops(
+    batch: int, T: int, ch: int, h: int, chunk: int, F: int, project: int = 0, shared: bool = True
+) -> float:
+    """The chunked scan: a (chunk + h, chunk F) matmul per chunk and channel, then `project` flops per
+    token (the exact readout), weighted by SCAN_WEIGHT_SHARED or SCAN_WEIGHT_PER_CHANNEL (`shared`: one
+    readout C for all channels)."""
+    weight = SCAN_WEIGHT_SHARED if shared else SCAN_WEIGHT_PER_CHANNEL
+    return weight * (2 * batch * T * ch * (chunk + h) * F + batch * T * project)
+
+
+def conv_flops(
+    batch: int, T: int, dim: int, dim_out: int, cols: int, h: int, exact: bool, learnable: bool
+) -> dict[str, float]:
+    """Estimated forward flops of each convolution arrangement ("kernel", "project" for the exact mode,
+    "conv" for tensordot), including the response spectrum when it is rebuilt (learnable)."""
+    n = fft_size(2 * T - 1)
+    freqs = n // 2 + 1
+    if exact:
+        response = (2 * T * h * cols + cols * fft_flops(n)) if learnable else 0.0
+        kernel, project = arrangement_flops(batch, T, T, cols, dim, dim_out)
+        return {"kernel": kernel + response, "project": project + response}
+    # tensordot: a learnable system's folded response, one column per channel; a fixed one's cached
+    # spectrum mixed by M_filters
+    extra = 2 * T * h * dim_out + dim_out * fft_flops(n) if learnable else 4 * freqs * cols * dim_out
+    return {"conv": batch * dim_out * (2 * fft_flops(n) + 6 * freqs) + extra}
