@@ -27,7 +27,8 @@ def restore_torch_threads():
 def test_batches_and_the_hybrid_model(decode, tmp_path, capsys):
     methods = ["lds", "attn-full", "lds-attn"]
     args = ["--quick", "--threads", "1", "--model", "--lds-system", "random-stable", "--window", "16",
-            "--attn-prefill-max", "40", "--batch", "1", "3", "--methods", *methods]
+            "--attn-prefill-max", "40", "--batch", "1", "3",
+            "--prefill-batch", "2", "--methods", *methods]
     records = decode.main([*args, "--plot", str(tmp_path / "d.png")])
     text = capsys.readouterr().out
     assert [(r["method"], r["batch"], r["prompt_len"]) for r in records] == [

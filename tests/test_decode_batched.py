@@ -5,7 +5,15 @@ import warnings
 import pytest
 import torch
 
-from spectralds.generate import _clone, _leaves, generate, prefill_prompts, set_decode_method, static_states
+from spectralds.generate import (
+    _clone,
+    _leaves,
+    generate,
+    graphable,
+    prefill_prompts,
+    set_decode_method,
+    static_states,
+)
 from spectralds.layers.attention import KVCache, RingKVCache
 from spectralds.models import LanguageModel
 
@@ -153,3 +161,16 @@ def test_what_cannot_have_fixed_shapes_says_why(pattern, match):
         states = model.prefill(torch.zeros(1, 5, dtype=torch.long))[1]
     with pytest.raises(ValueError, match=f"fixed-size states.*{match}.*grows"):
         static_states(model, states)
+
+
+@pytest.mark.parametrize("pattern, window, expected", [(("lds", "attn"), 4, True), (("attn",), 8, True),
+                                                       (("lds",), None, True), (("lds", "attn"), None, False),
+                                                       (("stu", "attn"), 4, False)])
+def test_generate_records_a_graph_for_fixed_shape_models_only(pattern, window, expected):
+    """generate's default (cuda_graph=None) graphs exactly the models `graphable` accepts (on a GPU)."""
+    model = tiny_lm(pattern, window)
+    with torch.inference_mode():
+        states = model.prefill(torch.zeros(2, 5, dtype=torch.long))[1]
+    assert graphable(model, states) is expected
+    with pytest.raises(ValueError, match="CUDA"):  # asked for on a CPU: the device is the first problem
+        generate(model, torch.zeros(2, 5, dtype=torch.long), 3, cuda_graph=True)

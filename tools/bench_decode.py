@@ -48,7 +48,7 @@ from _bench_common import (
     write_json,
 )
 
-from spectralds.generate import GraphedStep, decode_loop, set_decode_method
+from spectralds.generate import GraphedStep, decode_loop, merge_states, set_decode_method
 from spectralds.layers import DECODE_METHODS, build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
@@ -140,6 +140,16 @@ def synthetic_state(module: torch.nn.Module, batch: int, prompt_len: int):
     return cache(module)
 
 
+def prefill(module, prompt: torch.Tensor, args: argparse.Namespace):
+    """The decoding state after `prompt`, prefilled --prefill-batch sequences at a time and merged (an
+    LDS prefill's features take batch x P x 2K x dim floats: 51 GB at batch 64, P 16k, dim 256)."""
+    chunks = prompt.split(args.prefill_batch)
+    if len(chunks) == 1:
+        return module.prefill(prompt)[1]
+    states = [module.prefill(chunk)[1] for chunk in chunks]
+    return merge_states(states, module) if args.model else merge_states([[s] for s in states], module)[0]
+
+
 @torch.inference_mode()
 def bench_one(module, method: str, batch: int, prompt_len: int, args: argparse.Namespace, device) -> dict:
     """Prefill, warm up, then time decode steps; returns one record (see the module docstring)."""
@@ -155,7 +165,7 @@ def bench_one(module, method: str, batch: int, prompt_len: int, args: argparse.N
     with PeakMemory(device) as peak:
         synchronize(device)
         start = time.perf_counter()
-        state = synthetic_state(module, batch, prompt_len) if synthetic else module.prefill(prompt)[1]
+        state = synthetic_state(module, batch, prompt_len) if synthetic else prefill(module, prompt, args)
         synchronize(device)
         prefill_s = time.perf_counter() - start
         step = GraphedStep(module, tokens[0], state) if method.endswith("-graph") else module.step
@@ -237,6 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-filters", type=int, default=None, help="K, the number of spectral filters")
     parser.add_argument("--batch", type=int, nargs="+", default=[1],
                         help="batch sizes (sequences decoded at once)")
+    parser.add_argument("--prefill-batch", type=int, default=8,
+                        help="prefill at most this many sequences at once (memory), then merge the states")
     parser.add_argument("--num-heads", type=int, default=8)
     parser.add_argument("--window", type=int, default=1024, help="sliding window of attn-window")
     parser.add_argument("--lds-states", type=int, default=80)
@@ -265,8 +277,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"{', '.join(HYBRID)} are models (LDS and attention blocks): add --model")
     if min(args.prompt_lens) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("prompt lengths, --new-tokens and --repeats must be positive, --warmup >= 0")
-    if min(args.batch) < 1:
-        parser.error("--batch sizes must be positive")
+    if min(args.batch) < 1 or args.prefill_batch < 1:
+        parser.error("--batch sizes and --prefill-batch must be positive")
     for method in args.methods:
         if method not in HYBRID:
             mixer_spec(method, args)  # fail on a bad name before any work

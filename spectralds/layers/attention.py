@@ -261,7 +261,8 @@ def merge_caches(caches: list[KVCache], window_size: int | None) -> KVCache:
             merged[:, :, new] = source[:, :, old]
             out.append(merged)
         starts.append(torch.full((cache.k.shape[0],), shift, dtype=torch.long, device=cache.k.device))
-    return KVCache(torch.cat(ks), torch.cat(vs), longest, torch.cat(starts))
+    start = torch.cat(starts)  # all zero (prompts of one length): the plain step, nothing to mask
+    return KVCache(torch.cat(ks), torch.cat(vs), longest, start if start.any() else None)
 
 
 def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:
