@@ -260,20 +260,15 @@ def generate_main(argv: list[str]) -> None:
     check_float("--temperature", a.temperature, minimum=0.0)
     if a.top_k is not None:
         check_int("--top-k", a.top_k, minimum=1)
-
-    def read_prompts(path: str) -> list[str]:
-        """One prompt per line; an empty line or an empty file is an error (not a silent empty prompt)."""
+    texts = list(a.prompt)
+    if a.prompts_file:  # one prompt per line; an empty line or file is an error, never an empty prompt
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open(a.prompts_file, encoding="utf-8") as f:
+                texts += f.read().splitlines() or [""]
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read the prompts file {path} ({first_line(e)})") from e
-        require(bool(lines), f"the prompts file {path} is empty")
-        for number, line in enumerate(lines, 1):
-            require(line.strip() != "", f"line {number} of the prompts file {path} is empty")
-        return lines
-
-    texts = list(a.prompt) + (read_prompts(a.prompts_file) if a.prompts_file else [])
+            raise UserError(f"cannot read the prompts file {a.prompts_file} ({first_line(e)})") from e
+        blank = next((n for n, t in enumerate(texts[len(a.prompt) :], 1) if not t.strip()), None)
+        require(blank is None, f"line {blank} of the prompts file {a.prompts_file} is empty")
     require(bool(texts), "give at least one --prompt or a --prompts-file")
     for i, text in enumerate(texts):
         require(text != "", f"prompt {i + 1} is empty" if len(texts) > 1 else "the prompt is empty")
