@@ -269,9 +269,10 @@ def generate_main(argv: list[str]) -> None:
             raise UserError(f"cannot read the prompts file {a.prompts_file} ({first_line(e)})") from e
         blank = next((n for n, t in enumerate(texts[len(a.prompt) :], 1) if not t.strip()), None)
         require(blank is None, f"line {blank} of the prompts file {a.prompts_file} is empty")
-    require(bool(texts), "give at least one --prompt or a --prompts-file")
+    if not texts:
+        p.error("the following arguments are required: --prompt (or --prompts-file)")
     for i, text in enumerate(texts):
-        require(text != "", f"prompt {i + 1} is empty" if len(texts) > 1 else "the prompt is empty")
+        require(text != "", "the prompt is empty" + (f" (prompt {i + 1})" if len(texts) > 1 else ""))
     checkpoint = read_checkpoint(a.ckpt)
     model = load_model(a.ckpt, checkpoint=checkpoint)  # refuses NaN/Inf weights
     set_decode_method(model, a.decode)
@@ -283,7 +284,7 @@ def generate_main(argv: list[str]) -> None:
     tokenizer = build_tokenizer(spec)
     prompts = [torch.tensor(tokenizer.encode(text), dtype=torch.long) for text in texts]
     for i, prompt in enumerate(prompts):
-        require(prompt.numel() > 0, f"prompt {i + 1} is empty" if len(prompts) > 1 else "the prompt is empty")
+        require(prompt.numel() > 0, "the prompt is empty" + (f" (prompt {i + 1})" if len(texts) > 1 else ""))
     generator = torch.Generator().manual_seed(a.seed)
     # All prompts decode as one batch (different lengths included): each greedy completion is the one
     # that prompt gets alone.

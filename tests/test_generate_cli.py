@@ -42,6 +42,6 @@ def test_generate_several_prompts_and_bad_prompt_input(tmp_path, capsys):
     assert "line 2 of the prompts file" in one_line_error(capsys, [*base, "--prompts-file", str(gap)])
     missing = str(tmp_path / "missing.txt")
     assert "cannot read the prompts file" in one_line_error(capsys, [*base, "--prompts-file", missing])
-    assert "at least one --prompt" in one_line_error(capsys, base)
+    assert "required: --prompt (or --prompts-file)" in one_line_error(capsys, base)
     negative = [*base, "--prompt", "x", "--max-new-tokens", "0"]
     assert "--max-new-tokens must be >= 1" in one_line_error(capsys, negative)
