@@ -245,7 +245,9 @@ def generate_main(argv: list[str]) -> None:
 
     p = CommandParser("spectralds generate", "Generate text from a checkpoint.")
     p.add_argument("--ckpt", required=True, help="a checkpoint written by `spectralds fit`")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a text to continue; repeat it for several (all decode as one batch)")
+    p.add_argument("--prompts-file", default=None, help="a UTF-8 text file of prompts, one per line")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (>= 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (None: all)")
@@ -258,7 +260,19 @@ def generate_main(argv: list[str]) -> None:
     check_float("--temperature", a.temperature, minimum=0.0)
     if a.top_k is not None:
         check_int("--top-k", a.top_k, minimum=1)
-    require(a.prompt != "", "the prompt is empty")
+    texts = list(a.prompt)
+    if a.prompts_file:  # one prompt per line; an empty line or file is an error, never an empty prompt
+        try:
+            with open(a.prompts_file, encoding="utf-8") as f:
+                texts += f.read().splitlines() or [""]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the prompts file {a.prompts_file} ({first_line(e)})") from e
+        blank = next((n for n, t in enumerate(texts[len(a.prompt) :], 1) if not t.strip()), None)
+        require(blank is None, f"line {blank} of the prompts file {a.prompts_file} is empty")
+    if not texts:
+        p.error("the following arguments are required: --prompt (or --prompts-file)")
+    for i, text in enumerate(texts):
+        require(text != "", "the prompt is empty" + (f" (prompt {i + 1})" if len(texts) > 1 else ""))
     checkpoint = read_checkpoint(a.ckpt)
     model = load_model(a.ckpt, checkpoint=checkpoint)  # refuses NaN/Inf weights
     set_decode_method(model, a.decode)
@@ -268,11 +282,17 @@ def generate_main(argv: list[str]) -> None:
             "this model used a BPE tokenizer trained on its corpus: pass --tokenizer tokenizer.json"
         )
     tokenizer = build_tokenizer(spec)
-    prompt = torch.tensor([tokenizer.encode(a.prompt)], dtype=torch.long)
-    require(prompt.shape[1] > 0, "the prompt is empty")
+    prompts = [torch.tensor(tokenizer.encode(text), dtype=torch.long) for text in texts]
+    for i, prompt in enumerate(prompts):
+        require(prompt.numel() > 0, "the prompt is empty" + (f" (prompt {i + 1})" if len(texts) > 1 else ""))
     generator = torch.Generator().manual_seed(a.seed)
-    out = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, generator)
-    print(tokenizer.decode(out[0].tolist()))
+    # All prompts decode as one batch (different lengths included): each greedy completion is the one
+    # that prompt gets alone.
+    outs = generate(model, prompts, a.max_new_tokens, a.temperature, a.top_k, generator)
+    for i, out in enumerate(outs):
+        if len(outs) > 1:
+            print(f"=== completion {i + 1}/{len(outs)} ===")
+        print(tokenizer.decode(out.tolist()))
 
 
 # LightningCLI's subcommands (their options come from the Trainer and the config).

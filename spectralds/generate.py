@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from spectralds.errors import UserError
+from spectralds.layers import futurefill
+from spectralds.layers.attention import KVCache, merge_caches
+from spectralds.layers.futurefill import ConvDecodeState
 from spectralds.layers.registry import DECODE_METHODS, SequenceLayer
 
 
@@ -26,45 +29,91 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def fixed_size_states(states) -> bool:
-    """True when every decoding state is one plain tensor (LDS layers): their shapes never change."""
-    states = states if isinstance(states, (list, tuple)) else [states]
-    return all(isinstance(s, torch.Tensor) for s in states)
+def _mixers(model) -> list:
+    """The sequence layer behind each decoding state: a LanguageModel's mixers, or the model itself."""
+    blocks = getattr(model, "blocks", None)
+    return [block.mixer for block in blocks] if blocks is not None else [model]
+
+
+def static_states(model, states):
+    """`states` with every layer's state in fixed shapes (an LDS tensor, a window's `RingKVCache`), for
+    a step recorded as a CUDA graph; a clear error naming the layer that cannot have one."""
+    single = not isinstance(states, list)
+    converted = []
+    for mixer, state in zip(_mixers(model), [states] if single else states, strict=True):
+        if not isinstance(state, torch.Tensor):
+            if not hasattr(mixer, "static_state"):
+                raise UserError(
+                    f"CUDA-graph decoding needs fixed-size states (LDS layers, sliding-window attention); "
+                    f"{type(mixer).__name__}'s cache grows with the position and its update (a sum over "
+                    "the history, FutureFill's dyadic schedule) changes shape every token"
+                )
+            try:
+                state = mixer.static_state(state)
+            except UserError as err:
+                raise UserError(f"CUDA-graph decoding needs fixed-size states: {err}") from err
+        converted.append(state)
+    return converted[0] if single else converted
+
+
+def _leaves(states) -> list[torch.Tensor]:
+    """Every tensor of a (nested) state, in a fixed order."""
+    if isinstance(states, torch.Tensor):
+        return [states]
+    return [leaf for item in states for leaf in _leaves(item)] if isinstance(states, (list, tuple)) else []
+
+
+def _clone(states):
+    if isinstance(states, torch.Tensor):
+        return states.clone()
+    if isinstance(states, tuple) and hasattr(states, "_fields"):  # a NamedTuple cache
+        return type(states)(*(_clone(s) for s in states))
+    return type(states)(_clone(s) for s in states)
+
+
+def graphable(model, states) -> bool:
+    """True when every state of `model` has (or converts to) fixed shapes: LDS and windowed attention."""
+    try:
+        static_states(model, states)
+    except UserError:
+        return False
+    return True
 
 
 class GraphedStep:
     """`model.step` recorded once as a CUDA graph and replayed for every token.
 
     A decode step of a small model is a few dozen tiny kernels, so on a GPU its time is launch overhead;
-    one graph replay launches them all at once. Only for fixed-size states (the LDS's (batch, channels,
-    h) tensor): an STU or attention cache grows with the position, which a recorded graph cannot follow.
-    The state is updated in place: call it as `logits, states = graphed(token, states)`.
+    one graph replay launches them all at once. Only for fixed-size states: the LDS's (batch, channels,
+    h) tensor and a window's ring buffer with its position as a tensor (`static_states`); an STU or full
+    attention cache grows with the position, which a recorded graph cannot follow. States are updated
+    in place: call it as `logits, states = graphed(token, states)`.
     """
 
     def __init__(self, model, token: torch.Tensor, states) -> None:
         if token.device.type != "cuda":
             raise UserError("CUDA graphs need the model and its inputs on a CUDA device")
-        if not fixed_size_states(states):
-            raise UserError("CUDA-graph decoding needs fixed-size states (LDS layers only); this model "
-                             "has STU or attention layers whose caches grow with the position")
+        self.model = model
         self.token = token.clone()
-        self.states = [s.clone() for s in states]
+        self.states = _clone(static_states(model, states))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (allocations, cached step tables) off the graph
-            for _ in range(2):
-                model.step(self.token, self.states)
+            for _ in range(2):  # on copies: a step writes its caches in place
+                model.step(self.token, _clone(self.states))
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits, new_states = model.step(self.token, self.states)
-            for old, new in zip(self.states, new_states, strict=True):
-                old.copy_(new)
+            for old, new in zip(_leaves(self.states), _leaves(new_states), strict=True):
+                if new is not old:  # a cache written in place is already there
+                    old.copy_(new)
 
-    def __call__(self, token: torch.Tensor, states) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, token: torch.Tensor, states) -> tuple[torch.Tensor, list]:
         self.token.copy_(token)
         if states is not self.states:
-            for old, new in zip(self.states, states, strict=True):
+            given = _leaves(static_states(self.model, states))
+            for old, new in zip(_leaves(self.states), given, strict=True):
                 old.copy_(new)
         self.graph.replay()
         return self.logits, self.states
@@ -100,39 +149,73 @@ def graphed_step(model) -> StepFn:
     return step
 
 
+def merge_states(per_prompt: list[list[Any]], model) -> list[Any]:
+    """Per-block states of prompts prefilled one by one -> one batched state per block, the prompts
+    right-aligned at the longest (see `merge_caches`, `futurefill.merge_states`)."""
+    merged = []
+    for mixer, states in zip(_mixers(model), zip(*per_prompt, strict=True), strict=True):
+        first = states[0]
+        if isinstance(first, torch.Tensor):  # an LDS state: the same at any position, zeros before
+            merged.append(torch.cat(states))
+        elif isinstance(first, KVCache):
+            merged.append(merge_caches(list(states), mixer.window_size))
+        elif isinstance(first, ConvDecodeState):
+            merged.append(futurefill.merge_states(list(states)))
+        else:
+            raise UserError(f"{type(mixer).__name__} cannot decode prompts of different lengths in one batch")
+    return merged
+
+
+def prefill_prompts(model, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[Any]]:
+    """Prefill prompts of any lengths as one batch: one prefill when they share a length, else each
+    alone (exactly its own prefill) and the states merged, every layer then stepping all together."""
+    if len({p.numel() for p in prompts}) == 1:
+        return model.prefill(torch.stack(prompts))
+    prefills = [model.prefill(p[None]) for p in prompts]
+    return torch.cat([logits for logits, _ in prefills]), merge_states([s for _, s in prefills], model)
+
+
 @torch.inference_mode()
 def generate(
     model,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | Sequence[torch.Tensor],
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | list[torch.Tensor]:
     """prompt (B, T) token ids -> (B, T + max_new_tokens). The prompt is run once (prefill).
 
+    prompt may also be a list of 1-D prompts of different lengths -> a list of 1-D tensors, each its
+    prompt + max_new_tokens tokens; they decode as one batch, greedy tokens as if each ran alone.
     cuda_graph: replay each step from a CUDA graph (`GraphedStep`); None = when the model is on a GPU
-    and its states are fixed-size (LDS); True where that is impossible is an error.
+    and its states are fixed-size (LDS, sliding-window attention); True where that is impossible is
+    an error.
     """
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
+    ragged = not isinstance(prompt, torch.Tensor)
+    prompts = list(prompt) if ragged else []
+    if ragged and (not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts)):
+        raise UserError("prompts must be a non-empty list of non-empty 1-D token tensors")
+    if not ragged and (prompt.ndim != 2 or prompt.shape[1] == 0):
         raise UserError("the prompt must be a non-empty (batch, tokens) tensor")
     if temperature < 0:
         raise UserError(f"temperature must be >= 0, got {temperature}")
-    total = prompt.shape[1] + max_new_tokens
-    if total > model.seq_len:
+    longest = max(p.numel() for p in prompts) if ragged else prompt.shape[1]
+    if longest + max_new_tokens > model.seq_len:
         raise UserError(
-            f"prompt ({prompt.shape[1]} tokens) + {max_new_tokens} new tokens exceeds the model's "
+            f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds the model's "
             f"context of {model.seq_len} tokens"
         )
-    logits, states = model.prefill(prompt)
+    logits, states = prefill_prompts(model, prompts) if ragged else model.prefill(prompt)
+    device = logits.device
     if cuda_graph is None:
-        cuda_graph = prompt.device.type == "cuda" and fixed_size_states(states) and max_new_tokens > 2
-    out = [prompt]
+        cuda_graph = device.type == "cuda" and max_new_tokens > 2 and graphable(model, states)
+    new: list[torch.Tensor] = []
 
     def choose(i: int, logits: torch.Tensor) -> torch.Tensor:
         token = sample_next(logits, temperature, top_k, generator)
-        out.append(token[:, None])
+        new.append(token[:, None])
         return token
 
     step = graphed_step(model) if cuda_graph else model.step
@@ -140,7 +223,12 @@ def generate(
     logits, _ = decode_loop(step, logits, states, max(0, max_new_tokens - 1), choose)
     if max_new_tokens > 0:
         choose(max_new_tokens - 1, logits)
-    return torch.cat(out, dim=1)
+    if not new:
+        new.append(torch.zeros(len(logits), 0, dtype=torch.long, device=device))
+    new_tokens = torch.cat(new, dim=1)
+    if ragged:
+        return [torch.cat([p, t.to(p.device)]) for p, t in zip(prompts, new_tokens, strict=True)]
+    return torch.cat([prompt, new_tokens.to(prompt.device)], dim=1)
 
 
 def set_decode_method(model: torch.nn.Module, method: str) -> int:

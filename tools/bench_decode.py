@@ -2,24 +2,29 @@
 
     python tools/bench_decode.py                                  # CPU defaults: one layer, dim 32, K 24
     python tools/bench_decode.py --model --num-layers 4           # a whole small LanguageModel instead
+    python tools/bench_decode.py --model --batch 1 8 64           # tokens/s of batched decoding
     python tools/bench_decode.py --device cuda --dtype bfloat16 --json decode.json --plot decode.png
 
 Methods: STU with the naive cached convolution (O(t) per token) and with FutureFill, the distilled LDS
 (O(1) per token), attention with a full KV cache and with a sliding window; on CUDA also lds-graph, the
 LDS step replayed from a CUDA graph (`spectralds.generate.GraphedStep`, what `generate` uses for LDS
 models on a GPU; fixed-size states make that possible, the growing STU and attention caches do not).
-For each (method, P):
+With --model also lds-attn, the distilled Flash STU (LDS blocks alternating with sliding-window
+attention), and on CUDA lds-attn-graph, the same model decoding from one CUDA graph (the window's KV
+cache a fixed-size ring buffer, the position a device tensor). For each (method, batch, P):
 
   1. prefill the prompt once: its wall time is "prefill s";
   2. run --warmup decode steps (untimed);
   3. --repeats times: copy that state, time --new-tokens steps as one block (CUDA synchronized);
-     "ms/token" = median block time / new tokens. Everything runs under torch.inference_mode().
+     "ms/token" = median block time / new tokens; "tokens/s" = batch / that time (every sequence of
+     the batch gets a token per step). Everything runs under torch.inference_mode().
 
 "state MB" is exact: the bytes of every tensor in the decoding state after step 2. "peak MB" is the
 memory growth over steps 1-2 (CUDA: max_memory_allocated; CPU: sampled resident set size).
 Full attention cannot prefill 64k tokens on a CPU (its O(P^2) prompt pass): above --attn-prefill-max
 its KV cache is filled with random keys/values of the right shape instead (prefill "synthetic"); the
-decode step costs the same, since it only sees the cache's shape.
+decode step costs the same, since it only sees the cache's shape. So is lds-attn's whole state (its LDS
+states random too): SDPA's windowed prompt pass on a CPU is the O(P^2) one.
 """
 
 from __future__ import annotations
@@ -43,12 +48,13 @@ from _bench_common import (
     write_json,
 )
 
-from spectralds.generate import GraphedStep, decode_loop, set_decode_method
+from spectralds.generate import GraphedStep, decode_loop, merge_states, set_decode_method
 from spectralds.layers import DECODE_METHODS, build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
 METHODS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
 CUDA_METHODS = ("lds-graph",)
+HYBRID = ("lds-attn", "lds-attn-graph")  # --model only: LDS and window-attention blocks alternating
 LDS_FLATNESS_LIMIT = 1.3  # the LDS step does not depend on t: ms/token at the longest P vs the shortest
 
 
@@ -63,7 +69,7 @@ def mixer_spec(method: str, args: argparse.Namespace) -> tuple[str, dict, str | 
     layer, _, decode = method.partition("-")  # "stu-naive", "stu_t-futurefill", ...
     if layer in ("stu", "stu_t") and decode in DECODE_METHODS:
         return layer, {"num_filters": args.num_filters}, decode
-    known = ", ".join(METHODS + CUDA_METHODS)
+    known = ", ".join(METHODS + CUDA_METHODS + HYBRID)
     raise SystemExit(f"error: unknown method {method!r}; known: {known} (also stu_t-*)")
 
 
@@ -93,14 +99,18 @@ def lds_system(seq_len: int, args: argparse.Namespace) -> tuple[tuple[torch.Tens
 
 
 def build(method: str, args: argparse.Namespace, seq_len: int, system) -> torch.nn.Module:
-    """One layer, or with --model a LanguageModel whose mixers are all this method's layer."""
-    name, kwargs, decode = mixer_spec(method, args)
+    """One layer, or with --model a LanguageModel whose mixers are all this method's layer (lds-attn:
+    LDS and window attention alternating)."""
+    parts = ["lds", "attn-window"] if method in HYBRID else [method]
+    specs = [mixer_spec(part, args) for part in parts]
+    name, kwargs, decode = specs[0]
     if args.model:
         from spectralds.models.lm import LanguageModel  # imports Lightning: only when asked for
 
         module = LanguageModel(
-            vocab_size=args.vocab_size, dim=args.dim, num_layers=args.num_layers, layer_pattern=[name],
-            seq_len=seq_len, num_filters=args.num_filters, layer_kwargs={name: kwargs},
+            vocab_size=args.vocab_size, dim=args.dim, num_layers=args.num_layers,
+            layer_pattern=[spec[0] for spec in specs], seq_len=seq_len, num_filters=args.num_filters,
+            layer_kwargs={spec[0]: spec[1] for spec in specs},
         )
     else:
         module = build_layer(name, dim=args.dim, seq_len=seq_len, **kwargs)
@@ -113,9 +123,12 @@ def build(method: str, args: argparse.Namespace, seq_len: int, system) -> torch.
 
 
 def synthetic_state(module: torch.nn.Module, batch: int, prompt_len: int):
-    """The KV cache(s) a prefill of `prompt_len` tokens would leave, filled with random values."""
+    """The KV cache(s) (and LDS states) a prefill of `prompt_len` tokens would leave, random values."""
 
-    def cache(attn: SlidingWindowAttention) -> KVCache:
+    def cache(attn: SlidingWindowAttention) -> KVCache | torch.Tensor:
+        if not isinstance(attn, SlidingWindowAttention):  # an LDS: its state has one shape at any P
+            return torch.randn(batch, attn.channels, attn.state_dim, dtype=attn.run_dtype,
+                               device=next(attn.buffers()).device)
         p = next(attn.parameters())
         kept = prompt_len if attn.window_size is None else min(prompt_len, attn.window_size)
         shape = (batch, attn.num_heads, kept, attn.head_dim)
@@ -127,10 +140,20 @@ def synthetic_state(module: torch.nn.Module, batch: int, prompt_len: int):
     return cache(module)
 
 
+def prefill(module, prompt: torch.Tensor, args: argparse.Namespace):
+    """The decoding state after `prompt`, prefilled --prefill-batch sequences at a time and merged (an
+    LDS prefill's features take batch x P x 2K x dim floats: 51 GB at batch 64, P 16k, dim 256)."""
+    chunks = prompt.split(args.prefill_batch)
+    if len(chunks) == 1:
+        return module.prefill(prompt)[1]
+    states = [module.prefill(chunk)[1] for chunk in chunks]
+    return merge_states(states, module) if args.model else merge_states([[s] for s in states], module)[0]
+
+
 @torch.inference_mode()
-def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, device) -> dict:
+def bench_one(module, method: str, batch: int, prompt_len: int, args: argparse.Namespace, device) -> dict:
     """Prefill, warm up, then time decode steps; returns one record (see the module docstring)."""
-    batch, n, dtype = args.batch, args.new_tokens, DTYPES[args.dtype]
+    n, dtype = args.new_tokens, DTYPES[args.dtype]
     if args.model:  # token ids in, logits out
         prompt = torch.randint(args.vocab_size, (batch, prompt_len), device=device)
         tokens = torch.randint(args.vocab_size, (args.warmup + n, batch), device=device)
@@ -138,11 +161,11 @@ def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, de
         prompt = torch.randn(batch, prompt_len, args.dim, device=device, dtype=dtype)
         tokens = torch.randn(args.warmup + n, batch, args.dim, device=device, dtype=dtype)
 
-    synthetic = method.startswith("attn") and prompt_len > args.attn_prefill_max
+    synthetic = ("attn" in method) and prompt_len > args.attn_prefill_max
     with PeakMemory(device) as peak:
         synchronize(device)
         start = time.perf_counter()
-        state = synthetic_state(module, batch, prompt_len) if synthetic else module.prefill(prompt)[1]
+        state = synthetic_state(module, batch, prompt_len) if synthetic else prefill(module, prompt, args)
         synchronize(device)
         prefill_s = time.perf_counter() - start
         step = GraphedStep(module, tokens[0], state) if method.endswith("-graph") else module.step
@@ -160,8 +183,10 @@ def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, de
         times.append(time.perf_counter() - start)
     return {
         "method": method,
+        "batch": batch,
         "prompt_len": prompt_len,
         "ms_per_token": 1e3 * statistics.median(times) / n,
+        "tokens_per_s": batch * n / statistics.median(times),
         "prefill_s": None if synthetic else prefill_s,
         "prefill": "synthetic" if synthetic else "real",
         "state_mb": tensor_bytes(state) / 2**20,
@@ -172,25 +197,39 @@ def bench_one(module, method: str, prompt_len: int, args: argparse.Namespace, de
 
 
 def report(records: list[dict], system_label: str) -> None:
-    """The table, each STU method's slowdown against the LDS per P, and the LDS flatness check."""
+    """The table; per batch, each STU method's slowdown against the LDS per P, the LDS flatness check,
+    the LDS model's tokens/s against full attention's, and the graphed hybrid against the eager one."""
     print(format_table(records, [
-        ("method", "method", "s"), ("prompt_len", "prompt_len", "d"), ("ms/token", "ms_per_token", ".3f"),
+        ("method", "method", "s"), ("batch", "batch", "d"), ("prompt_len", "prompt_len", "d"),
+        ("ms/token", "ms_per_token", ".3f"), ("tokens/s", "tokens_per_s", ".4g"),
         ("prefill s", "prefill_s", ".3f"), ("state MB", "state_mb", ".4g"), ("peak MB", "peak_mem_mb", ".1f"),
         ("LDS system", "system", "s"),
     ]))
-    for name in ("lds", "lds-graph"):
-        lds = {r["prompt_len"]: r["ms_per_token"] for r in records if r["method"] == name}
-        if lds and any(r["method"].startswith("stu") for r in records):
-            print(f"\nms/token of each STU method relative to {name} ({system_label} system):")
-            for p, base in lds.items():
-                ratios = [f"{r['method']} {r['ms_per_token'] / base:.2f}x" for r in records
-                          if r["prompt_len"] == p and r["method"].startswith("stu")]
-                print(f"  P={p}: " + ", ".join(ratios))
-        if len(lds) > 1:
-            short, long = min(lds), max(lds)
-            ratio = lds[long] / lds[short]
-            verdict = "flat" if ratio <= LDS_FLATNESS_LIMIT else f"NOT flat (limit {LDS_FLATNESS_LIMIT}x)"
-            print(f"{name} flatness: ms/token at P={long} / P={short} = {ratio:.2f} -> {verdict}")
+    ms = {(r["method"], r["batch"], r["prompt_len"]): r["ms_per_token"] for r in records}
+    batches = sorted({r["batch"] for r in records})
+    for name in ("lds", "lds-graph", "lds-attn-graph"):
+        for batch in batches:
+            lds = {p: t for (m, b, p), t in ms.items() if m == name and b == batch}
+            if lds and name != "lds-attn-graph" and any(r["method"].startswith("stu") for r in records):
+                print(f"\nms/token of each STU method relative to {name} ({system_label} system), "
+                      f"batch {batch}:")
+                for p, base in lds.items():
+                    ratios = [f"{m} {t / base:.2f}x" for (m, b, q), t in ms.items()
+                              if q == p and b == batch and m.startswith("stu")]
+                    print(f"  P={p}: " + ", ".join(ratios))
+            if len(lds) > 1:
+                short, long = min(lds), max(lds)
+                ratio = lds[long] / lds[short]
+                verdict = "flat" if ratio <= LDS_FLATNESS_LIMIT else f"NOT flat (limit {LDS_FLATNESS_LIMIT}x)"
+                print(f"{name} flatness, batch {batch}: ms/token at P={long} / P={short} = {ratio:.2f} "
+                      f"-> {verdict}")
+    goals = (("lds", "attn-full", 10), ("lds-graph", "attn-full", 10), ("lds-attn-graph", "lds-attn", 5))
+    for fast, slow, goal in goals:
+        pairs = sorted((b, p, ms[slow, b, p] / t) for (m, b, p), t in ms.items()
+                       if m == fast and (slow, b, p) in ms)
+        if pairs:
+            print(f"\ntokens/s of {fast} / {slow} (goal >= {goal}x at the largest batch and P):")
+            print("  " + ", ".join(f"batch {b} P={p}: {x:.1f}x" for b, p, x in pairs))
     synthetic = sorted({r["prompt_len"] for r in records if r["prefill"] == "synthetic"})
     if synthetic:
         print(f"attention at P in {synthetic}: KV cache synthesized (random values, real shape), no prefill")
@@ -206,7 +245,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"default: {' '.join(METHODS)} (+ {' '.join(CUDA_METHODS)} on CUDA)")
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--num-filters", type=int, default=None, help="K, the number of spectral filters")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="batch sizes (sequences decoded at once)")
+    parser.add_argument("--prefill-batch", type=int, default=8,
+                        help="prefill at most this many sequences at once (memory), then merge the states")
     parser.add_argument("--num-heads", type=int, default=8)
     parser.add_argument("--window", type=int, default=1024, help="sliding window of attn-window")
     parser.add_argument("--lds-states", type=int, default=80)
@@ -229,12 +271,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.device != "cuda" and any(m in CUDA_METHODS for m in args.methods):
-        parser.error(f"{', '.join(CUDA_METHODS)} need --device cuda")
+    if args.device != "cuda" and any(m.endswith("-graph") for m in args.methods):
+        parser.error(f"{', '.join(CUDA_METHODS)} and lds-attn-graph need --device cuda")
+    if any(m in HYBRID for m in args.methods) and not args.model:
+        parser.error(f"{', '.join(HYBRID)} are models (LDS and attention blocks): add --model")
     if min(args.prompt_lens) < 1 or args.new_tokens < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("prompt lengths, --new-tokens and --repeats must be positive, --warmup >= 0")
+    if min(args.batch) < 1 or args.prefill_batch < 1:
+        parser.error("--batch sizes and --prefill-batch must be positive")
     for method in args.methods:
-        mixer_spec(method, args)  # fail on a bad name before any work
+        if method not in HYBRID:
+            mixer_spec(method, args)  # fail on a bad name before any work
     return args
 
 
@@ -245,18 +292,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     wants_lds = any(m.startswith("lds") for m in args.methods)
     system, system_label = lds_system(seq_len, args) if wants_lds else (None, "none")
     what = f"LanguageModel with {args.num_layers} layers" if args.model else "single layer"
-    print(f"{what}, dim {args.dim}, K {args.num_filters}, batch {args.batch}, seq_len {seq_len}, "
+    batches = " ".join(map(str, args.batch))
+    print(f"{what}, dim {args.dim}, K {args.num_filters}, batch {batches}, seq_len {seq_len}, "
           f"{args.dtype}, {args.new_tokens} timed tokens x {args.repeats} repeats, LDS: {system_label} "
           f"system with {args.lds_states} states\n", flush=True)
 
     records = []
     for method in args.methods:
         module = build(method, args, seq_len, system)
-        for prompt_len in sorted(args.prompt_lens):
-            record = bench_one(module, method, prompt_len, args, device)
-            record["system"] = system_label if method.startswith("lds") else None
-            records.append(record)
-            print(f"  {method:15} P={prompt_len:<6} {record['ms_per_token']:8.3f} ms/token", flush=True)
+        for batch in args.batch:
+            for prompt_len in sorted(args.prompt_lens):
+                record = bench_one(module, method, batch, prompt_len, args, device)
+                record["system"] = system_label if method.startswith("lds") else None
+                records.append(record)
+                print(f"  {method:15} batch {batch:<4} P={prompt_len:<6} {record['ms_per_token']:8.3f} "
+                      f"ms/token {record['tokens_per_s']:10.1f} tokens/s", flush=True)
         del module
     print()
     report(records, system_label)
@@ -264,9 +314,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_json(args.json, records, args)
     if args.plot:
         title = f"decode, {what}, dim {args.dim}, K {args.num_filters}, {args.dtype} on {device}"
+        for r in records:  # one line per method and batch size
+            r["series"] = r["method"] if len(args.batch) == 1 else f"{r['method']} b{r['batch']}"
         plot_panels(args.plot, [{"x": "prompt_len", "y": "ms_per_token", "ylabel": "ms / token"},
+                                {"x": "prompt_len", "y": "tokens_per_s", "ylabel": "tokens / s"},
                                 {"x": "prompt_len", "y": "state_mb", "ylabel": "decode state (MB)"}],
-                    records, "method", title)
+                    records, "series", title)
+        for r in records:
+            del r["series"]
     return records
 
 

@@ -3,11 +3,11 @@
 # Results (logs, JSON, PNG) go to $OUT (default gpu_results/). Each step has its own time limit so one slow
 # step cannot starve the rest; a failing step is reported and the next one still runs.
 #
-#     bash tools/run_gpu_suite.sh            # everything, ~9 min on an H100
+#     bash tools/run_gpu_suite.sh            # everything, ~13 min on an H100
 #     STEPS="tests decode" bash tools/run_gpu_suite.sh
 set -uo pipefail
 OUT=${OUT:-gpu_results}
-STEPS=${STEPS:-"tests decode throughput model340m suite"}
+STEPS=${STEPS:-"tests decode decode_hybrid decode_batched throughput model340m suite"}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,6 +29,18 @@ $PY -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/n
 step tests 150 $PY -m pytest -q -rs -m gpu tests
 step decode 200 $PY tools/bench_decode.py --device cuda --dtype bfloat16 --model --num-layers 4 --dim 256 \
   --attn-prefill-max 100000 --json "$OUT/decode_cuda.json" --plot "$OUT/decode_cuda.png"
+# The distilled Flash STU (LDS + window-1024 attention blocks) from one CUDA graph against its eager step:
+# the goal is ms/token flat in P and >= 5x faster ("lds-attn-graph flatness" and "tokens/s of
+# lds-attn-graph / lds-attn" in the log). Prompts above 4096 get synthetic caches (SDPA's windowed
+# prompt pass is O(P^2) without flash-attn); the step costs the same.
+step decode_hybrid 150 $PY tools/bench_decode.py --device cuda --dtype bfloat16 --model --num-layers 4 --dim 256 \
+  --methods lds-attn lds-attn-graph --prompt-lens 1024 4096 16384 65536 --attn-prefill-max 4096 \
+  --json "$OUT/decode_hybrid_cuda.json" --plot "$OUT/decode_hybrid_cuda.png"
+# Batched decoding: tokens/s and state memory at batch 1, 8, 64 for every decoder (LDS vs full attention).
+step decode_batched 240 $PY tools/bench_decode.py --device cuda --dtype bfloat16 --model --num-layers 4 --dim 256 \
+  --batch 1 8 64 --prompt-lens 1024 16384 --attn-prefill-max 4096 --new-tokens 32 --repeats 3 \
+  --methods stu-naive stu-futurefill lds lds-graph attn-full attn-window lds-attn lds-attn-graph \
+  --json "$OUT/decode_batched_cuda.json" --plot "$OUT/decode_batched_cuda.png"
 step throughput 150 $PY tools/bench_throughput.py --device cuda --dtype bfloat16 \
   --json "$OUT/throughput_cuda.json" --plot "$OUT/throughput_cuda.png"
 # The 340M configs' shapes (configs/flash_stu_340m.yaml; the Transformer here has the same MLP, 355M).

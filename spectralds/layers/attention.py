@@ -11,6 +11,10 @@ takes it on CPU; "flex" forces it (tests compare it with SDPA there, without gra
 Decoding keeps a KV cache of at most `window_size` entries, stored after rotation. It is preallocated
 and written in place (a ring buffer for a window, a buffer that doubles for full attention), so a step
 does not copy the cache; after rotation the order of the cached entries does not matter to attention.
+Prompts of different lengths share one cache (`merge_caches`): each is right-aligned at the longest,
+its padding slots masked and its queries rotated by its own position. `static_state` turns a window's
+cache into a `RingKVCache`, whose every field (the position too) is a fixed-shape tensor: a step on it
+can be recorded once as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -39,21 +43,39 @@ _compiled_flex = None  # flex_attention is only fused under torch.compile: compi
 
 class KVCache(NamedTuple):
     """k, v: (batch, heads, capacity, head_dim), already rotated; the first `entries` slots are valid
-    and, with a window, position p lives in slot p % window_size. pos: position of the next token."""
+    and, with a window, position p lives in slot p % window_size. pos: position of the next token.
+
+    start: None, or per sequence (batch,) the position of its first token when prompts of different
+    lengths were right-aligned (`merge_caches`): sequence b is at position pos - start[b], and slots
+    holding positions before start[b] are padding, never attended to.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: int
+    start: torch.Tensor | None = None
 
     def entries(self, window_size: int | None) -> int:
         return self.pos if window_size is None else min(self.pos, window_size)
 
 
+class RingKVCache(NamedTuple):
+    """A window's cache in fixed shapes: k, v (batch, heads, window, head_dim), position p of sequence b
+    in slot p % window; pos (batch,) int64, each sequence's next position, on the cache's device."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate channel pairs (i, i + head_dim/2) of x (..., T, head_dim) by positions (T,) * theta^(-2i/hd)."""
+    """Rotate channel pairs (i, i + head_dim/2) of x (..., T, head_dim) by positions * theta^(-2i/hd).
+
+    positions: (T,), or any shape broadcasting against x's leading dims, e.g. (batch, 1, 1) per sequence.
+    """
     half = x.shape[-1] // 2
     freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
-    angles = positions.to(torch.float64)[:, None] * freqs  # float64: exact angles at large positions
+    angles = positions.to(torch.float64)[..., None] * freqs  # float64: exact angles at large positions
     cos, sin = _at_least_float32(angles.cos(), x.dtype), _at_least_float32(angles.sin(), x.dtype)
     x1, x2 = _at_least_float32(x[..., :half]), _at_least_float32(x[..., half:])
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
@@ -213,9 +235,16 @@ class SlidingWindowAttention(SequenceLayer):
         empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
         return KVCache(empty, empty, 0)
 
-    def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+    def step(
+        self, x_t: torch.Tensor, state: KVCache | RingKVCache
+    ) -> tuple[torch.Tensor, KVCache | RingKVCache]:
         """One token against the cache, updated in place (grown when full, not copied per token)."""
-        q, k, v = self._qkv(x_t[:, None], torch.tensor([state.pos], device=x_t.device))
+        if isinstance(state, RingKVCache):
+            return self._ring_step(x_t, state)
+        positions = torch.tensor([state.pos], device=x_t.device)
+        if state.start is not None:  # right-aligned prompts: each query at its own position
+            positions = (state.pos - state.start)[:, None, None]
+        q, k, v = self._qkv(x_t[:, None], positions)
         cache_k, cache_v = state.k, state.v
         n = state.entries(self.window_size)
         slot = n if self.window_size is None else state.pos % self.window_size
@@ -225,12 +254,79 @@ class SlidingWindowAttention(SequenceLayer):
             cache_k, cache_v = (_grown(t, capacity) for t in (cache_k, cache_v))
         cache_k[:, :, slot], cache_v[:, :, slot] = k[:, :, 0], v[:, :, 0]
         valid = min(n + 1, cache_k.shape[2])
-        keys, values = cache_k[:, :, :valid], cache_v[:, :, :valid]
-        scores = _at_least_float32(q @ keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, heads, 1, valid)
+        mask = None
+        if state.start is not None:  # the position each slot holds; padding (before start) is masked
+            held = torch.arange(valid, device=x_t.device)
+            if self.window_size is not None:
+                held = state.pos - (state.pos - held) % self.window_size
+            mask = held >= state.start[:, None]
+        y = self._attend_cache(q, cache_k[:, :, :valid], cache_v[:, :, :valid], mask)
+        return self.o_proj(y.flatten(1)), KVCache(cache_k, cache_v, state.pos + 1, state.start)
+
+    def _ring_step(self, x_t: torch.Tensor, state: RingKVCache) -> tuple[torch.Tensor, RingKVCache]:
+        """The step on fixed shapes: no Python number depends on the position (CUDA-graph safe)."""
+        batch, window = x_t.shape[0], state.k.shape[2]
+        q, k, v = self._qkv(x_t[:, None], state.pos[:, None, None])
+        slot = (state.pos % window).view(batch, 1, 1, 1).expand(batch, self.num_heads, 1, self.head_dim)
+        state.k.scatter_(2, slot, k)
+        state.v.scatter_(2, slot, v)
+        # Slot j is filled once position j was: before the ring wraps, j <= pos; after, every slot.
+        mask = torch.arange(window, device=x_t.device) <= state.pos[:, None]
+        y = self._attend_cache(q, state.k, state.v, mask)
+        return self.o_proj(y.flatten(1)), RingKVCache(state.k, state.v, state.pos + 1)
+
+    def _attend_cache(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One query per sequence (B, heads, 1, hd) against cached keys; mask (B, slots) or None."""
+        scores = _at_least_float32(q @ keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, heads, 1, slots)
         if self.softcap is not None:
             scores = self.softcap * torch.tanh(scores / self.softcap)
-        y = scores.softmax(-1).to(values.dtype) @ values
-        return self.o_proj(y.flatten(1)), KVCache(cache_k, cache_v, state.pos + 1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+        return scores.softmax(-1).to(values.dtype) @ values
+
+    def static_state(self, state: KVCache | RingKVCache) -> RingKVCache:
+        """The same cache as a `RingKVCache` (fixed shapes), for a step recorded as a CUDA graph."""
+        if isinstance(state, RingKVCache):
+            return state
+        if self.window_size is None:
+            raise UserError("full attention cannot decode from a CUDA graph: its KV cache grows with "
+                            "every token, and a recorded graph replays fixed shapes (use a window)")
+        window, batch = self.window_size, state.k.shape[0]
+        start = state.start if state.start is not None else torch.zeros(batch, dtype=torch.long)
+        start = start.to(state.k.device)
+        # Sequence b's position p sits in slot (p + start[b]) % window (aligned); the ring wants p % window.
+        source = (torch.arange(window, device=state.k.device) + start[:, None]) % window  # (B, window)
+        index = source[:, None, :, None].expand(batch, self.num_heads, window, self.head_dim)
+        k, v = (_grown(t, window).gather(2, index) for t in (state.k, state.v))
+        return RingKVCache(k, v, state.pos - start)
+
+
+def merge_caches(caches: list[KVCache], window_size: int | None) -> KVCache:
+    """One cache for prompts of different lengths, each cache fresh from its own prefill.
+
+    The prompts are right-aligned at the longest, P: a prompt of length T becomes P - T padding slots
+    (masked, `KVCache.start`) then its own entries, so one slot index serves the whole batch. Each
+    sequence keeps its own RoPE positions, so its outputs are those of its prefill decoded alone.
+    """
+    longest = max(c.pos for c in caches)
+    capacity = longest if window_size is None else min(longest, window_size)
+    ks, vs, starts = [], [], []
+    for cache in caches:
+        if cache.start is not None:
+            raise UserError("merge_caches takes caches fresh from a prefill, not already merged ones")
+        shift, kept = longest - cache.pos, cache.entries(window_size)
+        positions = torch.arange(cache.pos - kept, cache.pos, device=cache.k.device)
+        old = positions if window_size is None else positions % window_size
+        new = positions + shift if window_size is None else (positions + shift) % window_size
+        for source, out in ((cache.k, ks), (cache.v, vs)):
+            merged = source.new_zeros(*source.shape[:2], capacity, source.shape[3])
+            merged[:, :, new] = source[:, :, old]
+            out.append(merged)
+        starts.append(torch.full((cache.k.shape[0],), shift, dtype=torch.long, device=cache.k.device))
+    start = torch.cat(starts)  # all zero (prompts of one length): the plain step, nothing to mask
+    return KVCache(torch.cat(ks), torch.cat(vs), longest, start if start.any() else None)
 
 
 def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -139,6 +139,37 @@ def step(layer: Any, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.T
     return y.to(x_t.dtype), state
 
 
+@torch.no_grad()
+def merge_states(states: list[ConvDecodeState]) -> ConvDecodeState:
+    """One batched state for prompts of different lengths, each state fresh from its own prefill.
+
+    Every prompt is right-aligned at the longest, P, as if preceded by zero inputs: a convolution is
+    time-invariant and zeros add nothing, so each sequence's outputs are those it gets decoded alone.
+    Naive: the reversed history moves up by the shift; FutureFill: the future buffer moves right by it
+    (what falls off the end lies past seq_len - P + T, where no token of that prompt is decoded).
+    """
+    first, longest = states[0], max(s.pos for s in states)
+    if any(s.pos != s.start or s.method != first.method for s in states):
+        raise UserError("merge_states takes states fresh from a prefill, all of one decode method")
+    rows = []
+    for s in states:
+        shift = longest - s.pos
+        if s.method == "naive":
+            length = s.inputs.shape[1]
+            rows.append(torch.roll(s.inputs, -shift, dims=1))  # rows before the history are zeros
+            rows[-1][:, length - shift :] = 0
+        else:
+            rows.append(torch.nn.functional.pad(s.future, (0, 0, shift, 0))[:, : s.future.shape[1]])
+    merged = torch.cat(rows)
+    if first.method == "naive":
+        return ConvDecodeState("naive", longest, longest, first.kernel, first.weight, merged)
+    capacity = min(_INITIAL_CACHE, merged.shape[1] - longest)
+    inputs = first.inputs.new_zeros(merged.shape[0], *first.inputs.shape[1:-1], capacity)
+    # Taps and spectra depend only on the kernel, which every state shares.
+    return ConvDecodeState("futurefill", longest, longest, first.kernel, first.weight, inputs, merged,
+                           dict(first.cache))
+
+
 def _futurefill_update(layer: Any, state: ConvDecodeState, z_t: torch.Tensor) -> None:
     t, r = state.pos, state.pos - state.start  # r: index of this token among the generated ones
     capacity = state.inputs.shape[-1]
