@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spectralds.cli_import_fit import import_fit_main
+from spectralds.cli_fits import import_fit_main
 from spectralds.distill import fit_filters, load_fit
 from spectralds.distill.released import import_released, measure
 from spectralds.errors import UserError
