@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--obs-noise", type=float, default=0.1)
     p.add_argument("--proc-noise", type=float, default=0.01)
     p.add_argument("--step", choices=["norm", "diag"], default="norm", help="OGD step sizes (online_loss)")
+    p.add_argument("--no-ar", action="store_true",
+                   help="ablation: the learners get no y features (the comparator keeps them)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--quick", action="store_true")
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> dict:
             for kind in LEARNERS:
                 start = time.perf_counter()
                 f = f_full if kind == "hankel_full" else features(u, y, bank(kind, T, args.num_filters))
+                f = f[:, 2:] if args.no_ar else f  # columns 0, 1: y_{t-1}, y_{t-2}
                 losses = online_loss(f, y, args.step)
                 row[kind] = float(losses.sum())
                 row[kind + "_regret"] = float(losses.sum()) - comparator
