@@ -151,3 +151,20 @@ def test_synthetic_config_validates_and_checkpoints_every_interval_across_epochs
     assert run_cli(args) == 0
     ckpts = {p.name: torch.load(p, weights_only=False)["global_step"] for p in tmp_path.rglob("*.ckpt")}
     assert ckpts["last.ckpt"] == 6, ckpts
+
+
+def test_synthetic_lds_tool_quick_run(tmp_path, capsys):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import synthetic_lds
+
+    out = tmp_path / "fig1.json"
+    synthetic_lds.main(["--quick", "--json", str(out), "--models", "stu", "stu->lds", "stu_ar", "stu_bare"])
+    models = json.loads(out.read_text())["models"]
+    assert set(models) == {"stu", "stu->lds", "stu_ar", "stu_bare"}
+    assert [s for s, _ in models["stu->lds"]["curve"]] == [2, 4]
+    # the distilled copy computes the STU's function (64 fitted states at L = 256)
+    assert abs(models["stu->lds"]["final"] / models["stu"]["final"] - 1) < 1e-3
+    assert "stu_bare" in capsys.readouterr().out

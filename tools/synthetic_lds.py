@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> dict:
     data_cfg = load_config("stu")["data"]["init_args"]
     if args.noise is not None:
         data_cfg["noise"] = args.noise
+    if args.quick:  # smoke tests: fewer sequences
+        data_cfg.update(num_train=64, num_val=8)
     data = SyntheticLDSDataModule(**{**data_cfg, "seed": args.seed})
     data.setup()
     val = list(data.val_dataloader())
