@@ -169,3 +169,26 @@ def test_a_wrong_ar_term_is_measured():
 def test_bad_ar_order(bad):
     with pytest.raises(UserError):
         build_layer("stu", dim=2, seq_len=8, num_filters=2, ar_order=bad)
+
+
+@pytest.mark.parametrize("pattern", [["stu"], ["stu_t", "attn"]])
+def test_language_model_with_ar_layers_decodes_like_its_forward(pattern):
+    from spectralds.models.lm import LanguageModel
+
+    torch.manual_seed(0)
+    kwargs = {name: {"ar_order": 2} for name in ("stu", "stu_t")} | {"attn": {"num_heads": 2}}
+    model = LanguageModel(vocab_size=11, dim=16, num_layers=2, layer_pattern=pattern, seq_len=24,
+                          num_filters=4, layer_kwargs={k: v for k, v in kwargs.items() if k in pattern},
+                          mlp_ratio=2.0).double().eval()
+    for block in model.blocks:
+        if getattr(block.mixer, "ar", None) is not None:
+            randomize_ar(block.mixer)
+    idx = torch.randint(0, 11, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        logits, states = model.prefill(idx[:, :7])  # the logits of the last prompt position
+        steps = [logits[:, None]]
+        for t in range(7, 20):
+            step_logits, states = model.step(idx[:, t], states)
+            steps.append(step_logits[:, None])
+    assert torch.allclose(torch.cat(steps, 1), full[:, 6:], rtol=1e-9, atol=1e-10)
