@@ -66,7 +66,7 @@ def test_tiny_fit_logs_tensorboard_and_saves_config(tmp_path):
 
 def test_unknown_layer_name(capsys):
     err = one_line_error(capsys, ["fit", "--config", TINY, "--model.init_args.layer_pattern=[stu, mamba]"])
-    assert err == "spectralds: error: unknown layer 'mamba'; registered layers: attn, lds, stu, stu_t"
+    assert err == "spectralds: error: unknown layer 'mamba'; registered layers: attn, lds, lds_ar, stu, stu_t"
 
 
 def test_missing_data_path(capsys):

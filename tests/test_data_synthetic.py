@@ -1,12 +1,16 @@
 """The synthetic LDS regression task: the system, the FFT outputs against a plain recurrence, the batches."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spectralds.data import DiagonalLDS, SyntheticLDSDataModule
+from spectralds.models.regression import SequenceRegression
 
 
 def recurrence(system: DiagonalLDS, u: np.ndarray) -> np.ndarray:
@@ -113,3 +117,54 @@ def test_synthetic_errors():
         dm = SyntheticLDSDataModule(num_train=2, num_val=1)
         dm.setup()
         dm.train_dataset[2]
+
+
+# ---- the synthetic configs: a linear model, validation every 100 steps across epochs ------------------
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_regression_model_without_prenorm_is_linear(prenorm):
+    torch.manual_seed(0)
+    model = SequenceRegression(d_in=3, d_out=2, dim=8, seq_len=16, num_filters=4, prenorm=prenorm).double()
+    u1, u2 = torch.randn(2, 2, 16, 3, dtype=torch.float64)
+    gap = (model(2 * u1 - 3 * u2) - (2 * model(u1) - 3 * model(u2))).abs().max().item()
+    # RMSNorm divides each token by its own norm: the pre-norm model is far from linear
+    assert gap < 1e-12 if not prenorm else gap > 1e-3
+    assert ("blocks.0.norm1.weight" in model.state_dict()) == prenorm  # prenorm=True keys unchanged
+
+
+def test_zero_init_out_starts_as_the_zero_predictor():
+    model = SequenceRegression(d_in=3, d_out=2, dim=8, seq_len=16, num_filters=4, zero_init_out=True)
+    assert torch.equal(model(torch.randn(2, 16, 3)), torch.zeros(2, 16, 2))
+
+
+def test_synthetic_config_validates_and_checkpoints_every_interval_across_epochs(cli_env, tmp_path):
+    # 3 batches per epoch and val_check_interval 2: validation must come at steps 2, 4 and 6, and
+    # last.ckpt must be step 6 (a per-epoch interval validated at steps 2 and 5 only).
+    config = Path(__file__).resolve().parents[1] / "configs" / "synthetic_stu.yaml"
+    sizes = ["--data.init_args.num_train=6", "--data.init_args.batch_size=2", "--data.init_args.seq_len=16",
+             "--data.init_args.num_val=2", "--data.init_args.state_dim=4", "--model.init_args.seq_len=16",
+             "--model.init_args.num_filters=4", "--model.init_args.dim=8"]
+    args = ["fit", "--config", str(config), *sizes, "--trainer.max_steps=6", "--trainer.val_check_interval=2",
+            "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false"]
+    assert run_cli(args) == 0
+    ckpts = {p.name: torch.load(p, weights_only=False)["global_step"] for p in tmp_path.rglob("*.ckpt")}
+    assert ckpts["last.ckpt"] == 6, ckpts
+
+
+def test_synthetic_lds_tool_quick_run(tmp_path, capsys):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import synthetic_lds
+
+    out = tmp_path / "fig1.json"
+    synthetic_lds.main(["--quick", "--json", str(out), "--models", "stu", "stu->lds", "stu_ar", "stu_bare"])
+    models = json.loads(out.read_text())["models"]
+    assert set(models) == {"stu", "stu->lds", "stu_ar", "stu_bare"}
+    assert [s for s, _ in models["stu->lds"]["curve"]] == [2, 4]
+    # the distilled copy computes the STU's function (64 fitted states at L = 256)
+    assert abs(models["stu->lds"]["final"] / models["stu"]["final"] - 1) < 1e-3
+    assert "stu_bare" in capsys.readouterr().out

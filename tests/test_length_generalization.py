@@ -171,3 +171,50 @@ def test_config_runs_as_spectralds_fit(tmp_path):
         cli = SpectraLDSCLI(args=["fit", *config, *shrink])
     assert cli.trainer.global_step == 2
     assert math.isfinite(cli.trainer.callback_metrics["val/mse"].item())
+
+
+# ---- tools/online_length_generalization.py: the online protocol of arXiv 2411.01035 ---------------------
+
+
+@pytest.fixture(scope="module")
+def online():
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
+    return importlib.import_module("online_length_generalization")
+
+
+def test_online_features_against_a_direct_sum(online):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    u, y, filters = rng.standard_normal(40), rng.standard_normal(40), rng.standard_normal((7, 3))
+    f = online.features(u, y, filters)
+    t = 25
+    direct = [sum(filters[s, k] * u[t - s] for s in range(7)) for k in range(3)]
+    alt = [sum((-1) ** s * filters[s, k] * u[t - s] for s in range(7)) for k in range(3)]
+    assert np.allclose(f[t], [y[t - 1], y[t - 2], u[t], u[t - 1], *direct, *alt], atol=1e-12)
+    assert f[0, 0] == f[0, 1] == f[1, 1] == 0  # nothing before the stream starts
+
+
+def test_online_learner_converges_on_a_realizable_stream_and_the_comparator_is_exact(online):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((4000, 5))
+    w = rng.standard_normal(5)
+    y = f @ w  # realizable, noiseless: the hindsight comparator's loss is 0
+    losses = online.online_loss(f, y)
+    assert online.hindsight_loss(f, y) < 1e-20
+    assert losses[-500:].mean() < 1e-3 * losses[:500].mean()
+
+
+def test_online_quick_run_reports_regret_and_slopes(online, tmp_path, capsys):
+    out = tmp_path / "online.json"
+    online.main(["--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert {r["T"] for r in result["rows"]} == {64, 128}
+    for row in result["rows"]:
+        for kind in online.LEARNERS:  # regret = learner's loss - the full-context comparator's
+            assert math.isclose(row[kind + "_regret"], row[kind] - row["comparator"])
+            assert row[kind + "_own_hindsight"] <= row[kind]
+    assert "fitted slope" in capsys.readouterr().out

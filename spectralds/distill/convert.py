@@ -51,8 +51,12 @@ def lds_from_stu(stu: nn.Module, fit: LDSFit) -> LDS:
         raise UserTypeError(f"expected an STU or STU-T layer, got {type(stu).__name__}")
     check_fit_matches(stu, fit)
     tensordot = isinstance(stu, STUTensordot)
+    # AR terms (spectralds.layers.ar) are not part of the convolution: carried over unchanged.
+    ar = {"ar_order": stu.ar.order} if stu.ar is not None else {}
+    # A float64 STU distills to a float64 LDS (the scan's run dtype), any other to float32.
+    dtype = torch.float64 if next(stu.parameters()).dtype == torch.float64 else torch.float32
     lds = build_layer(
-        "lds",
+        "lds_ar" if ar else "lds",
         dim=stu.dim,
         dim_out=stu.dim_out,
         seq_len=stu.seq_len,
@@ -60,12 +64,15 @@ def lds_from_stu(stu: nn.Module, fit: LDSFit) -> LDS:
         state_dim=fit.state_dim,
         mode="tensordot" if tensordot else "exact",
         learnable=False,
+        **({"dtype": "float64"} if dtype == torch.float64 else {}),
+        **ar,
     )
     lds.set_system(fit.A, fit.B, fit.C, learnable=False)
     names = ("M_inputs", "M_filters_plus", "M_filters_minus") if tensordot else ("M_phi_plus", "M_phi_minus")
+    names += ("ar.M_u", "ar.M_y") if ar else ()
     with torch.no_grad():
         for name in names:
-            getattr(lds, name).copy_(getattr(stu, name))
+            lds.get_parameter(name).copy_(stu.get_parameter(name))
     return lds.to(next(stu.parameters()).device)
 
 
@@ -107,17 +114,25 @@ def _probe_pair(stu: nn.Module, lds: LDS, channels: int) -> tuple[nn.Module, LDS
     dims = {"dim": cin.numel(), "dim_out": cout.numel(), "seq_len": stu.seq_len,
             "num_filters": stu.num_filters}
     kind = "stu_t" if tensordot else "stu"
-    small_stu = build_layer(kind, variant=stu.variant, filters=stu.phi.cpu(), **dims)
-    small_lds = build_layer("lds", state_dim=lds.state_dim, mode=lds.mode, learnable=False, **dims)
+    ar = {"ar_order": stu.ar.order} if stu.ar is not None else {}
+    small_stu = build_layer(kind, variant=stu.variant, filters=stu.phi.cpu(), **dims, **ar)
+    small_lds = build_layer("lds_ar" if ar else "lds", state_dim=lds.state_dim, mode=lds.mode,
+                            learnable=False, **dims, **ar)
     small_lds.set_system(*(p.detach().cpu() for p in lds.system()), learnable=False)
-    if tensordot:
-        names, pick = ("M_inputs", "M_filters_plus", "M_filters_minus"), (
-            lambda m, n: m[cin][:, cout] if n == "M_inputs" else m[:, cout])
-    else:
-        names, pick = ("M_phi_plus", "M_phi_minus"), (lambda m, n: m[:, cin][:, :, cout])
+    names = ("M_inputs", "M_filters_plus", "M_filters_minus") if tensordot else ("M_phi_plus", "M_phi_minus")
+    names += ("ar.M_u", "ar.M_y") if ar else ()
+
+    def pick(m: torch.Tensor, name: str) -> torch.Tensor:
+        if name == "M_inputs":
+            return m[cin][:, cout]
+        if name in ("M_phi_plus", "M_phi_minus", "ar.M_u"):
+            return m[:, cin][:, :, cout]
+        # ar.M_y: outputs feed back only through the kept channels, in both small layers alike
+        return m[:, cout][:, :, cout] if name == "ar.M_y" else m[:, cout]
+
     for small, big in ((small_stu, stu), (small_lds, lds)):
         for name in names:
-            getattr(small, name).copy_(pick(getattr(big, name).detach().cpu(), name))
+            small.get_parameter(name).copy_(pick(big.get_parameter(name).detach().cpu(), name))
     device = stu.phi.device
     return small_stu.to(device), small_lds.to(device), cin.numel()
 

@@ -40,7 +40,9 @@ class Block(nn.Module):
     """x = x + mixer(norm1(x)); x = x + mlp(norm2(x)).
 
     `block.mixer` is any sequence layer (STU, LDS, attention, ...): swapping one for another is a
-    single assignment. mlp_hidden=None builds a block without MLP.
+    single assignment. mlp_hidden=None builds a block without MLP. prenorm=False drops norm1 (an
+    identity, no parameters): x = x + mixer(x), so a block of linear mixers stays linear (RMSNorm divides
+    each token by its own norm, which sets an error floor when the target is a linear system).
     """
 
     def __init__(
@@ -50,9 +52,10 @@ class Block(nn.Module):
         mlp_hidden: int | None = None,
         norm_eps: float = 1e-6,
         dropout: float = 0.0,
+        prenorm: bool = True,
     ) -> None:
         super().__init__()
-        self.norm1 = RMSNorm(dim, norm_eps)
+        self.norm1 = RMSNorm(dim, norm_eps) if prenorm else nn.Identity()
         self.mixer = mixer
         self.norm2 = RMSNorm(dim, norm_eps) if mlp_hidden else None
         self.mlp = SwiGLU(dim, mlp_hidden) if mlp_hidden else None

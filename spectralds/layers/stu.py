@@ -8,7 +8,8 @@ with autocast disabled, whatever the ambient precision; projections before them 
 The spectrum of the fixed filter bank [phi, (-1)^s phi] is computed once per FFT length and kept on the
 layer (`_filter_spectra`); STU-T projects it with its learned filter mix on every call (that part
 depends on parameters). Decoding (`init_state` / `prefill` / `step`) is exact; `decode_method` picks
-"futurefill" (default) or "naive" (see `spectralds.layers.futurefill`).
+"futurefill" (default) or "naive" (see `spectralds.layers.futurefill`). `ar_order` > 0 adds the STU
+paper's autoregressive terms (`spectralds.layers.ar`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from spectralds.errors import UserError, check_int
 from spectralds.filters import spectral_filters
 from spectralds.io import cache_dir
 from spectralds.layers import futurefill
+from spectralds.layers.ar import ar_init_state, ar_prefill, ar_step, make_ar
 from spectralds.layers.futurefill import ConvDecodeState
 from spectralds.layers.registry import DECODE_METHODS, SequenceLayer, register_layer
 from spectralds.ops.fft_conv import (
@@ -75,6 +77,7 @@ class SpectralConv(SequenceLayer):
         variant: str = "hankel",
         use_hankel_L: bool = False,
         filters: torch.Tensor | None = None,
+        ar_order: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("seq_len", seq_len), ("num_filters", num_filters)):
@@ -100,6 +103,7 @@ class SpectralConv(SequenceLayer):
         self.register_buffer("phi", filters.detach().float().clone(), persistent=False)
         self._spectra = SpectrumCache(_SPECTRA_KEPT)
         self._init_projections()
+        self.ar = make_ar(dim, self.dim_out, ar_order)  # AR terms (spectralds.layers.ar); None for 0
 
     def _init_projections(self) -> None:
         raise NotImplementedError
@@ -193,7 +197,8 @@ class SpectralConv(SequenceLayer):
         self._check_input(x)
         if x.shape[1] == 0:
             return x.new_zeros(x.shape[0], 0, self.dim_out)
-        return self._sequence_conv(x, x.shape[1]).to(x.dtype)
+        y = self._sequence_conv(x, x.shape[1]).to(x.dtype)  # then the AR terms, if any:
+        return y if self.ar is None else self.ar(x, y)
 
     def _sequence_conv(self, x: torch.Tensor, length: int) -> torch.Tensor:
         """Outputs at positions 0..length-1 (length >= T) for inputs x (B, T, dim), in compute dtype."""
@@ -218,15 +223,16 @@ class SpectralConv(SequenceLayer):
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> ConvDecodeState:
         """An empty state; `dtype` is the activations' dtype (buffers are float32, float64 for float64)."""
-        return futurefill.init_state(self, batch_size, device, dtype)
+        state = futurefill.init_state(self, batch_size, device, dtype)
+        return state if self.ar is None else ar_init_state(self, state, batch_size, device, dtype)
 
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, ConvDecodeState]:
         """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass."""
-        return futurefill.prefill(self, x)
+        return futurefill.prefill(self, x) if self.ar is None else ar_prefill(self, x, self.prefill)
 
     def step(self, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
         """One token x_t (B, dim) -> (y_t (B, dim_out), state), as `forward` would give it."""
-        return futurefill.step(self, x_t, state)
+        return futurefill.step(self, x_t, state) if self.ar is None else ar_step(self, x_t, state, self.step)
 
 
 @register_layer("stu")
@@ -322,12 +328,5 @@ class STUTensordot(SpectralConv):
         return self._kernel(self.seq_len, compute_dtype(self.M_inputs.dtype))
 
 
-__all__ = [
-    "DECODE_METHODS",
-    "STU",
-    "ConvDecodeState",
-    "STUTensordot",
-    "SpectralConv",
-    "alternating",
-    "fft_size",
-]
+__all__ = ["DECODE_METHODS", "STU", "ConvDecodeState", "STUTensordot", "SpectralConv", "alternating",
+           "fft_size"]

@@ -21,10 +21,15 @@ from spectralds.models.common import (
 
 
 class SequenceRegression(SpectralModule):
-    """in_proj -> pre-norm blocks (RMSNorm, mixer, optional MLP) -> out_proj; no MLP by default.
+    """in_proj -> blocks (RMSNorm, mixer, optional MLP) -> out_proj; no MLP by default.
 
-    Note: the block's RMSNorm before the mixer makes the model not exactly linear, which limits how
-    closely it fits a linear system (see tools/length_generalization.md)."""
+    prenorm=True (the default, as in the language models) puts an RMSNorm before each mixer. It makes the
+    model non-linear, which sets an error floor on a linear target: on configs/synthetic_stu.yaml, 4.5e-5
+    val MSE after 200 steps against 1.1e-7 for the bare STU layer. prenorm=False (the synthetic configs)
+    drops it: with linear mixers and no MLP the whole model is linear, like the system it learns.
+    zero_init_out=True starts out_proj at zero, so the model starts as the zero predictor, as a bare layer
+    nearly does; measured on that config with prenorm=False (200 steps, first 64 val sequences): 2.8e-6
+    with the default init, 5.5e-8 with it (see tools/synthetic_lds.md)."""
 
     def __init__(
         self,
@@ -37,6 +42,8 @@ class SequenceRegression(SpectralModule):
         num_filters: int = 24,
         layer_kwargs: dict[str, dict[str, Any]] | None = None,
         mlp_ratio: float = 0.0,
+        prenorm: bool = True,
+        zero_init_out: bool = False,
         nonfinite_loss: str = "stop",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -50,8 +57,10 @@ class SequenceRegression(SpectralModule):
         self.in_proj = nn.Linear(d_in, dim, bias=False)
         mixers = build_mixers(num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs)
         hidden = int(mlp_ratio * dim) if mlp_ratio else None
-        self.blocks = nn.ModuleList(Block(dim, m, hidden, dropout=0.0) for m in mixers)
+        self.blocks = nn.ModuleList(Block(dim, m, hidden, dropout=0.0, prenorm=prenorm) for m in mixers)
         self.out_proj = nn.Linear(dim, d_out, bias=False)
+        if zero_init_out:
+            nn.init.zeros_(self.out_proj.weight)
         self.val_mse = torchmetrics.MeanSquaredError()
         self.test_mse = torchmetrics.MeanSquaredError()
 

@@ -1,0 +1,228 @@
+"""The autoregressive (AR) component of the STU (Agarwal et al., "Spectral state space models", 2023),
+as an option of the STU / STU-T / LDS layers (`ar_order=p`, default 0: no AR term, the plain layer).
+
+With s_t the layer's spectral output (the convolutions read out by M, or the LDS that replaces them):
+
+    y_t = s_t + sum_{j=0..p-1} x_{t-j} @ M_u[j] + sum_{i=1..p} y_{t-i} @ M_y[i-1]
+
+Inputs enter at lags 0..p-1 (the STU paper's u_{t+1-i}, i = 1..p); outputs at lags 1..p: the layer's own
+past outputs, so y is a recursion. Both M start at zero, so a fresh layer computes the plain layer's function.
+
+Training in parallel, exactly: the recursion is a linear IIR filter with matrix coefficients. With the
+companion state z_t = [y_t, y_{t-1}, ..., y_{t-p+1}] (p * dim_out wide), z_t = z_{t-1} @ P + [v_t, 0..0],
+v_t the non-recursive part, so z_t = sum_{s<=t} [v_s, 0..0] @ P^(t-s). It is computed as a chunked scan
+(like the LDS layer's): inside chunks of `chunk` steps, one block-Toeplitz matmul with the recursion's
+matrix impulse response P^k[:d, :d]; the states at chunk ends are carried by a log-depth doubling scan with
+P^chunk; each chunk adds the response to the state it inherits. No loop over time, exact up to float
+rounding (tested against the step-by-step loop, values and gradients), differentiable by autograd; cost
+O(B T d^2 (chunk + 2p)) plus O(B (T / chunk) (p d)^2 log T). No stability is imposed on M_y: an unstable
+recursion diverges in training as it would in decoding (its zero init starts it stable).
+
+Decoding is O(p) per token: the state keeps the last p - 1 inputs and the last p outputs besides the
+wrapped layer's own state (`ARDecodeState`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from spectralds.errors import UserError, check_int
+from spectralds.layers.lds import LDS
+from spectralds.layers.registry import register_layer
+
+
+@dataclass
+class ARDecodeState:
+    """Decoding state of a layer with AR terms: the wrapped layer's state, the last p - 1 inputs
+    (batch, p - 1, dim) and the last p outputs (batch, p, dim_out), oldest first."""
+
+    inner: Any
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+def _shifted(x: torch.Tensor, lag: int) -> torch.Tensor:
+    """x delayed by `lag` steps along time (dim 1), zeros before the start."""
+    if lag == 0:
+        return x
+    if lag >= x.shape[1]:
+        return torch.zeros_like(x)
+    return nn.functional.pad(x[:, :-lag], (0, 0, lag, 0))
+
+
+def _last(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The last n steps of x (B, T, C), zero-padded in front when T < n."""
+    steps = x.shape[1]
+    return nn.functional.pad(x[:, max(0, steps - n) :], (0, 0, max(0, n - steps), 0))
+
+
+class AutoRegressive(nn.Module):
+    """M_u (p, dim, dim_out) on inputs at lags 0..p-1, M_y (p, dim_out, dim_out) on outputs at lags 1..p."""
+
+    def __init__(self, dim: int, dim_out: int, order: int) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("dim_out", dim_out), ("ar_order", order)):
+            check_int(name, value)
+        self.dim, self.dim_out, self.order = dim, dim_out, order
+        self.chunk = 8  # chunk length of the scan (cost ~ B T d^2 (chunk + 2p) + the scan over T / chunk)
+        # Zero init: a new layer computes exactly the plain layer's function until trained.
+        self.M_u = nn.Parameter(torch.zeros(order, dim, dim_out))
+        self.M_y = nn.Parameter(torch.zeros(order, dim_out, dim_out))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, dim_out={self.dim_out}, order={self.order}"
+
+    def drive(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """v = s + sum_j x_{t-j} @ M_u[j]: everything but the recursion, (B, T, dim_out)."""
+        v = s
+        for j in range(self.order):
+            v = v + _shifted(x, j) @ self.M_u[j].to(x.dtype)
+        return v
+
+    def companion(self, dtype: torch.dtype) -> torch.Tensor:
+        """P (p d, p d): z_t = z_{t-1} @ P + [v_t, 0, ..., 0] with z_t = [y_t, ..., y_{t-p+1}]."""
+        p, d = self.order, self.dim_out
+        shift = torch.eye(p * d, dtype=dtype, device=self.M_y.device)[:, : (p - 1) * d]  # block i -> i+1
+        return torch.cat([self.M_y.to(dtype).reshape(p * d, d), shift], dim=1)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Outputs y (B, T, dim_out) for inputs x (B, T, dim) and spectral outputs s (B, T, dim_out)."""
+        v = self.drive(x, s)
+        batch, steps, d = v.shape
+        c = min(self.chunk, steps)
+        P = self.companion(v.dtype)
+        powers = [torch.eye(P.shape[0], dtype=v.dtype, device=v.device)]
+        for _ in range(c):
+            powers.append(powers[-1] @ P)
+        pw = torch.stack(powers)  # (c + 1, p d, p d): P^0 .. P^c
+        # Inside a chunk y_tau = sum_{sigma <= tau} v_sigma G_{tau - sigma}, G_k = P^k[:d, :d]: one block-
+        # Toeplitz matmul. A chunk's final state is sum_sigma v_sigma P^(c-1-sigma)[:d]; the states are
+        # carried across chunks by the doubling scan with P^c; a chunk adds z_in P^(tau+1)[:, :d].
+        lag = torch.arange(c, device=v.device)[None, :] - torch.arange(c, device=v.device)[:, None]
+        toeplitz = pw[lag.clamp(min=0), :d, :d] * (lag >= 0)[..., None, None].to(v.dtype)  # (s, tau, d, d)
+        toeplitz = toeplitz.permute(0, 2, 1, 3).reshape(c * d, c * d)
+        to_end = pw[:c, :d].flip(0).reshape(c * d, -1)  # (c d, p d): rows of P^(c-1-sigma)
+        from_state = pw[1:, :, :d].permute(1, 0, 2).reshape(-1, c * d)  # (p d, c d): P^(tau+1)[:, :d]
+        # Zeros in front keep the zero initial state, so the last chunk ends at the last step.
+        v = nn.functional.pad(v, (0, 0, (-steps) % c, 0))
+        n = v.shape[1] // c
+        chunks = v.reshape(batch, n, c * d)
+        ends, shift, power = chunks @ to_end, 1, pw[c]
+        while shift < n:  # after the round with `shift`, ends[m] sums the last 2 * shift chunks
+            ends = torch.cat([ends[:, :shift], ends[:, shift:] + ends[:, :-shift] @ power], dim=1)
+            power, shift = power @ power, 2 * shift
+        inherited = nn.functional.pad(ends[:, :-1], (0, 0, 1, 0))
+        y = chunks @ toeplitz + inherited @ from_state
+        return y.reshape(batch, n * c, d)[:, n * c - steps :]
+
+    def history(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoding history after a prompt: its last p - 1 inputs and last p outputs, zero-padded."""
+        return _last(x, self.order - 1), _last(y, self.order)
+
+    def init_history(
+        self, batch: int, device: torch.device | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(batch, self.order - 1, self.dim, device=device, dtype=dtype),
+                torch.zeros(batch, self.order, self.dim_out, device=device, dtype=dtype))
+
+    def step(
+        self, x_t: torch.Tensor, s_t: torch.Tensor, inputs: torch.Tensor, outputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token: y_t from x_t, s_t and the history; returns y_t and the shifted history."""
+        dtype = outputs.dtype
+        y = s_t.to(dtype) + x_t.to(dtype) @ self.M_u[0].to(dtype)
+        for j in range(1, self.order):
+            y = y + inputs[:, -j] @ self.M_u[j].to(dtype)
+        for i in range(1, self.order + 1):
+            y = y + outputs[:, -i] @ self.M_y[i - 1].to(dtype)
+        inputs = torch.cat([inputs[:, 1:], x_t.to(dtype)[:, None]], dim=1) if self.order > 1 else inputs
+        return y, inputs, torch.cat([outputs[:, 1:], y[:, None]], dim=1)
+
+
+def make_ar(dim: int, dim_out: int, ar_order: int) -> AutoRegressive | None:
+    """The AR module of a layer, or None for ar_order=0 (no parameters: checkpoint keys unchanged)."""
+    if isinstance(ar_order, bool) or not isinstance(ar_order, int) or ar_order < 0:
+        raise UserError(f"ar_order must be a non-negative integer, got {ar_order!r}")
+    return AutoRegressive(dim, dim_out, ar_order) if ar_order else None
+
+
+@contextmanager
+def spectral_only(layer: nn.Module) -> Iterator[None]:
+    """Inside, `layer` runs without its AR terms (its `forward` gives the spectral part s alone), so a
+    decoding routine written for the plain layer (e.g. `futurefill.prefill`) returns s."""
+    ar = layer.ar
+    layer.ar = None
+    try:
+        yield
+    finally:
+        layer.ar = ar
+
+
+def ar_prefill(
+    layer: nn.Module, x: torch.Tensor, inner: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+) -> tuple[torch.Tensor, ARDecodeState]:
+    """Prefill through the plain layer (`inner`, run with the AR terms off), then the AR recursion."""
+    with spectral_only(layer):
+        s, state = inner(x)
+    with torch.no_grad():
+        y = layer.ar(x, s.to(x.dtype)) if x.shape[1] else s
+        hist_dtype = torch.promote_types(x.dtype, torch.float32)
+        inputs, outputs = layer.ar.history(x.to(hist_dtype), y.to(hist_dtype))
+    return y.to(x.dtype), ARDecodeState(state, inputs, outputs)
+
+
+def ar_step(
+    layer: nn.Module, x_t: torch.Tensor, state: ARDecodeState, inner: Callable[..., tuple[torch.Tensor, Any]]
+) -> tuple[torch.Tensor, ARDecodeState]:
+    """One token: the plain layer's step (`inner`, AR terms off) gives s_t, the history adds the rest."""
+    if not isinstance(state, ARDecodeState):
+        raise UserError(f"a layer with AR terms decodes from an ARDecodeState, not {type(state).__name__}")
+    with spectral_only(layer):
+        s_t, inner_state = inner(x_t, state.inner)
+    with torch.no_grad():
+        y, inputs, outputs = layer.ar.step(x_t, s_t, state.inputs, state.outputs)
+    return y.to(x_t.dtype), ARDecodeState(inner_state, inputs, outputs)
+
+
+def ar_init_state(layer: nn.Module, inner_state: Any, batch: int, device: Any, dtype: Any) -> ARDecodeState:
+    hist_dtype = torch.promote_types(dtype or torch.float32, torch.float32)
+    return ARDecodeState(inner_state, *layer.ar.init_history(batch, device, hist_dtype))
+
+
+@register_layer("lds_ar")
+class LDSWithAR(LDS):
+    """An LDS layer with AR terms: `LDS` (all its arguments) plus `ar_order` >= 1; what an STU with
+    `ar_order` distills to (`spectralds.distill.convert`). A separate name keeps "lds" layers unchanged."""
+
+    def __init__(self, *args: Any, ar_order: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        check_int("ar_order", ar_order)
+        self.ar = make_ar(self.dim, self.dim_out, ar_order).to(self.run_dtype)
+
+    def spec(self) -> dict:
+        return {**super().spec(), "name": "lds_ar", "ar_order": self.ar.order}
+
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if self.ar is None:  # inside `spectral_only`: the plain LDS
+            return super().prefill(x)
+        s, state = super().prefill(x)
+        y = self.ar(x.to(self.run_dtype), s.to(self.run_dtype))
+        inputs, outputs = self.ar.history(x.to(self.run_dtype).detach(), y.detach())
+        return y.to(x.dtype), ARDecodeState(state, inputs, outputs)
+
+    def init_state(
+        self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> ARDecodeState:
+        inner = super().init_state(batch_size, device, dtype)
+        return ar_init_state(self, inner, batch_size, device, self.run_dtype)
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        if self.ar is None:  # inside `spectral_only`
+            return super().step(x_t, state)
+        return ar_step(self, x_t, state, self.step)
