@@ -65,7 +65,9 @@ def load_config(name: str) -> dict:
 
 def build(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, float, type]:
     """The model, its learning rate and optimizer class, from its config file."""
-    cfg = load_config(name)["model"]["init_args"]
+    config = load_config(name)
+    cfg = config["model"]["init_args"]
+    cfg.setdefault("seq_len", config["data"]["init_args"]["seq_len"])  # written once, in data
     opt = cfg.pop("optimizer")
     opt_cls = getattr(torch.optim, opt["class_path"].rsplit(".", 1)[1])
     lr = opt["init_args"]["lr"]

@@ -208,6 +208,13 @@ class LDSWithAR(LDS):
     def spec(self) -> dict:
         return {**super().spec(), "name": "lds_ar", "ar_order": self.ar.order}
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ar is None:  # inside `spectral_only`: the plain LDS
+            return super().forward(x)
+        with spectral_only(self):  # the LDS picks its own path (scan or convolution) for s
+            s = super().forward(x)
+        return self.ar(x.to(self.run_dtype), s.to(self.run_dtype)).to(x.dtype)
+
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         if self.ar is None:  # inside `spectral_only`: the plain LDS
             return super().prefill(x)

@@ -12,7 +12,7 @@ from spectralds.errors import NonFiniteError, UserError
 from spectralds.layers import build_layer, layer_specs, restore_layers
 from spectralds.models.telemetry import LR_CURVE, default_callbacks, matmul_flops_per_token
 
-SPECTRAL_LAYERS = ("stu", "stu_t", "lds")  # layers that take seq_len and num_filters
+SPECTRAL_LAYERS = ("stu", "stu_t", "lds", "lds_ar")  # layers that take seq_len and num_filters
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
