@@ -220,3 +220,25 @@ def plot_panels(path: str, panels: list[dict], records: list[dict], group: str, 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"plot written to {path}")
+
+
+def save_figure(fig, path: str) -> None:  # noqa: ANN001 - a matplotlib Figure
+    """Lay out and write a tool's figure (its folder created)."""
+    from pathlib import Path
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def emit(result: dict, text: str, json_path: str | None, plot_path: str | None,
+         plot: Callable[[dict, str], None]) -> None:
+    """What a tool ends with: print its table, write its JSON record and its plot when asked."""
+    from pathlib import Path
+
+    print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    if plot_path:
+        plot(result, plot_path)

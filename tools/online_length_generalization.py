@@ -25,12 +25,11 @@ The slope of log regret vs log T is fitted by least squares over the T grid (mea
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
+from _bench_common import emit, save_figure
 from scipy.fft import irfft, next_fast_len, rfft
 
 from spectralds.filters import spectral_filters
@@ -196,20 +195,13 @@ def plot(result: dict, path: str) -> None:
     ax.set(xscale="log", yscale="log", xlabel="T (stream length)", ylabel="asymmetric regret (mean of seeds)",
            title="Online spectral filtering, context L' = sqrt(T)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)
-    print(table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    if args.plot:
-        plot(result, args.plot)
+    emit(result, table(result), args.json, args.plot, plot)
 
 
 if __name__ == "__main__":

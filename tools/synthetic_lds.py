@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from _bench_common import format_table, machine_info
+from _bench_common import emit, format_table, machine_info, save_figure
 
 from spectralds.data.synthetic import SyntheticLDSDataModule
 from spectralds.distill import get_fit
@@ -169,20 +168,13 @@ def plot(results: dict, path: str) -> None:
     ax.set(yscale="log", xlabel="training step", ylabel="val MSE",
            title="Learning a random symmetric LDS (SpectraLDS Fig. 1 setting)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = run(args)
-    print(report(results))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    if args.plot:
-        plot(results, args.plot)
+    emit(results, report(results), args.json, args.plot, plot)
 
 
 if __name__ == "__main__":
