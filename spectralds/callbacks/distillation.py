@@ -21,7 +21,7 @@ from spectralds.distill.convert import (
     convert_stu_layers,
     find_stu_layers,
 )
-from spectralds.distill.fit import _check_args
+from spectralds.distill.fit import check_fit_args
 from spectralds.distill.lds_file import filter_error
 from spectralds.errors import UserError, UserTypeError, check_choice, check_float, check_int
 
@@ -89,7 +89,7 @@ class STUToLDSDistillation(OneShotLayerChange):
             self._user_fit = self._check_user_fit(layers)
             return
         for _, stu in layers:  # the arguments get_fit will get at the swap
-            _check_args(stu.seq_len, stu.num_filters, self._state_dim(stu), self.method or METHODS[0])
+            check_fit_args(stu.seq_len, stu.num_filters, self._state_dim(stu), self.method or METHODS[0])
 
     def _check_user_fit(self, layers: list[tuple[str, torch.nn.Module]]) -> LDSFit:
         fit = load_fit(self.fit_path)  # exists, parses, passes its hash

@@ -63,7 +63,7 @@ def get_fit(
 ) -> LDSFit:
     """The fit from the cache in `spectralds.io.cache_dir()`, verified (see the module doc), or
     computed by `fit_filters` and stored when absent or not trustworthy."""
-    fit_module._check_args(seq_len, num_filters, state_dim, method)
+    fit_module.check_fit_args(seq_len, num_filters, state_dim, method)
     path = fit_cache_path(seq_len, num_filters, state_dim, variant, method)
     asked = {"seq_len": str(seq_len), "num_filters": str(num_filters), "state_dim": str(state_dim),
              "variant": variant, "method": method, "solver_revision": _revision()}

@@ -84,7 +84,8 @@ def _fit_spectralds(phi: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Ten
 
 
 # ---- public entry points --------------------------------------------------------------------------
-def _check_args(seq_len: int, num_filters: int, state_dim: int, method: str) -> None:
+def check_fit_args(seq_len: int, num_filters: int, state_dim: int, method: str) -> None:
+    """Validate a fit request before any work (a UserError naming the bad argument)."""
     check_int("seq_len", seq_len, minimum=16)
     check_int("num_filters", num_filters, maximum=seq_len)
     check_choice("fit method", method, METHODS)
@@ -117,7 +118,7 @@ def fit_filters(
     The fit runs on one torch thread (set for its duration and restored) so that its result does not
     depend on the caller's thread count.
     """
-    _check_args(seq_len, num_filters, state_dim, method)
+    check_fit_args(seq_len, num_filters, state_dim, method)
     bar = tqdm(total=4, desc=f"LDS fit ({method}, h={state_dim})", disable=not progress, leave=False)
 
     def stage(name: str):
