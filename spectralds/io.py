@@ -19,7 +19,7 @@ from typing import IO
 
 import torch
 
-from spectralds.errors import UserError, first_line
+from spectralds.errors import FileWriteError, UserError, first_line
 
 
 def cache_dir() -> Path:
@@ -64,7 +64,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[IO[bytes]], No
     """Write `data` (bytes, or a function writing to a binary file) to `path` atomically.
 
     Raises UserError for a target that is not a regular file or a missing/unwritable directory, and
-    OSError (with the path in the message) when the write itself fails (a full disk, say).
+    FileWriteError (a UserError and an OSError, naming the path) when the write itself fails (a full disk).
     """
     path = check_output_path(path, make_parents=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[IO[bytes]], No
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as err:
-        raise OSError(err.errno, f"could not write {path}: {err.strerror or first_line(err)}") from err
+        raise FileWriteError(f"could not write {path}: {err.strerror or first_line(err)}") from err
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)

@@ -487,3 +487,19 @@ def test_single_filter_banks_hash_and_reload():
         warnings.simplefilter("error")
         assert torch.equal(spectral_filters(2, 1), first)
     assert _filter_file(2, 1).is_file()
+
+
+def test_a_full_disk_under_distill_filters_is_one_line_naming_the_file(
+    cli_env, capsys, monkeypatch, tmp_path
+):
+    from cli_helpers import one_line_error
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io_module.os, "fsync", full)
+    out = tmp_path / "fit.safetensors"
+    args = ["distill-filters", "--seq-len", "64", "--num-filters", "4", "--state-dim", "8"]
+    err = one_line_error(capsys, [*args, "--out", str(out), "--no-progress"])
+    assert f"could not write {out}: No space left on device" in err
+    assert not out.exists()
