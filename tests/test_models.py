@@ -198,23 +198,35 @@ def test_stop_raises_naming_the_step(tmp_path):
         _regression_fit(tmp_path, "stop", poison_step=2)
 
 
-def test_training_flops_count_the_matmuls():
-    from spectralds.models.telemetry import matmul_flops_per_token
+def test_training_flops_sum_layer_reports_and_linear_layers():
+    from spectralds.models.telemetry import flops_per_token, forward_flops
 
     model = tiny_lm(("stu_t", "attn"), mlp_ratio=2.0)
-    flops = matmul_flops_per_token(model, 32)
-    # Every block: mixer projections + MLP (3 matrices of 16 x 32); the tied head once (16 x 32);
-    # attention adds QK^T and AV over min(t + 1, 8) positions, averaged.
-    stu_t = model.blocks[0].mixer
-    stu_t_weights = sum(p.numel() for p in stu_t.parameters() if p.dim() >= 2)
-    attn = model.blocks[1].mixer
+    batch, T = 3, 32
+    flops = forward_flops(model, batch, T)
+    # The mixers report their own paths (STU-T: projection, kernel mix, FFTs; attention: QK^T and AV);
+    # every block's MLP (3 matrices of 16 x 32), attention's qkv / o_proj and the tied head (16 x 32, once)
+    # count 2 FLOPs per token per weight; STU-T's M_* are not counted again.
+    stu_t, attn = model.blocks[0].mixer, model.blocks[1].mixer
     attn_weights = attn.qkv.weight.numel() + attn.o_proj.weight.numel()
     mlp = 3 * 16 * 32
-    context = sum(min(t + 1, 8) for t in range(32)) // 32
-    expected = 2 * (stu_t_weights + attn_weights + 2 * mlp + 16 * 32) + 4 * 16 * context
-    assert abs(flops - expected) <= 4 * 16  # integer rounding of the averaged attention span
-    batch = (torch.zeros(3, 32, dtype=torch.long), None)
-    assert model.train_flops(batch) == 3 * flops * 3 * 32
+    linear = 2 * batch * T * (attn_weights + 2 * mlp + 16 * 32)
+    assert flops == pytest.approx(stu_t.forward_flops(batch, T) + attn.forward_flops(batch, T) + linear)
+    assert attn.forward_flops(batch, T) == 4 * batch * 16 * sum(min(t + 1, 8) for t in range(T))
+    assert flops_per_token(model, T, batch) == pytest.approx(flops / (batch * T))
+    assert model.train_flops((torch.zeros(batch, T, dtype=torch.long), None)) == pytest.approx(3 * flops)
+
+
+def test_training_flops_count_the_stu_m_once():
+    from spectralds.models.telemetry import forward_flops
+
+    model = tiny_lm(("stu",))
+    stu = [b.mixer for b in model.blocks]
+    # MLPs and the tied head's table (named once); an STU's M (K, d, d) enters only through its report
+    others = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and "mixer" not in n)
+    assert others == 2 * 3 * 16 * 64 + 32 * 16
+    expected = sum(m.forward_flops(2, 32) for m in stu) + 2 * 2 * 32 * others
+    assert forward_flops(model, 2, 32) == pytest.approx(expected)
 
 
 def test_default_telemetry_adds_one_lr_monitor_and_throughput_only_when_missing(tmp_path):

@@ -141,6 +141,12 @@ class SlidingWindowAttention(SequenceLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._sequence(x)[0]  # training builds no KV cache
 
+    def forward_flops(self, batch: int, seq_len: int) -> float:
+        """QK^T and AV over the keys each query sees (qkv / o_proj are Linear submodules, counted apart)."""
+        w = min(self.window_size or seq_len, seq_len)
+        seen = w * (w + 1) // 2 + (seq_len - w) * w  # sum over t of min(t + 1, w)
+        return 2 * 2 * batch * self.dim * seen
+
     def _sequence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Outputs (B, T, dim) and the rotated keys and values (B, heads, T, head_dim)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:

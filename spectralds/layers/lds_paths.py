@@ -16,8 +16,10 @@ from spectralds.ops.lds_conv import (
     conv_flops,
     depthwise_conv,
     exact_conv,
+    lds_conv_forward_flops,
     response_spectrum,
     scan_flops,
+    scan_forward_flops,
 )
 
 
@@ -41,6 +43,20 @@ class ConvolutionPaths:
         h, c = self.state_dim, self.chunk_size
         scan = scan_flops(batch, T, self.channels, h, c, cols if exact else 1, readout, shared=exact)
         return best if path == "conv" or costs[best] <= scan else "scan"
+
+    def forward_flops(self, batch: int, seq_len: int) -> float:
+        """Forward FLOPs of the path `forward` takes (`ops.lds_conv.scan_forward_flops` plus the readout or
+        input projection, or `lds_conv_forward_flops`)."""
+        path, exact = self._sequence_path(batch, seq_len), self.mode == "exact"
+        cols, h, c = 2 * self.num_filters, self.state_dim, self.chunk_size
+        if path != "scan":
+            args = (batch, seq_len, self.dim, self.dim_out, cols, h, exact, self.learnable, path)
+            return lds_conv_forward_flops(*args)
+        proj = 2 * batch * seq_len * self.dim * self.dim_out  # tensordot: x @ M_inputs; exact: per filter
+        if exact:
+            return scan_forward_flops(batch, seq_len, self.dim, h, c, cols, 1) + cols * proj
+        fold = 2 * h * cols * self.dim_out  # M_filters folded into C (`_tensordot_C`)
+        return scan_forward_flops(batch, seq_len, self.dim_out, h, c, 1, self.dim_out) + proj + fold
 
     def _convolve(self, x: torch.Tensor, path: str) -> torch.Tensor:
         """`forward` as a causal convolution with the impulse response (ops.lds_conv), in the run dtype, or

@@ -116,6 +116,12 @@ class SequenceLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         raise NotImplementedError
 
+    def forward_flops(self, batch: int, seq_len: int) -> float | None:
+        """Forward FLOPs of `forward` on a (batch, seq_len) input along the path it takes, covering the
+        layer's own parameters (not its submodules': telemetry counts those), or None: not known, and
+        telemetry counts 2 FLOPs per token per weight element (`models.telemetry.forward_flops`)."""
+        return None
+
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> Any:

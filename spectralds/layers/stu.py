@@ -30,6 +30,7 @@ from spectralds.ops.fft_conv import (
     alternating,
     arrangement_flops,
     compute_dtype,
+    conv_forward_flops,
     fft_size,
     filter_spectra,
     filter_sum,
@@ -200,6 +201,15 @@ class SpectralConv(SequenceLayer):
         y = self._sequence_conv(x, x.shape[1]).to(x.dtype)  # then the AR terms, if any:
         return y if self.ar is None else self.ar(x, y)
 
+    def forward_flops(self, batch: int, seq_len: int) -> float:
+        """Forward FLOPs of the arrangement `forward` takes (`ops.fft_conv.conv_forward_flops`); the AR
+        terms' weights, a submodule's, are left to telemetry's generic rule."""
+        cols, arrangement = 2 * self.num_filters, self._arrangement(batch, seq_len, seq_len)
+        return conv_forward_flops(batch, seq_len, seq_len, cols, self.dim, self.dim_out, arrangement)
+
+    def _arrangement(self, batch: int, steps: int, length: int) -> str:
+        return "depthwise"  # STU-T's one path; the STU overrides it
+
     def _sequence_conv(self, x: torch.Tensor, length: int) -> torch.Tensor:
         """Outputs at positions 0..length-1 (length >= T) for inputs x (B, T, dim), in compute dtype."""
         z = self._encode(x)
@@ -278,9 +288,12 @@ class STU(SpectralConv):
         kernel, project = arrangement_flops(batch, steps, length, cols, self.dim, self.dim_out)
         return kernel < project
 
+    def _arrangement(self, batch: int, steps: int, length: int) -> str:
+        return "kernel" if self._kernel_path_is_cheaper(batch, steps, length) else "project"
+
     def _sequence_conv(self, x: torch.Tensor, length: int) -> torch.Tensor:
         batch, steps, _ = x.shape
-        if not self._kernel_path_is_cheaper(batch, steps, length):
+        if self._arrangement(batch, steps, length) == "project":
             return super()._sequence_conv(x, length)
         cdtype = compute_dtype(x.dtype)
         with no_autocast(x.device):

@@ -10,7 +10,7 @@ from torch import nn
 
 from spectralds.errors import NonFiniteError, UserError
 from spectralds.layers import build_layer, layer_specs, restore_layers
-from spectralds.models.telemetry import LR_CURVE, default_callbacks, matmul_flops_per_token
+from spectralds.models.telemetry import LR_CURVE, default_callbacks, forward_flops
 
 SPECTRAL_LAYERS = ("stu", "stu_t", "lds", "lds_ar")  # layers that take seq_len and num_filters
 
@@ -150,11 +150,11 @@ class SpectralModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return default_callbacks(attached_trainer(self))
 
-    def train_flops(self, batch: Any) -> int:
-        """Training FLOPs of one batch: forward + backward (twice the forward) matmul FLOPs per token
-        (see :func:`spectralds.models.telemetry.matmul_flops_per_token`; FFTs are not counted)."""
+    def train_flops(self, batch: Any) -> float:
+        """Training FLOPs of one batch: 3x the forward FLOPs, the usual estimate of forward + backward
+        (twice the forward); see :func:`spectralds.models.telemetry.forward_flops` for what is counted."""
         batch_size, length = batch[0].shape[:2]
-        return 3 * matmul_flops_per_token(self, length) * batch_size * length
+        return 3 * forward_flops(self, batch_size, length)
 
     def skip_step(self) -> torch.Tensor:
         """Mark this optimizer step skipped and return the loss that keeps every rank's backward alike.

@@ -11,20 +11,31 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ThroughputMonitor
 from torch import nn
 
-from spectralds.layers.attention import SlidingWindowAttention
+from spectralds.layers.registry import SequenceLayer
 
 LR_CURVE = "train/lr"  # LearningRateMonitor logs the scheduler under its config's "name"
 
 
-def matmul_flops_per_token(module: nn.Module, seq_len: int) -> int:
-    """Forward FLOPs per token of `module`'s matrix multiplies at sequence length `seq_len`.
+def forward_flops(module: nn.Module, batch: int, seq_len: int) -> float:
+    """Forward FLOPs of `module` on a (batch, seq_len) input; training counts 3x this (backward ~ twice
+    the forward, see `train_flops` in `spectralds.models.common`).
 
-    Counted: 2 FLOPs (multiply + add) per token for every element of every weight with 2 or more
-    dimensions (linear layers, the STU / STU-T projections M, an LDS layer's B and C), except embedding
-    tables (a lookup; a tied head counts once, as a linear layer), plus attention's QK^T and AV products
-    over the positions each query sees (its window, or all earlier ones). Not counted: the STU's FFT
-    convolution, the LDS scan, norms and other elementwise work, so MFU understates spectral layers' work.
+    Every sequence layer whose `SequenceLayer.forward_flops` knows its cost reports the path it takes
+    for that shape: the STU's chosen arrangement ("kernel" or "project"), STU-T's projection, kernel mix,
+    FFTs and products, the LDS scan or convolution (with a learnable system's rebuilt response), attention's
+    QK^T and AV over the keys each query sees. FFTs count 2.5 n log2 n per real FFT of length n
+    (`spectralds.ops.fft_conv.fft_flops`; conventions in `ops.fft_conv.conv_forward_flops`). Every other
+    weight with 2 or more dimensions (linear layers, the attention projections, AR terms, a layer that
+    reports None) counts 2 FLOPs (multiply + add) per token per element, except embedding tables (a
+    lookup; a tied head counts once, as a linear layer). A parameter its layer reports is never counted
+    again. Not counted: norms, activations and other elementwise work.
     """
+    reported, claimed = 0.0, set()
+    for m in module.modules():
+        flops = m.forward_flops(batch, seq_len) if isinstance(m, SequenceLayer) else None
+        if flops is not None:
+            reported += flops
+            claimed.update(id(p) for p in m.parameters(recurse=False))  # submodules: own report or the rule
     tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     weights: dict[int, int] = {}
     for m in module.modules():
@@ -33,13 +44,13 @@ def matmul_flops_per_token(module: nn.Module, seq_len: int) -> int:
                 weights[id(p)] = p.numel()
         if isinstance(m, nn.Linear):
             tables.discard(id(m.weight))  # a tied head multiplies by the embedding table
-    flops = 2 * sum(n for key, n in weights.items() if key not in tables)
-    for m in module.modules():
-        if isinstance(m, SlidingWindowAttention):
-            w = min(m.window_size or seq_len, seq_len)
-            seen = w * (w + 1) // 2 + (seq_len - w) * w  # sum over t of min(t + 1, w)
-            flops += 2 * 2 * m.dim * seen // seq_len  # QK^T and AV, averaged over positions
-    return flops
+    generic = sum(n for key, n in weights.items() if key not in tables and key not in claimed)
+    return reported + 2 * batch * seq_len * generic
+
+
+def flops_per_token(module: nn.Module, seq_len: int, batch: int = 1) -> float:
+    """`forward_flops` per token (it depends on the batch: the STU's kernel arrangement builds W(f) once)."""
+    return forward_flops(module, batch, seq_len) / (batch * seq_len)
 
 
 def _compute_dtype(precision: str) -> torch.dtype:

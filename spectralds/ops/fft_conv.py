@@ -219,8 +219,31 @@ def arrangement_flops(
     return kernel, project
 
 
+def conv_forward_flops(
+    batch: int, steps: int, length: int, cols: int, dim: int, dim_out: int, arrangement: str
+) -> float:
+    """Forward FLOPs of a spectral convolution as telemetry counts them (`arrangement_flops` is only a
+    relative estimate to choose by): "kernel" / "project" (STU, a fitted exact LDS) or "depthwise" (STU-T:
+    x @ M_inputs, the per-channel kernel spectra mixed from the cached filter spectra, one product each).
+
+    Counting convention: 2 FLOPs per real multiply-add, 8 per complex multiply-add, 6 per complex product,
+    and `fft_flops(n)` = 2.5 n log2 n per real FFT or inverse FFT of length n. The fixed filter spectra
+    are cached, so not counted; elementwise casts and copies are not counted."""
+    n = fft_size(steps + length - 1)
+    freqs, dd, fft = n // 2 + 1, dim * dim_out, fft_flops(n)
+    if arrangement == "kernel":  # W(f) = S_re M + i S_im M, (B, dim) @ W(f) per f; dim FFTs in, dim_out out
+        return 4 * freqs * cols * dd + 8 * batch * freqs * dd + batch * (dim + dim_out) * fft
+    if arrangement == "project":  # x @ M, an FFT per (filter, channel), filter_sum, dim_out inverse FFTs
+        return batch * (2 * steps * cols * dd + cols * dim_out * (fft + 8 * freqs) + dim_out * fft)
+    if arrangement == "depthwise":
+        mix = 4 * freqs * cols * dim_out  # [S_re; S_im] (2 F, 2K) @ (2K, dim_out)
+        return mix + batch * (2 * steps * dd + dim_out * (2 * fft + 6 * freqs))
+    raise ValueError(f"unknown arrangement {arrangement!r}")
+
+
 def fft_flops(n: int) -> float:
-    """The usual estimate of one length-n real FFT."""
+    """The usual estimate of one length-n real FFT (or inverse): 2.5 n log2 n (half a complex FFT's
+    5 n log2 n). Every FFT FLOP count in spectralds (path choices, telemetry) uses it."""
     return 2.5 * n * math.log2(n)
 
 

@@ -6,6 +6,7 @@ the system's impulse response G[t, f] = sum_j C[j, f] B[j] A[j]^t (lag 0 include
   exact_conv(x, spectrum, m, n, path)     sum_k (G_k * x) m[k]: the STU's two exact arrangements
   depthwise_conv(z, spectrum, n)          one kernel per channel (tensordot mode), z time-last
   scan_flops / conv_flops                 forward cost estimates the layer picks its path by
+  scan_forward_flops, lds_conv_forward_flops   the FLOPs telemetry reports (see conv_forward_flops)
 
 A fitted system is fixed, so its spectrum is computed once per FFT length (the layer caches it); a
 learnable one is rebuilt every step, O(length h F) for G plus F FFTs, and gets its gradient through
@@ -16,7 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from spectralds.ops.fft_conv import arrangement_flops, fft_flops, fft_size, filter_sum, kernel_mix, real_fft
+from spectralds.ops.fft_conv import (
+    arrangement_flops,
+    conv_forward_flops,
+    fft_flops,
+    fft_size,
+    filter_sum,
+    kernel_mix,
+    real_fft,
+)
 
 CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
 # Time per estimated flop of the scan relative to the FFT convolutions, measured on CPU (one thread,
@@ -130,3 +139,30 @@ def conv_flops(
     # spectrum mixed by M_filters
     extra = 2 * T * h * dim_out + dim_out * fft_flops(n) if learnable else 4 * freqs * cols * dim_out
     return {"conv": batch * dim_out * (2 * fft_flops(n) + 6 * freqs) + extra}
+
+
+def scan_forward_flops(batch: int, T: int, ch: int, h: int, chunk: int, F: int, groups: int) -> float:
+    """FLOPs of `LDS.scan` (2 per multiply-add, unweighted): its tables for `groups` readouts, each chunk's
+    final state, the log-depth combine of chunk ends and the (chunk + h, chunk F) matmul per chunk and
+    channel. Readouts and projections around it are the caller's."""
+    n = -(-T // chunk)  # chunks, after left padding
+    combined = sum(n - (1 << i) for i in range(max(n - 1, 0).bit_length()))  # ends updated per doubling
+    tables = 3 * groups * chunk * h * F  # the Toeplitz kernel (a matmul) and the state response (a product)
+    return tables + 2 * batch * ch * h * (n * chunk + combined) + 2 * batch * ch * n * chunk * (chunk + h) * F
+
+
+def lds_conv_forward_flops(
+    batch: int, T: int, dim: int, dim_out: int, cols: int, h: int, exact: bool, learnable: bool, path: str
+) -> float:
+    """FLOPs of the LDS convolution path `path` ("kernel" / "project" exact, "conv" tensordot): the STU's
+    arrangements (`conv_forward_flops`) plus, for a learnable system, the response G = (A^t B) @ C and its
+    FFTs rebuilt every step (a fitted system's spectrum is cached: not counted)."""
+    n = fft_size(2 * T - 1)
+    if exact:
+        response = T * h + 2 * T * h * cols + cols * fft_flops(n) if learnable else 0.0
+        return conv_forward_flops(batch, T, T, cols, dim, dim_out, path) + response
+    depthwise = conv_forward_flops(batch, T, T, cols, dim, dim_out, "depthwise")  # mixes a cached spectrum
+    if not learnable:
+        return depthwise
+    mix, fold = 4 * (n // 2 + 1) * cols * dim_out, 2 * h * cols * dim_out  # fold M_filters into C instead
+    return depthwise - mix + fold + T * h + 2 * T * h * dim_out + dim_out * fft_flops(n)
