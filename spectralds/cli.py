@@ -88,46 +88,44 @@ class SpectraLDSCLI(LightningCLI):
         torch.load, whose errors would not name the file."""
         super().parse_arguments(parser, args)
         if args is None or isinstance(args, list):
-            given = parse_written(parser, args)
-            self._derive_seq_len(given)
-            self._keep_written_vocab_size(given)
+            config, given = self._subcommand_sections(parse_written(parser, args))
+            if given is not None:
+                self._derive_seq_len(config, given)
+                self._keep_written_vocab_size(config, given)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
             read_checkpoint(ckpt_path, mmap=True)
 
-    def _keep_written_vocab_size(self, given: Any) -> None:
+    def _subcommand_sections(self, given: Any) -> tuple[Any, Any]:
+        """(the parsed config, what the user wrote) of the subcommand being run."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return self.config, given
+        return self.config[subcommand], given.get(subcommand) if given is not None else None
+
+    def _keep_written_vocab_size(self, config: Any, given: Any) -> None:
         """A vocab_size the user wrote wins over the tokenizer link (a padded vocabulary, say), but it
         must hold every token id: never replaced silently, never too small."""
-        subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else self.config
-        given = given.get(subcommand) if subcommand else given
-        written = given.get("model.init_args.vocab_size") if given is not None else None
+        written = given.get("model.init_args.vocab_size")
         model = config.get("model.init_args")
         if written is None or model is None or "vocab_size" not in model:
             return
-        linked = model.vocab_size
         data = config.get("data.init_args") or {}
-        needed = linked
-        if "tokenizer" in data:  # the unpadded count: a written size between it and the padded one is fine
-            from spectralds.data import build_tokenizer
-
-            tok = data.tokenizer
-            needed = data.get("bpe_vocab_size") if tok == "bpe" else build_tokenizer(tok).vocab_size
+        needed = model.vocab_size  # linked, padded; the tokenizer's own count when there is one:
+        if "tokenizer" in data:  # a written size between the two is fine
+            needed = tokenizer_token_count(data.tokenizer, data.get("bpe_vocab_size"))
         if written < needed:
             raise UserError(f"model vocab_size {written} is smaller than the tokenizer's {needed} tokens")
         model.vocab_size = written
 
-    def _derive_seq_len(self, given: Any) -> None:
+    def _derive_seq_len(self, config: Any, given: Any) -> None:
         """seq_len written once: where a config (or the command line) sets it for only one of model and
         data, the other follows: the model's is the data's longest sequence (training or validation),
         the data's is the model's. Not a jsonargparse link, which would also override a value that
         was written (lengthgen configs train at 128 and validate at 2048 with one 2048 model)."""
-        subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else self.config
-        given = given.get(subcommand) if subcommand else given
         model, data = config.get("model.init_args"), config.get("data.init_args")
-        if given is None or model is None or data is None or "seq_len" not in model or "seq_len" not in data:
+        if model is None or data is None or "seq_len" not in model or "seq_len" not in data:
             return
         wrote_model = given.get("model.init_args.seq_len") is not None
         wrote_data = given.get("data.init_args.seq_len") is not None
@@ -182,12 +180,17 @@ class SpectraLDSCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _check_run_dirs
 
 
-def tokenizer_vocab_size(tokenizer: str, bpe_vocab_size: int) -> int:
-    """TextDataModule's vocab_size for these arguments, padded to a multiple of 64 (fast matmuls)."""
+def tokenizer_token_count(tokenizer: str, bpe_vocab_size: int) -> int:
+    """How many token ids TextDataModule's tokenizer for these arguments produces."""
     from spectralds.data import build_tokenizer
 
-    size = bpe_vocab_size if tokenizer == "bpe" else build_tokenizer(tokenizer).vocab_size
-    return -(-size // 64) * 64
+    return bpe_vocab_size if tokenizer == "bpe" else build_tokenizer(tokenizer).vocab_size
+
+
+def tokenizer_vocab_size(tokenizer: str, bpe_vocab_size: int) -> int:
+    """The model's vocab_size linked from the data: the token count padded to a multiple of 64 (fast
+    matmuls)."""
+    return -(-tokenizer_token_count(tokenizer, bpe_vocab_size) // 64) * 64
 
 
 def _as_list(value: Any) -> list[Any]:
