@@ -170,6 +170,38 @@ def test_impulse_response_and_its_spectrum():
     assert stacked.shape == (2 * 33, 4)
 
 
+@pytest.mark.parametrize(("start", "length", "block"), [(0, 1, 64), (0, 130, 64), (7, 100, 16), (64, 5, 64)])
+def test_powers_by_blocks_match_pow(start, length, block):
+    A = torch.tensor([-0.999, -0.5, 0.0, 0.3, 0.9999, 1.0], dtype=F64)
+    t = torch.arange(start, start + length, dtype=F64)[:, None]
+    torch.testing.assert_close(lds_conv.powers(A, start, length, block), A**t, rtol=1e-14, atol=0)
+
+
+def cancelling_system() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Terms of 1e6 that cancel to O(1) at the first lags, as in fitted systems, and a slow pole."""
+    A = torch.tensor([0.5, 0.5001, -0.7, 0.999], dtype=F64)
+    C = torch.tensor([[1e6, 2e5], [-1e6, -2e5], [1.0, 1.0], [0.5, -1.0]], dtype=F64)
+    return A.requires_grad_(), torch.ones(4, dtype=F64, requires_grad=True), C.requires_grad_()
+
+
+def test_split_response_keeps_float64_where_terms_cancel():
+    A, B, C = cancelling_system()
+    length, w = 700, torch.randn(700, 2, dtype=F64)
+    out, g = grads(lambda *s: lds_conv.split_response(*s, length, torch.float32).double(), [A, B, C], w)
+    ref, g_ref = grads(lambda *s: lds_conv.impulse_response(*s, length), [A, B, C], w)
+    out, ref = out.detach(), ref.detach()
+    plain = lds_conv.impulse_response(*(p.detach().float() for p in (A, B, C)), length).double()
+
+    def rel(x):
+        return float((x - ref).square().sum() / ref.square().sum())
+
+    assert rel(plain) > 1e-9  # all-float32 loses the cancelling lags
+    assert rel(out) < 1e-12  # about float32 rounding of G itself (1e-15)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+    assert lds_conv.split_response(A, B, C, length, F64).dtype == F64
+
+
 @pytest.mark.parametrize("path", ["kernel", "project"])
 def test_exact_conv_is_the_mixed_causal_convolution(path):
     A, B, C = lds_system(F=4)

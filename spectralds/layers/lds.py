@@ -296,9 +296,8 @@ class LDS(ConvolutionPaths, SequenceLayer):
 
     def _tensordot_C(self, dtype: torch.dtype) -> torch.Tensor:
         """Tensordot mode folds M_filters into C: one readout column per channel, (d_out, h, 1)."""
-        K, C = self.num_filters, self.C.to(dtype)
-        C_eff = C[:, :K] @ self.M_filters_plus.to(dtype) + C[:, K:] @ self.M_filters_minus.to(dtype)
-        return C_eff.T[:, :, None]
+        M = torch.cat([self.M_filters_plus, self.M_filters_minus])  # (2K, d_out): one matmul
+        return (self.C.to(dtype) @ M.to(dtype)).T[:, :, None]
 
     # ---- decoding -----------------------------------------------------------------------------------
 

@@ -90,8 +90,9 @@ class ConvolutionPaths:
         folded: the response of the tensordot readout (C with M_filters folded in, one per channel)."""
         def build() -> torch.Tensor:
             tdt = table_dtype(self.B.device)
-            A, B, C = (p.to(tdt) for p in self.system())
-            C = self._tensordot_C(tdt)[..., 0].T if folded else C
+            A, B, C = self.system()
+            A, B = A.to(tdt), B.to(tdt)
+            C = self._tensordot_C(tdt)[..., 0].T if folded else C.to(tdt)
             # A learnable system's FFT runs in `dtype` (it is rebuilt every step); a fixed one's
             # is computed once, in float64.
             spectrum = response_spectrum(A, B, C, T, n, stacked, dtype if self.learnable else None)
