@@ -5,17 +5,19 @@
     python tools/bench_throughput.py --configs stu lds model-stu --seq-lens 8192 --batch 4
 
 Configs: the layers stu, stu_t, attn (full causal), attn-window; LDS layers in the mode of the layer
-they replace: lds / lds-t (learnable, exact / tensordot, --lds-states random states) and lds-fit /
-lds-fit-t (a fixed system fitted to the filters, --lds-fit-states states, converted from an STU / STU-T
+they replace: lds / lds-t (learnable, exact / tensordot, --lds-states random states, by default as many
+as the fitted ones) and lds-fit / lds-fit-t (a fixed system fitted to the filters, --lds-fit-states
+states, converted from an STU / STU-T
 with its projections; the fit comes from the distillation cache, computed once). Their "vs" column is
 tokens/s over the replaced layer's (stu or stu_t, when it ran at that length). LanguageModels model-stu
 (all STU), model-hybrid (STU / windowed attention), model-flash (STU-T / windowed attention, the
 Flash STU arrangement), model-transformer (full attention), model-lds.
 One timed training step = forward, a scalar loss (mean square for a layer, cross-entropy on random
-tokens for a model), backward; no optimizer step. ms/step is the median over --repeats after --warmup
-untimed steps (CUDA synchronized); tokens/s = batch * seq / that median. CPU ms is the median process
-CPU time of a step (steadier than wall time on a loaded machine; with --threads 1 the two agree on an
-idle one); on CPU the "vs" ratio uses CPU time. --compile runs the model-* configs with
+tokens for a model), backward; no optimizer step. ms/step is the median over --repeats rounds after
+--warmup untimed steps (CUDA synchronized); a round times every config of one length once, so a load
+change on a shared machine slows all of them alike; tokens/s = batch * seq / that median. CPU ms is
+the median process CPU time of a step (steadier than wall time on a loaded machine; with --threads 1
+the two agree on an idle one); on CPU the "vs" ratio uses CPU time. --compile runs the model-* configs with
 LanguageModel(compile=True) (torch.compile of the blocks; its warm-up step compiles).
 
 FLOPs (--flops, on by default on CUDA): the matmul FLOPs torch.utils.flop_counter sees in one step
@@ -157,24 +159,37 @@ def peak_tflops(args: argparse.Namespace) -> float | None:
     return next((peaks.get(args.dtype) for key, peaks in PEAK_TFLOPS.items() if key in name), None)
 
 
-def median_times(
-    fn: Callable[[], None], repeats: int, warmup: int, device: torch.device
-) -> tuple[float, float]:
-    """Median wall and process-CPU seconds of fn() over `repeats` runs after `warmup` (CUDA synchronized)."""
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
+def interleaved_median_times(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, tuple[float, float]]:
+    """Median wall and process-CPU seconds of each step over `repeats` rounds after `warmup` each
+    (CUDA synchronized). A round times every step once, so a load change on a shared machine hits
+    every config alike rather than whichever ran during it: the "vs" ratios compare like with like.
+    Each timed step follows an untimed one of the same config (memory freed by the previous config is
+    otherwise mapped again, page by page, inside the timed step)."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {key: [] for key in steps}
+    cpu: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(repeats):
-        synchronize(device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        synchronize(device)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+        for key, fn in steps.items():
+            if len(steps) > 1:
+                fn()  # untimed: the allocator settles after the previous config's tensors were freed
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            synchronize(device)
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - start_cpu)
+    return {key: (statistics.median(wall[key]), statistics.median(cpu[key])) for key in steps}
 
 
-def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch.device) -> dict:
+def prepare(
+    config: str, seq_len: int, args: argparse.Namespace, device: torch.device
+) -> tuple[dict, Callable[[], None]]:
+    """Build `config` at `seq_len`, run its first step under the memory probe, count its FLOPs: the
+    record without timings, and the step to time."""
     module = build(config, seq_len, args).to(device).train()
     for layer in module.modules():
         if isinstance(layer, STU):
@@ -185,19 +200,11 @@ def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch
     with PeakMemory(device) as peak:
         step()  # also the first warm-up step
     flops = step_flops(step, module, args.batch, seq_len) if args.flops else None
-    seconds, cpu_seconds = median_times(step, args.repeats, args.warmup, device)
-    peak_tf = peak_tflops(args)
-    achieved = flops / seconds / 1e12 if flops is not None else None
     return {
         "config": config,
         "seq_len": seq_len,
         "batch": args.batch,
-        "ms_per_step": 1e3 * seconds,
-        "cpu_ms_per_step": 1e3 * cpu_seconds if device.type == "cpu" else None,
-        "tokens_per_s": args.batch * seq_len / seconds,
         "gflop_per_step": flops / 1e9 if flops is not None else None,
-        "tflops": achieved,
-        "mfu": achieved / peak_tf if achieved is not None and peak_tf else None,
         "peak_mem_mb": peak.mb,
         "params": sum(p.numel() for p in module.parameters()),
         "device": str(device),
@@ -205,7 +212,31 @@ def bench_one(config: str, seq_len: int, args: argparse.Namespace, device: torch
         "stu_path": args.stu_path,
         "lds_path": args.lds_path,
         "compile": args.compile and config.startswith("model-"),
-    }
+    }, step
+
+
+def bench_length(
+    configs: list[str], seq_len: int, args: argparse.Namespace, device: torch.device
+) -> list[dict]:
+    """Every config at one length, timed in interleaved rounds (`interleaved_median_times`)."""
+    prepared = {config: prepare(config, seq_len, args, device) for config in configs}
+    times = interleaved_median_times({c: step for c, (_, step) in prepared.items()}, args.repeats,
+                                     args.warmup, device)
+    peak_tf = peak_tflops(args)
+    records = []
+    for config, (record, _) in prepared.items():
+        seconds, cpu_seconds = times[config]
+        flops = record["gflop_per_step"] * 1e9 if record["gflop_per_step"] is not None else None
+        achieved = flops / seconds / 1e12 if flops is not None else None
+        records.append({
+            **record,
+            "ms_per_step": 1e3 * seconds,
+            "cpu_ms_per_step": 1e3 * cpu_seconds if device.type == "cpu" else None,
+            "tokens_per_s": args.batch * seq_len / seconds,
+            "tflops": achieved,
+            "mfu": achieved / peak_tf if achieved is not None and peak_tf else None,
+        })
+    return records
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -232,7 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-layers", type=int, default=None, help="layers of the model-* configs")
     parser.add_argument("--num-heads", type=int, default=8)
     parser.add_argument("--window", type=int, default=1024, help="window of attn-window, model-hybrid")
-    parser.add_argument("--lds-states", type=int, default=80)
+    parser.add_argument("--lds-states", type=int, default=None,
+                        help="states of the learnable lds* configs (default: --lds-fit-states)")
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--mlp-ratio", type=float, default=4.0, help="SwiGLU hidden size / dim of the models")
     parser.add_argument("--stu-path", choices=["auto", "kernel", "project"], default="auto",
@@ -261,6 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.lds_states is None:
+        args.lds_states = args.lds_fit_states
     if min(args.seq_lens) < 1 or min(args.batch, args.dim, args.repeats) < 1 or args.warmup < 0:
         parser.error("sequence lengths, --batch, --dim and --repeats must be positive, --warmup >= 0")
     return args
@@ -272,12 +306,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"dim {args.dim}, K {args.num_filters}, batch {args.batch}, models with {args.num_layers} layers, "
           f"{args.dtype}, median of {args.repeats} after {args.warmup} warm-up steps\n", flush=True)
     records = []
-    for config in args.configs:
-        for seq_len in args.seq_lens:
-            records.append(bench_one(config, seq_len, args, device))
-            r = records[-1]
-            print(f"  {config:18} seq={seq_len:<6} {r['ms_per_step']:9.1f} ms/step "
+    for seq_len in args.seq_lens:
+        for r in bench_length(args.configs, seq_len, args, device):
+            records.append(r)
+            print(f"  {r['config']:18} seq={seq_len:<6} {r['ms_per_step']:9.1f} ms/step "
                   f"{r['tokens_per_s']:10.0f} tokens/s", flush=True)
+    records.sort(key=lambda r: args.configs.index(r["config"]))  # stable: lengths stay in order
     add_ratios(records)
     print()
     print(format_table(records, [
