@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from spectralds.errors import UserError
 from spectralds.layers import futurefill
+from spectralds.layers.ar import ARDecodeState
 from spectralds.layers.attention import KVCache, merge_caches
 from spectralds.layers.futurefill import ConvDecodeState
 from spectralds.layers.registry import DECODE_METHODS, SequenceLayer
@@ -60,12 +62,17 @@ def _leaves(states) -> list[torch.Tensor]:
     """Every tensor of a (nested) state, in a fixed order."""
     if isinstance(states, torch.Tensor):
         return [states]
+    if dataclasses.is_dataclass(states):  # e.g. ARDecodeState
+        return [leaf for f in dataclasses.fields(states) for leaf in _leaves(getattr(states, f.name))]
     return [leaf for item in states for leaf in _leaves(item)] if isinstance(states, (list, tuple)) else []
 
 
 def _clone(states):
     if isinstance(states, torch.Tensor):
         return states.clone()
+    if dataclasses.is_dataclass(states):
+        return dataclasses.replace(states, **{f.name: _clone(getattr(states, f.name))
+                                              for f in dataclasses.fields(states)})
     if isinstance(states, tuple) and hasattr(states, "_fields"):  # a NamedTuple cache
         return type(states)(*(_clone(s) for s in states))
     return type(states)(_clone(s) for s in states)
@@ -85,9 +92,9 @@ class GraphedStep:
 
     A decode step of a small model is a few dozen tiny kernels, so on a GPU its time is launch overhead;
     one graph replay launches them all at once. Only for fixed-size states: the LDS's (batch, channels,
-    h) tensor and a window's ring buffer with its position as a tensor (`static_states`); an STU or full
-    attention cache grows with the position, which a recorded graph cannot follow. States are updated
-    in place: call it as `logits, states = graphed(token, states)`.
+    h) tensor (with its AR history, if any) and a window's ring buffer with its position as a tensor
+    (`static_states`); an STU or full attention cache grows with the position, which a recorded graph
+    cannot follow. States are updated in place: call it as `logits, states = graphed(token, states)`.
     """
 
     def __init__(self, model, token: torch.Tensor, states) -> None:
@@ -152,18 +159,23 @@ def graphed_step(model) -> StepFn:
 def merge_states(per_prompt: list[list[Any]], model) -> list[Any]:
     """Per-block states of prompts prefilled one by one -> one batched state per block, the prompts
     right-aligned at the longest (see `merge_caches`, `futurefill.merge_states`)."""
-    merged = []
-    for mixer, states in zip(_mixers(model), zip(*per_prompt, strict=True), strict=True):
-        first = states[0]
-        if isinstance(first, torch.Tensor):  # an LDS state: the same at any position, zeros before
-            merged.append(torch.cat(states))
-        elif isinstance(first, KVCache):
-            merged.append(merge_caches(list(states), mixer.window_size))
-        elif isinstance(first, ConvDecodeState):
-            merged.append(futurefill.merge_states(list(states)))
-        else:
-            raise UserError(f"{type(mixer).__name__} cannot decode prompts of different lengths in one batch")
-    return merged
+    return [_merge(mixer, list(states))
+            for mixer, states in zip(_mixers(model), zip(*per_prompt, strict=True), strict=True)]
+
+
+def _merge(mixer, states: list[Any]) -> Any:
+    first = states[0]
+    if isinstance(first, torch.Tensor):  # an LDS state: the same at any position, zeros before
+        return torch.cat(states)
+    if isinstance(first, KVCache):
+        return merge_caches(states, mixer.window_size)
+    if isinstance(first, ConvDecodeState):
+        return futurefill.merge_states(states)
+    if isinstance(first, ARDecodeState):  # each history holds its own prompt's last steps, zeros before
+        inner = _merge(mixer, [s.inner for s in states])
+        inputs, outputs = (torch.cat([getattr(s, name) for s in states]) for name in ("inputs", "outputs"))
+        return ARDecodeState(inner, inputs, outputs)
+    raise UserError(f"{type(mixer).__name__} cannot decode prompts of different lengths in one batch")
 
 
 def prefill_prompts(model, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[Any]]:

@@ -25,7 +25,8 @@ def tiny_lm(pattern, window: int | None = 4, decode: str | None = None) -> Langu
     model = LanguageModel(
         vocab_size=32, dim=16, num_layers=len(pattern), layer_pattern=list(pattern), seq_len=40,
         num_filters=4,
-        layer_kwargs={"attn": {"num_heads": 2, "window_size": window}, "lds": {"state_dim": 8}},
+        layer_kwargs={"attn": {"num_heads": 2, "window_size": window}, "lds": {"state_dim": 8},
+                      "lds_ar": {"state_dim": 8, "ar_order": 2}},
     ).eval()
     if decode:
         set_decode_method(model, decode)
@@ -45,6 +46,7 @@ CASES = [
     (("stu",), None, "naive"), (("stu",), None, "futurefill"), (("stu_t",), None, "futurefill"),
     (("lds",), None, None), (("attn",), None, None), (("attn",), 4, None), (("attn",), 30, None),
     (("stu", "attn"), 4, "futurefill"), (("lds", "attn"), 4, None), (("stu_t", "attn", "lds"), None, "naive"),
+    (("lds_ar", "attn"), 4, None),
 ]
 
 
@@ -106,7 +108,7 @@ def static_decode(model, batch, new_tokens: int):
 
 
 @pytest.mark.parametrize("lengths", [LENGTHS, (6, 6)])
-@pytest.mark.parametrize("pattern", [("lds", "attn"), ("attn",)])
+@pytest.mark.parametrize("pattern", [("lds", "attn"), ("attn",), ("lds_ar", "attn")])
 def test_fixed_shape_step_equals_eager_decoding(pattern, lengths):
     model = tiny_lm(pattern, window=4)
     batch = prompts(lengths)
@@ -165,6 +167,7 @@ def test_what_cannot_have_fixed_shapes_says_why(pattern, match):
 
 @pytest.mark.parametrize("pattern, window, expected", [(("lds", "attn"), 4, True), (("attn",), 8, True),
                                                        (("lds",), None, True), (("lds", "attn"), None, False),
+                                                       (("lds_ar", "attn"), 4, True),
                                                        (("stu", "attn"), 4, False)])
 def test_generate_records_a_graph_for_fixed_shape_models_only(pattern, window, expected):
     """generate's default (cuda_graph=None) graphs exactly the models `graphable` accepts (on a GPU)."""

@@ -125,12 +125,15 @@ def test_cuda_graph_decoding_matches_eager():
             token = expected.argmax(-1)
 
 
-def test_cuda_graph_decodes_the_distilled_flash_stu(monkeypatch):
-    """LDS + sliding-window attention: generate records one CUDA graph (ring-buffer KV cache, position
-    tensor) and gives the eager tokens, for one prompt batch and for prompts of different lengths."""
+@pytest.mark.parametrize("lds", ["lds", "lds_ar"])
+def test_cuda_graph_decodes_the_distilled_flash_stu(monkeypatch, lds):
+    """LDS (with AR terms or not) + sliding-window attention: generate records one CUDA graph
+    (ring-buffer KV cache, position tensor) and gives the eager tokens, for one prompt batch and for
+    prompts of different lengths."""
     torch.manual_seed(0)
-    model = LanguageModel(vocab_size=64, dim=64, num_layers=4, layer_pattern=["lds", "attn"], seq_len=256,
+    model = LanguageModel(vocab_size=64, dim=64, num_layers=4, layer_pattern=[lds, "attn"], seq_len=256,
                           num_filters=8, layer_kwargs={"lds": {"state_dim": 16},
+                                                       "lds_ar": {"state_dim": 16, "ar_order": 2},
                                                        "attn": {"num_heads": 4, "window_size": 16}})
     model = model.cuda().eval()
     prompt = torch.randint(64, (3, 20), device="cuda")

@@ -233,3 +233,9 @@ class LDSWithAR(LDS):
         if self.ar is None:  # inside `spectral_only`
             return super().step(x_t, state)
         return ar_step(self, x_t, state, self.step)
+
+    def static_state(self, state: Any) -> ARDecodeState:
+        """The state as it is: the LDS tensor and the AR history already have fixed shapes (CUDA graphs)."""
+        if not isinstance(state, ARDecodeState) or not isinstance(state.inner, torch.Tensor):
+            raise UserError(f"an LDS with AR terms decodes from an ARDecodeState, not {type(state).__name__}")
+        return state
