@@ -64,6 +64,12 @@ def test_tiny_fit_logs_tensorboard_and_saves_config(tmp_path):
     assert "model/init_args/dim: 16" in hparams
 
 
+def test_340m_config_without_its_tokenizer_file_is_one_line_naming_the_path_looked_for(tmp_path, capsys):
+    err = one_line_error(capsys, ["fit", "--config", str(ROOT / "configs" / "flash_stu_340m.yaml")])
+    assert err.startswith(f"spectralds: error: tiktoken file not found: {tmp_path / 'o200k_base.tiktoken'} ")
+    assert "fetch o200k_base.tiktoken once" in err and "--data.tokenizer PATH" in err
+
+
 def test_unknown_layer_name(capsys):
     err = one_line_error(capsys, ["fit", "--config", TINY, "--model.init_args.layer_pattern=[stu, mamba]"])
     assert err == "spectralds: error: unknown layer 'mamba'; registered layers: attn, lds, lds_ar, stu, stu_t"

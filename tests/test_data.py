@@ -127,6 +127,16 @@ def test_tiktoken_pattern_follows_the_official_file_name(tmp_path, monkeypatch):
     assert TiktokenTokenizer(path.rename(tmp_path / "mine.tiktoken")).pattern == TIKTOKEN_PATTERNS["cl100k"]
 
 
+def test_missing_official_tiktoken_file_names_the_absolute_path_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        build_tokenizer("o200k_base.tiktoken")
+    message = str(err.value)
+    assert message.startswith(f"tiktoken file not found: {tmp_path / 'o200k_base.tiktoken'} (fetch ")
+    assert "encodings/o200k_base.tiktoken" in message and "--data.tokenizer PATH" in message
+    assert "\n" not in message
+
+
 def test_tiktoken_rejects_files_without_all_bytes(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
     path = tmp_path / "partial.tiktoken"

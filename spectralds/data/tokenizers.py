@@ -155,7 +155,7 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
-        path = _existing_file(path, "tiktoken file")
+        path = _existing_file(path, "tiktoken file", _tiktoken_hint(Path(path)))
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         # tiktoken caches what it reads under a key made from the path alone; passing the hash of
@@ -198,7 +198,7 @@ def build_tokenizer(
 
     ``"byte"``; ``"bpe"`` (train a byte-level BPE of ``vocab_size`` tokens on ``corpus_files``);
     a path to a ``tokenizer.json``; or a path to a ``.tiktoken`` file (pre-tokenization pattern from
-    the file name: see :func:`tiktoken_pattern_for`).
+    the file name: see :func:`tiktoken_pattern_for`). Relative paths are read from the current directory.
     """
     if spec == "byte":
         return ByteTokenizer()
@@ -225,8 +225,19 @@ def tiktoken_pattern_for(path: str | os.PathLike) -> str | None:
     return next((key for start, key in TIKTOKEN_FILE_PATTERNS.items() if name.startswith(start)), None)
 
 
-def _existing_file(path: str | os.PathLike, what: str) -> Path:
+def _tiktoken_hint(path: Path) -> str:
+    """What to do about a missing official rank file (tiktoken's own download address)."""
+    if tiktoken_pattern_for(path) is None or not path.name.endswith("_base.tiktoken"):
+        return ""
+    url = f"https://openaipublic.blob.core.windows.net/encodings/{path.name}"
+    return (f" (fetch {path.name} once, e.g. from {url}, and give its path: --data.tokenizer PATH to "
+            "fit, --tokenizer PATH to generate and eval)")
+
+
+def _existing_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
+    """`path`, which must be a file; the error names the absolute path looked for (a relative one is
+    read from the current directory)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise MissingFileError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path.absolute()}{hint}")
     return path
