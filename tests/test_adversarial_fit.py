@@ -346,6 +346,35 @@ def test_missing_fit_path_is_refused_before_the_first_step(tmp_path):
     assert CountingModel.steps == 0
 
 
+def test_resume_after_the_swap_needs_no_fit_file(fit, tmp_path):
+    path = tmp_path / "lds.safetensors"
+    save_fit(fit, path)
+    ckpt = tmp_path / "lds.ckpt"
+    first = STUToLDSDistillation(fit_path=str(path), validate=False, save_path=str(ckpt), log_plot=False)
+    trainer(tmp_path, [first], max_steps=2).fit(UserModel(), regression_data())
+    path.unlink()  # the checkpoint holds the LDS layers: nothing needs the fit any more
+    CountingModel.steps = 0
+    model = CountingModel()
+    again = STUToLDSDistillation(fit_path=str(path), validate=False, save_path=None, log_plot=False)
+    trainer(tmp_path, [again], max_steps=4).fit(model, regression_data(), ckpt_path=str(ckpt))
+    assert CountingModel.steps == 2 and again.done and all(isinstance(m, LDS) for m in model.mixers)
+
+
+def test_resume_before_the_swap_still_checks_the_fit_file(tmp_path):
+    ckpt = tmp_path / "stu.ckpt"
+    pending = STUToLDSDistillation(at_step=100, validate=False, save_path=None, log_plot=False)
+    run = trainer(tmp_path, [pending], max_steps=2)
+    run.fit(UserModel(), regression_data())
+    run.save_checkpoint(ckpt)  # not swapped yet
+    CountingModel.steps = 0
+    missing = tmp_path / "nope.safetensors"
+    callback = STUToLDSDistillation(fit_path=str(missing), at_step=100, validate=False, save_path=None)
+    with pytest.raises(UserError) as err:
+        trainer(tmp_path, [callback], max_steps=4).fit(CountingModel(), regression_data(), ckpt_path=ckpt)
+    one_line(err, str(missing), "does not exist")
+    assert CountingModel.steps == 0
+
+
 def test_permuted_fit_path_is_refused_at_setup_and_nothing_is_swapped(fit, tmp_path):
     CountingModel.steps = 0
     path = tmp_path / "permuted.safetensors"
