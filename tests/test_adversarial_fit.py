@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from spectralds import io as io_module
 from spectralds.callbacks import LayerAdaptiveStatePruning, STUToLDSDistillation
 from spectralds.data.shards import load_shard
 from spectralds.distill import LDSFit, fit_cache_path, fit_filters, get_fit, load_fit, save_fit
+from spectralds.distill import convert as convert_module
 from spectralds.distill.convert import convert_stu_layers
 from spectralds.distill.lds_file import _metadata, _safetensors_bytes
 from spectralds.errors import UserError
@@ -315,6 +317,28 @@ def test_swap_measures_both_layer_kinds(fit, kind):
         convert_stu_layers(module, lambda stu: bad, max_error=1e-6)
     one_line(err, "first", "1.00e-04")
     assert isinstance(module.first, (STU, STUTensordot))
+
+
+def test_swap_holds_one_converted_layer_at_a_time(fit, monkeypatch):
+    """Every layer is measured before any swap, yet the layer tensors alive peak at the module's plus one
+    LDS, not plus an LDS for every layer: each measured LDS is dropped, each STU released once swapped."""
+    module = torch.nn.ModuleList([build_layer("stu", dim=6, seq_len=L, num_filters=K) for _ in range(4)])
+    tensors = lambda m: [*m.parameters(), *m.buffers()]  # noqa: E731
+    alive = [weakref.ref(t) for m in module for t in tensors(m)]
+    stu_bytes, peaks, build = sum(r().nbytes for r in alive), [], convert_module.lds_from_stu
+
+    def counted(stu, fit):
+        lds = build(stu, fit)
+        alive.extend(weakref.ref(t) for t in tensors(lds))
+        peaks.append(sum(t.nbytes for t in (r() for r in alive) if t is not None))
+        return lds
+
+    monkeypatch.setattr(convert_module, "lds_from_stu", counted)
+    convert_stu_layers(module, lambda stu: fit, max_error=1e-6)
+    assert all(isinstance(m, LDS) for m in module) and len(peaks) == 8  # measured, then rebuilt
+    lds_bytes = sum(t.nbytes for m in module for t in tensors(m))
+    one_layer = max(stu_bytes, lds_bytes) // len(module)
+    assert max(peaks) <= max(stu_bytes, lds_bytes) + one_layer < stu_bytes + lds_bytes  # all built first
 
 
 def test_the_measured_error_decides_not_the_metadata(fit):
