@@ -7,10 +7,11 @@ set SPECTRALDS_DEBUG=1 for the full traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -24,7 +25,7 @@ from spectralds.cli_errors import check_config_files, parser_problem
 from spectralds.cli_eval import eval_main
 from spectralds.cli_fits import distill_filters_main, import_fit_main
 from spectralds.cli_generate import generate_main
-from spectralds.compat import parse_written
+from spectralds.compat import parse_written, subcommand_parser
 from spectralds.errors import UserError, first_line
 
 
@@ -83,19 +84,49 @@ class SpectraLDSCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse; fill in the seq_len a config left out (see `_derive_seq_len`); read a given ckpt_path
-        once (weights_only, memory-mapped): LightningCLI loads its hyperparameters next with a bare
-        torch.load, whose errors would not name the file."""
+        """Parse; fill in the seq_len a config left out (see `_derive_seq_len`); print the result for
+        --print_config; read a given ckpt_path once (weights_only, memory-mapped): LightningCLI loads
+        its hyperparameters next with a bare torch.load, whose errors would not name the file."""
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list):
+            argv, print_options = split_print_config(argv)
+            if print_options is not None:
+                self._print_config(parser, args, argv, print_options)
         super().parse_arguments(parser, args)
-        if args is None or isinstance(args, list):
-            config, given = self._subcommand_sections(parse_written(parser, args))
-            if given is not None:
-                self._derive_seq_len(config, given)
-                self._keep_written_vocab_size(config, given)
+        if isinstance(argv, list):
+            self._apply_written_rules(parser, argv)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
             read_checkpoint(ckpt_path, mmap=True)
+
+    def _apply_written_rules(self, parser: LightningArgumentParser, argv: list[str]) -> None:
+        """The parse-time rules that depend on what the user wrote, not on the parser's defaults."""
+        config, given = self._subcommand_sections(parse_written(parser, argv))
+        if given is not None:
+            self._derive_seq_len(config, given)
+            self._keep_written_vocab_size(config, given)
+
+    def _print_config(
+        self, parser: LightningArgumentParser, args: Any, argv: list[str], options: dict[str, bool]
+    ) -> NoReturn:
+        """Print the config this run would use, derived seq_len and linked vocab_size included, and
+        exit. jsonargparse's own --print_config prints before its parse links and our rules run, so
+        it is only the fallback, with a note, for a config that cannot be completed yet (no model
+        written, a tokenizer file missing): then it prints what was written."""
+        try:
+            self.config = parser.parse_args(argv)
+            self._apply_written_rules(parser, argv)
+        except (argparse.ArgumentError, UserError) as e:
+            reason = first_line(user_error_in(e) or UserError(parser_problem(e)))
+            sys.stderr.write("spectralds: note: --print_config shows the config without the derived seq_len "
+                             f"and the tokenizer's vocab_size, because: {reason}\n")
+            super().parse_arguments(parser, args)  # jsonargparse prints and exits
+        section, _ = self._subcommand_sections(None)
+        options = {"skip_unset": False, **options}  # jsonargparse's --print_config default
+        dump = subcommand_parser(self, self.config.get("subcommand")).dump
+        sys.stdout.write(dump(section, skip_link_targets=False, **options))
+        parser.exit()
 
     def _subcommand_sections(self, given: Any) -> tuple[Any, Any]:
         """(the parsed config, what the user wrote) of the subcommand being run."""
@@ -178,6 +209,29 @@ class SpectraLDSCLI(LightningCLI):
                 raise UserError(f"cannot create the run directory {directory} ({e.strerror})") from e
 
     before_fit = before_validate = before_test = before_predict = _check_run_dirs
+
+
+# --print_config's flags -> dump() options (the ones jsonargparse takes).
+PRINT_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "comments": "with_comments"}
+
+
+def split_print_config(argv: list[str]) -> tuple[list[str], dict[str, bool] | None]:
+    """`argv` without `--print_config[=flag,...]`, and the dump options its flags ask for (None when
+    not given)."""
+    rest, options = [], None
+    for arg in argv:
+        name, _, flags = arg.partition("=")
+        if name != "--print_config":
+            rest.append(arg)
+            continue
+        options = options or {}
+        for flag in filter(None, flags.split(",")):
+            if flag not in PRINT_FLAGS:
+                raise UserError(f"--print_config takes the flags {', '.join(PRINT_FLAGS)}; got {flag!r}")
+            if flag == "comments" and importlib.util.find_spec("ruamel") is None:
+                raise UserError("--print_config=comments needs ruamel.yaml (pip install ruamel.yaml)")
+            options[PRINT_FLAGS[flag]] = True
+    return rest, options
 
 
 def tokenizer_token_count(tokenizer: str, bpe_vocab_size: int) -> int:

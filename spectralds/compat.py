@@ -2,10 +2,12 @@
 
 Lightning has no public way to run the fit's validation loop from inside a training step (a mid-run
 layer swap validates before and after), so that loop's bookkeeping flag is saved and restored here;
-jsonargparse has no public lenient parse for "what did the user write". tests/test_compat.py checks
+jsonargparse has no public lenient parse for "what did the user write", and LightningCLI no public way
+to the subcommand parser that prints its section for --print_config. tests/test_compat.py checks
 that each attribute below still exists, so an upgrade that renames one fails there, loudly, instead of
 mid-run. Tested with lightning 2.6 (pinned <2.7) and jsonargparse 4.53. Keep this a flat list of small
-functions, and list every private Trainer attribute path in TRAINER_ATTRIBUTES.
+functions, and list every private Trainer attribute path in TRAINER_ATTRIBUTES (LightningCLI methods
+in CLI_ATTRIBUTES).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import lightning as L
 
 # Dotted private attribute paths on a Trainer instance that the functions below use.
 TRAINER_ATTRIBUTES: tuple[str, ...] = ("_logger_connector", "_logger_connector._first_loop_iter")
+# Private LightningCLI methods that the functions below use.
+CLI_ATTRIBUTES: tuple[str, ...] = ("_parser",)
 
 
 def first_loop_iter(trainer: L.Trainer) -> bool | None:
@@ -39,3 +43,10 @@ def parse_written(parser: Any, args: list[str] | None) -> Any:
 
     with parser_context(lenient_check=True):
         return parser.parse_args(args, defaults=False)
+
+
+def subcommand_parser(cli: Any, subcommand: str | None) -> Any:
+    """The parser of a LightningCLI subcommand (the main parser for None): the one that dumps that
+    subcommand's section of the config. Private: `LightningCLI._parser`; jsonargparse keeps its
+    subcommand parsers private too."""
+    return cli._parser(subcommand)

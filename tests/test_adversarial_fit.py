@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from spectralds import io as io_module
 from spectralds.callbacks import LayerAdaptiveStatePruning, STUToLDSDistillation
 from spectralds.data.shards import load_shard
 from spectralds.distill import LDSFit, fit_cache_path, fit_filters, get_fit, load_fit, save_fit
+from spectralds.distill import convert as convert_module
 from spectralds.distill.convert import convert_stu_layers
 from spectralds.distill.lds_file import _metadata, _safetensors_bytes
 from spectralds.errors import UserError
@@ -317,6 +319,28 @@ def test_swap_measures_both_layer_kinds(fit, kind):
     assert isinstance(module.first, (STU, STUTensordot))
 
 
+def test_swap_holds_one_converted_layer_at_a_time(fit, monkeypatch):
+    """Every layer is measured before any swap, yet the layer tensors alive peak at the module's plus one
+    LDS, not plus an LDS for every layer: each measured LDS is dropped, each STU released once swapped."""
+    module = torch.nn.ModuleList([build_layer("stu", dim=6, seq_len=L, num_filters=K) for _ in range(4)])
+    tensors = lambda m: [*m.parameters(), *m.buffers()]  # noqa: E731
+    alive = [weakref.ref(t) for m in module for t in tensors(m)]
+    stu_bytes, peaks, build = sum(r().nbytes for r in alive), [], convert_module.lds_from_stu
+
+    def counted(stu, fit):
+        lds = build(stu, fit)
+        alive.extend(weakref.ref(t) for t in tensors(lds))
+        peaks.append(sum(t.nbytes for t in (r() for r in alive) if t is not None))
+        return lds
+
+    monkeypatch.setattr(convert_module, "lds_from_stu", counted)
+    convert_stu_layers(module, lambda stu: fit, max_error=1e-6)
+    assert all(isinstance(m, LDS) for m in module) and len(peaks) == 8  # measured, then rebuilt
+    lds_bytes = sum(t.nbytes for m in module for t in tensors(m))
+    one_layer = max(stu_bytes, lds_bytes) // len(module)
+    assert max(peaks) <= max(stu_bytes, lds_bytes) + one_layer < stu_bytes + lds_bytes  # all built first
+
+
 def test_the_measured_error_decides_not_the_metadata(fit):
     modest = LDSFit(A=fit.A, B=fit.B, C=fit.C, seq_len=L, num_filters=K, variant="hankel", method="varpro",
                     rel_mse_f64=0.5, rel_mse_f32=0.5)  # claims a poor fit, measures a good one
@@ -342,6 +366,35 @@ def test_missing_fit_path_is_refused_before_the_first_step(tmp_path):
     callback = STUToLDSDistillation(fit_path=str(missing), validate=False, save_path=None)
     with pytest.raises(UserError) as err:
         trainer(tmp_path, [callback]).fit(CountingModel(), regression_data())
+    one_line(err, str(missing), "does not exist")
+    assert CountingModel.steps == 0
+
+
+def test_resume_after_the_swap_needs_no_fit_file(fit, tmp_path):
+    path = tmp_path / "lds.safetensors"
+    save_fit(fit, path)
+    ckpt = tmp_path / "lds.ckpt"
+    first = STUToLDSDistillation(fit_path=str(path), validate=False, save_path=str(ckpt), log_plot=False)
+    trainer(tmp_path, [first], max_steps=2).fit(UserModel(), regression_data())
+    path.unlink()  # the checkpoint holds the LDS layers: nothing needs the fit any more
+    CountingModel.steps = 0
+    model = CountingModel()
+    again = STUToLDSDistillation(fit_path=str(path), validate=False, save_path=None, log_plot=False)
+    trainer(tmp_path, [again], max_steps=4).fit(model, regression_data(), ckpt_path=str(ckpt))
+    assert CountingModel.steps == 2 and again.done and all(isinstance(m, LDS) for m in model.mixers)
+
+
+def test_resume_before_the_swap_still_checks_the_fit_file(tmp_path):
+    ckpt = tmp_path / "stu.ckpt"
+    pending = STUToLDSDistillation(at_step=100, validate=False, save_path=None, log_plot=False)
+    run = trainer(tmp_path, [pending], max_steps=2)
+    run.fit(UserModel(), regression_data())
+    run.save_checkpoint(ckpt)  # not swapped yet
+    CountingModel.steps = 0
+    missing = tmp_path / "nope.safetensors"
+    callback = STUToLDSDistillation(fit_path=str(missing), at_step=100, validate=False, save_path=None)
+    with pytest.raises(UserError) as err:
+        trainer(tmp_path, [callback], max_steps=4).fit(CountingModel(), regression_data(), ckpt_path=ckpt)
     one_line(err, str(missing), "does not exist")
     assert CountingModel.steps == 0
 

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_helpers import one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,34 @@ def test_every_config_prints(config, capsys):
     assert run_cli(["fit", "--config", config, "--print_config"]) == 0
     out = capsys.readouterr().out
     assert "class_path: spectralds.models." in out
+
+
+def _printed(capsys, args: list[str], flag: str = "--print_config") -> dict:
+    assert run_cli([*args, flag]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_shows_the_derived_seq_len_and_linked_vocab_size_and_reparses(tmp_path, capsys):
+    quickstart = str(ROOT / "configs" / "quickstart.yaml")
+    args = ["fit", "--config", quickstart, "--data.seq_len=128"]
+    printed = _printed(capsys, args)
+    model, data = printed["model"]["init_args"], printed["data"]["init_args"]
+    assert (model["seq_len"], data["seq_len"], model["vocab_size"]) == (128, 128, 256)  # byte tokenizer
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(yaml.safe_dump(printed))
+    assert _printed(capsys, ["fit", "--config", str(saved)]) == printed
+    # skip_default leaves out what equals a default (the trainer's, the model's vocab_size 256), not the rest
+    short = _printed(capsys, args, "--print_config=skip_default")
+    assert short["model"]["init_args"]["seq_len"] == 128 and "num_sanity_val_steps" not in short["trainer"]
+
+
+def test_print_config_without_the_tokenizer_file_prints_what_was_written_and_says_why(tmp_path, capsys):
+    assert run_cli(["fit", "--config", str(ROOT / "configs" / "flash_stu_340m.yaml"), "--print_config"]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["data"]["init_args"]["seq_len"] == 8192
+    note = err.strip()
+    assert note.startswith("spectralds: note: ") and "\n" not in note
+    assert f"tiktoken file not found: {tmp_path / 'o200k_base.tiktoken'}" in note
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: f"{Path(p).parent.name}/{Path(p).name}")
@@ -62,6 +91,12 @@ def test_tiny_fit_logs_tensorboard_and_saves_config(tmp_path):
         assert all(math.isfinite(e.value) for e in events.Scalars(tag))
     hparams = (run_dir / "hparams.yaml").read_text()
     assert "model/init_args/dim: 16" in hparams
+
+
+def test_340m_config_without_its_tokenizer_file_is_one_line_naming_the_path_looked_for(tmp_path, capsys):
+    err = one_line_error(capsys, ["fit", "--config", str(ROOT / "configs" / "flash_stu_340m.yaml")])
+    assert err.startswith(f"spectralds: error: tiktoken file not found: {tmp_path / 'o200k_base.tiktoken'} ")
+    assert "fetch o200k_base.tiktoken once" in err and "--data.tokenizer PATH" in err
 
 
 def test_unknown_layer_name(capsys):

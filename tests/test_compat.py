@@ -85,6 +85,15 @@ def test_the_compat_functions_round_trip(trainer):
     assert compat.first_loop_iter(trainer) is before
 
 
+@pytest.mark.parametrize("name", compat.CLI_ATTRIBUTES)
+def test_every_private_lightning_cli_method_compat_uses_still_exists(name):
+    from lightning.pytorch.cli import LightningCLI
+
+    if not callable(getattr(LightningCLI, name, None)):
+        pytest.fail(f"Lightning {L.__version__} has no LightningCLI.{name}, which spectralds/compat.py "
+                    "uses; adapt compat.subcommand_parser or pin lightning below this version", pytrace=False)
+
+
 def test_the_private_jsonargparse_context_compat_uses_exists():
     from jsonargparse import _common
 

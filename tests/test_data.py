@@ -27,6 +27,7 @@ from spectralds.data import (  # noqa: E402
     build_tokenizer,
 )
 from spectralds.data.corpus import local_files, local_pieces  # noqa: E402
+from spectralds.data.tokenizers import TIKTOKEN_PATTERNS, tiktoken_pattern_for  # noqa: E402
 from spectralds.data.windows import PackedWindows, WindowSampler  # noqa: E402
 
 CORPUS = Path(__file__).parent / "assets" / "data" / "corpus"
@@ -106,6 +107,34 @@ def test_tiktoken_local_file(tmp_path, monkeypatch):
     changed = TiktokenTokenizer(path)
     assert changed.vocab_size == 257 and changed.encode("the") == [256, ord("e")]
     assert changed.fingerprint != tok.fingerprint
+
+
+def test_tiktoken_pattern_follows_the_official_file_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    path = tmp_path / "o200k_base.tiktoken"
+    write_tiktoken(path, [b"oW", b"d'"])  # 256, 257: each merge crosses one pattern's split
+    o200k = build_tokenizer(str(path))
+    cl100k = TiktokenTokenizer(path, pattern="cl100k")  # an explicit pattern wins over the name
+    assert o200k.pattern == TIKTOKEN_PATTERNS["o200k"] and cl100k.pattern == TIKTOKEN_PATTERNS["cl100k"]
+    # o200k splits at the case change and keeps the contraction ("Hello" "World's": d' merges);
+    # cl100k splits before the contraction ("HelloWorld" "'s": oW merges).
+    assert o200k.encode("HelloWorld's") == [*b"HelloWorl", 257, ord("s")]
+    assert cl100k.encode("HelloWorld's") == [*b"Hell", 256, *b"orld's"]
+    assert o200k.fingerprint != cl100k.fingerprint  # token caches keyed by it are not shared
+    names = {"cl100k_base.tiktoken": "cl100k", "r50k_base.tiktoken": "gpt2", "p50k_base.tiktoken": "gpt2",
+             "o200k_base.tiktoken": "o200k", "mine.tiktoken": None}
+    assert {name: tiktoken_pattern_for(tmp_path / name) for name in names} == names
+    assert TiktokenTokenizer(path.rename(tmp_path / "mine.tiktoken")).pattern == TIKTOKEN_PATTERNS["cl100k"]
+
+
+def test_missing_official_tiktoken_file_names_the_absolute_path_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        build_tokenizer("o200k_base.tiktoken")
+    message = str(err.value)
+    assert message.startswith(f"tiktoken file not found: {tmp_path / 'o200k_base.tiktoken'} (fetch ")
+    assert "encodings/o200k_base.tiktoken" in message and "--data.tokenizer PATH" in message
+    assert "\n" not in message
 
 
 def test_tiktoken_rejects_files_without_all_bytes(tmp_path, monkeypatch):

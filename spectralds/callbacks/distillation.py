@@ -42,8 +42,9 @@ class STUToLDSDistillation(OneShotLayerChange):
             layers are measured before any is swapped. Tensorized filters, for instance, are not
             realizable by a small LDS (rel. MSE ~0.3 at 160 states).
 
-    Every argument is checked when the callback is built, and against the model in `setup` (a missing,
-    corrupt or mismatched `fit_path`, a state_dim the layers' length cannot take), before training.
+    Every argument is checked when the callback is built, and against the model when fit starts (a
+    missing, corrupt or mismatched `fit_path`, a state_dim the layers' length cannot take), before the
+    first step. A run resumed from a checkpoint written after the swap is not checked: it needs no fit.
         save_path: where to save a checkpoint of the swapped model at the end of training
             ("auto": <log_dir>/checkpoints/lds.ckpt; None: don't).
     """
@@ -76,20 +77,31 @@ class STUToLDSDistillation(OneShotLayerChange):
         self.max_fit_error = float(max_fit_error)
         self.reports: list = []
         self._user_fit: LDSFit | None = None
+        self._checked = False
 
     # ---- when ---------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check the model against the arguments now, before the first step, not at the swap."""
-        if self.done:
+    # The model is checked before the first step, not at the swap, but after a resumed checkpoint is
+    # restored: only then do `done` and the layers say whether the swap already happened. Lightning
+    # restores before on_fit_start, except under strategies that restore after their setup (FSDP).
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._check_model(pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_model(pl_module)
+
+    def _check_model(self, pl_module: L.LightningModule) -> None:
+        if self.done or self._checked:
             return
         layers = find_stu_layers(pl_module)
         if not layers:
             raise UserError(f"STUToLDSDistillation: no STU layer in {type(pl_module).__name__} to distill")
         if self.fit_path is not None:
             self._user_fit = self._check_user_fit(layers)
-            return
-        for _, stu in layers:  # the arguments get_fit will get at the swap
-            check_fit_args(stu.seq_len, stu.num_filters, self._state_dim(stu), self.method or METHODS[0])
+        else:
+            for _, stu in layers:  # the arguments get_fit will get at the swap
+                check_fit_args(stu.seq_len, stu.num_filters, self._state_dim(stu), self.method or METHODS[0])
+        self._checked = True
 
     def _check_user_fit(self, layers: list[tuple[str, torch.nn.Module]]) -> LDSFit:
         fit = load_fit(self.fit_path)  # exists, parses, passes its hash
@@ -118,7 +130,7 @@ class STUToLDSDistillation(OneShotLayerChange):
 
     def fit_for(self, trainer: L.Trainer, stu: torch.nn.Module) -> LDSFit:
         if self.fit_path is not None:
-            if self._user_fit is None:  # setup did not run (a direct call): the swap measures it
+            if self._user_fit is None:  # not checked (a direct call): the swap measures it
                 self._user_fit = load_fit(self.fit_path)
             return self._user_fit
         kwargs = {"method": self.method} if self.method else {}

@@ -17,14 +17,28 @@ from spectralds.errors import MissingFileError, UserError, first_line
 from spectralds.io import atomic_write
 
 # The pre-tokenization regexes that OpenAI's encodings were trained with. A rank file does not
-# record its regex, so the right one has to be named when the file is loaded.
+# record its regex: the right one is named when the file is loaded, or follows an official file name.
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_SUFFIX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"  # o200k keeps a contraction on its word
 TIKTOKEN_PATTERNS = {
     "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
     "cl100k": (
         r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
         r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
     ),
+    # Words split at case changes ("HelloWorld" -> "Hello", "World"), contractions kept on the word.
+    "o200k": "|".join([
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_SUFFIX}",
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_SUFFIX}",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]),
 }
+# The official rank files, by the start of their names (o200k_base.tiktoken, ...): their pattern.
+TIKTOKEN_FILE_PATTERNS = {"o200k": "o200k", "cl100k": "cl100k", "p50k": "gpt2", "r50k": "gpt2"}
 
 
 class Tokenizer:
@@ -126,20 +140,22 @@ class TiktokenTokenizer(Tokenizer):
     """A byte-level BPE read from a local ``.tiktoken`` rank file with ``tiktoken``.
 
     ``pattern`` is the pre-tokenization regex the ranks were trained with: a key of
-    :data:`TIKTOKEN_PATTERNS` ("cl100k", "gpt2") or a regex. Special tokens in the text are encoded
-    as plain text; ``special_tokens`` only extends the vocabulary (and ``decode``).
+    :data:`TIKTOKEN_PATTERNS` ("o200k", "cl100k", "gpt2") or a regex. None: the official file's pattern
+    when the file name starts like one (see :func:`tiktoken_pattern_for`), else "cl100k". Special
+    tokens in the text are encoded as plain text; ``special_tokens`` only extends the vocabulary (and
+    ``decode``).
     """
 
     def __init__(
         self,
         path: str | os.PathLike,
-        pattern: str = "cl100k",
+        pattern: str | None = None,
         special_tokens: dict[str, int] | None = None,
     ):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
-        path = _existing_file(path, "tiktoken file")
+        path = _existing_file(path, "tiktoken file", _tiktoken_hint(Path(path)))
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         # tiktoken caches what it reads under a key made from the path alone; passing the hash of
@@ -148,7 +164,8 @@ class TiktokenTokenizer(Tokenizer):
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise UserError(f"{path} is not a byte-level BPE: {len(missing)} of the 256 bytes have no rank")
-        self.pattern = TIKTOKEN_PATTERNS.get(pattern, pattern)
+        key = pattern if pattern is not None else tiktoken_pattern_for(path) or "cl100k"
+        self.pattern = TIKTOKEN_PATTERNS.get(key, key)
         self.special_tokens = dict(special_tokens or {})
         self.name = f"tiktoken:{path.name}"
         self.backend = tiktoken.Encoding(
@@ -180,7 +197,8 @@ def build_tokenizer(
     """Build a tokenizer from a short spec.
 
     ``"byte"``; ``"bpe"`` (train a byte-level BPE of ``vocab_size`` tokens on ``corpus_files``);
-    a path to a ``tokenizer.json``; or a path to a ``.tiktoken`` file (cl100k pre-tokenization).
+    a path to a ``tokenizer.json``; or a path to a ``.tiktoken`` file (pre-tokenization pattern from
+    the file name: see :func:`tiktoken_pattern_for`). Relative paths are read from the current directory.
     """
     if spec == "byte":
         return ByteTokenizer()
@@ -200,8 +218,26 @@ def build_tokenizer(
     )
 
 
-def _existing_file(path: str | os.PathLike, what: str) -> Path:
+def tiktoken_pattern_for(path: str | os.PathLike) -> str | None:
+    """The pattern key of the official encoding a rank file is named after: o200k_base.tiktoken ->
+    "o200k", cl100k_base -> "cl100k", r50k_base / p50k_base -> "gpt2"; None for any other name."""
+    name = Path(path).name
+    return next((key for start, key in TIKTOKEN_FILE_PATTERNS.items() if name.startswith(start)), None)
+
+
+def _tiktoken_hint(path: Path) -> str:
+    """What to do about a missing official rank file (tiktoken's own download address)."""
+    if tiktoken_pattern_for(path) is None or not path.name.endswith("_base.tiktoken"):
+        return ""
+    url = f"https://openaipublic.blob.core.windows.net/encodings/{path.name}"
+    return (f" (fetch {path.name} once, e.g. from {url}, and give its path: --data.tokenizer PATH to "
+            "fit, --tokenizer PATH to generate and eval)")
+
+
+def _existing_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
+    """`path`, which must be a file; the error names the absolute path looked for (a relative one is
+    read from the current directory)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise MissingFileError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path.absolute()}{hint}")
     return path

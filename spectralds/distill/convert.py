@@ -10,6 +10,8 @@ the layer's own filter buffer, column order and signs included) and `layer_error
 output against the STU layer's on a fixed probe input), and with `max_error` refuses, before any
 layer is swapped, when either is above it. Both cost well under a second per layer at L=8192 (the
 probe runs batch 1 on a few channels: FFT convolution for the STU, the chunked scan for the LDS).
+Each measured LDS is dropped before the next is built and rebuilt, the same way, at the swap: the
+conversion holds one layer more than the module, not a second copy of every converted layer.
 """
 
 from __future__ import annotations
@@ -157,25 +159,44 @@ def convert_stu_layers(
 
     With `max_error`, every layer is converted and measured first; if any measured error (impulse
     response or probe output) is above it, a one-line UserError names the layer and both numbers and
-    no layer of `module` is changed.
+    no layer of `module` is changed. Only then are the layers swapped, one at a time.
     """
+    fits, reports = _fit_and_measure_all(module, get_fit, measure or max_error is not None, max_error)
+    # Each LDS is rebuilt (identically) as it goes in, and its STU is released once out, so the extra
+    # memory is one layer, not an LDS for every layer (unless something else, an optimizer, holds them).
+    for path, fit in fits.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        setattr(parent, attr, lds_from_stu(getattr(parent, attr), fit))
+    return reports
+
+
+def _fit_and_measure_all(
+    module: nn.Module, get_fit: Callable[[nn.Module], LDSFit], measure: bool, max_error: float | None
+) -> tuple[dict[str, LDSFit], list[LayerReport]]:
+    """Every STU layer's fit and report, each converted LDS measured and dropped before the next is
+    built; a UserError for the first layer above `max_error`."""
     layers = find_stu_layers(module)
     if not layers:
         raise UserError(f"no STU layer found in {type(module).__name__}: nothing to distill")
-    measure = measure or max_error is not None
-    converted = []
+    fits, reports = {}, []
     for path, stu in layers:
-        lds = lds_from_stu(stu, get_fit(stu))
-        ir, out = (filter_rel_mse(stu, lds), layer_error(stu, lds)) if measure else (float("nan"),) * 2
-        if max_error is not None and not (ir <= max_error and out <= max_error):
-            raise UserError(
-                f"{path or type(module).__name__} ({type(stu).__name__}): the {lds.state_dim}-state LDS "
-                f"fits the {stu.num_filters} {stu.variant!r} filters of length {stu.seq_len} only to "
-                f"relative MSE {ir:.2e} (its impulse response vs the layer's filters; LDS vs STU output "
-                f"on a probe: {out:.2e}) > max_fit_error {max_error:g}; refusing to swap, no layer changed"
-            )
-        converted.append((path, stu, lds, LayerReport(path, type(stu).__name__, lds.state_dim, out, ir)))
-    for path, _, lds, _ in converted:  # all measured: now swap
-        parent_path, _, attr = path.rpartition(".")
-        setattr(module.get_submodule(parent_path) if parent_path else module, attr, lds)
-    return [report for *_, report in converted]
+        fits[path] = get_fit(stu)
+        reports.append(_check_layer(path, stu, fits[path], measure, max_error))
+    return fits, reports
+
+
+def _check_layer(
+    path: str, stu: nn.Module, fit: LDSFit, measure: bool, max_error: float | None
+) -> LayerReport:
+    """Build the layer's LDS (which checks the fit's shape), measure it if asked, and let it go."""
+    lds = lds_from_stu(stu, fit)
+    ir, out = (filter_rel_mse(stu, lds), layer_error(stu, lds)) if measure else (float("nan"),) * 2
+    if max_error is not None and not (ir <= max_error and out <= max_error):
+        raise UserError(
+            f"{path or type(stu).__name__} ({type(stu).__name__}): the {lds.state_dim}-state LDS "
+            f"fits the {stu.num_filters} {stu.variant!r} filters of length {stu.seq_len} only to "
+            f"relative MSE {ir:.2e} (its impulse response vs the layer's filters; LDS vs STU output "
+            f"on a probe: {out:.2e}) > max_fit_error {max_error:g}; refusing to swap, no layer changed"
+        )
+    return LayerReport(path, type(stu).__name__, lds.state_dim, out, ir)
