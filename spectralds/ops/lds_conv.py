@@ -34,6 +34,8 @@ CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
 # scan is one large matmul and runs ~4x more flops per second than the memory-bound FFT paths; with a
 # readout per channel (tensordot) it is many small matmuls plus table building, ~2.5x fewer.
 SCAN_WEIGHT_SHARED = 0.25
+# `split_response`: float32 from the lag where the terms' bound is at most this many times the response.
+CANCELLATION = 4.0
 SCAN_WEIGHT_PER_CHANNEL = 2.5
 
 
@@ -83,31 +85,28 @@ def powers(A: torch.Tensor, start: int, length: int, block: int = 64) -> torch.T
 def split_response(
     A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int, dtype: torch.dtype, head: int = 64
 ) -> torch.Tensor:
-    """G (length, F) of a float64 system, computed in float64 up to the lag past which its terms no
-    longer cancel, and in `dtype` (float32) after it: differentiable, about float64's accuracy at the
-    cost of `dtype`'s matmuls.
+    """G (length, F) of a float64 system in `dtype` (float32), with the first lags, where its terms
+    cancel, computed in float64: differentiable, about float64's accuracy at the cost of `dtype`.
 
     A fitted system's terms B_j C_jf A_j^t cancel by factors up to 1e6 at the first lags (their sum, G,
-    is small) but soon decay below |G| (measured, L = 8192, 48 states: x950 at lag 10, x10 at lag 100,
-    x0.4 at lag 1000), and float32's error is then float32 rounding of G itself. The head doubles from
-    `head` lags until the terms' bound max_f sum_j |B_j C_jf| |A_j|^t is at most max |G| of the head.
+    is small) but soon decay (measured, L = 8192, 48 states: x950 at lag 10, x10 at lag 100, x0.4 at
+    lag 1000). Float32 is kept from the first lag t in 0, head, 2 head, 4 head, ... where the terms'
+    bound max_f sum_j |B_j C_jf| |A_j|^t is at most `CANCELLATION` x max |G|: float32's error there is
+    a few roundings of G's peak. A system whose terms do not cancel (a random one) runs all in float32.
     """
-    if dtype == A.dtype or length <= head:
-        return impulse_response(A, B, C, length).to(dtype)
-    G_head = impulse_response(A, B, C, head)
-    with torch.no_grad():
-        terms, scale = B.abs()[:, None] * C.abs(), G_head.abs().max()  # (h, F), the bound's scale
-        grown = head
-        while grown < length and float((A.abs() ** grown @ terms).max()) > scale:
-            grown = min(2 * grown, length)
-    if grown > head:
-        G_head, head = impulse_response(A, B, C, grown), grown
-    if head == length:
-        return G_head.to(dtype)
-    A, BC = A.to(dtype), (B[:, None] * C).to(dtype)
+    if dtype == A.dtype:
+        return impulse_response(A, B, C, length)
+    BC = B[:, None] * C  # (h, F)
     # built time-last, (F, length) contiguous, as the FFT that follows wants it
-    G_tail = BC.T @ powers(A, head, length - head).T
-    return torch.cat([G_head.to(dtype).T, G_tail], dim=1).T
+    G = BC.to(dtype).T @ powers(A.to(dtype), 0, length).T
+    with torch.no_grad():
+        limit, magnitude = CANCELLATION * G.abs().max(), A.abs()
+        lag = 0
+        while lag < length and float((magnitude**lag @ BC.abs()).max()) > limit:
+            lag = min(max(head, 2 * lag), length)
+    if lag:
+        G = torch.cat([impulse_response(A, B, C, lag).to(dtype).T, G[:, lag:]], dim=1)
+    return G.T
 
 
 def impulse_response_ref(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
