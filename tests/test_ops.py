@@ -202,6 +202,16 @@ def test_split_response_keeps_float64_where_terms_cancel():
     assert lds_conv.split_response(A, B, C, length, F64).dtype == F64
 
 
+def test_split_response_of_a_system_without_cancellation_is_all_float32(monkeypatch):
+    torch.manual_seed(0)
+    A, B, C = torch.rand(8, dtype=F64) * 1.8 - 0.9, torch.randn(8, dtype=F64), torch.randn(8, 3, dtype=F64)
+    ref = lds_conv.impulse_response(A, B, C, 300)
+    monkeypatch.setattr(lds_conv, "impulse_response", lambda *a: pytest.fail("float64 head computed"))
+    out = lds_conv.split_response(A, B, C, 300, torch.float32)
+    assert out.dtype == torch.float32
+    assert float((out.double() - ref).square().sum() / ref.square().sum()) < 1e-13
+
+
 @pytest.mark.parametrize("path", ["kernel", "project"])
 def test_exact_conv_is_the_mixed_causal_convolution(path):
     A, B, C = lds_system(F=4)
