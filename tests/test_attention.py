@@ -177,7 +177,7 @@ def test_flex_kernel_matches_reference_on_cpu(window, softcap):
     assert len(layer._block_masks) == 1
 
 
-@pytest.mark.parametrize("window", [None, 3, 40])
+@pytest.mark.parametrize("window", [None, 3, 4, 40])  # 3, 4: banded blocks (21 = 7 x 3; 4 pads)
 def test_sdpa_and_math_kernels_agree_forward_and_backward(window):
     x = torch.randn(2, 21, 16, dtype=torch.float64, requires_grad=True)
     results = []
@@ -219,3 +219,16 @@ def test_flex_attention_matches_sdpa_on_gpu(window, softcap):
         out.append([y, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])])
     for a, b in zip(*out, strict=True):
         assert (a - b).abs().max() < 1e-3 * b.abs().max()
+
+
+@pytest.mark.parametrize("T, window", [(23, 5), (10, 4), (12, 4)])
+def test_banded_sdpa_is_the_windowed_mask(T, window):
+    q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, 3, T, 8, dtype=torch.float64)
+    mask = attention.window_mask(T, window)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = attention.banded_sdpa(q, k, v, window)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), [q, k, v]),
+                    torch.autograd.grad((ref * w).sum(), [q, k, v]), strict=True):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -92,6 +92,25 @@ def window_mask(T: int, window: int | None, device: torch.device | None = None) 
     return (lag >= 0) & (lag < window) if window is not None else lag >= 0
 
 
+def banded_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, dropout: float = 0.0
+) -> torch.Tensor:
+    """Sliding-window SDPA in query blocks of `window`: block b attends to the 2 windows of keys ending
+    with it, so the work is 2 T window, not T^2 (a (T, T) mask makes SDPA score every pair)."""
+    T, W = q.shape[2], window
+    blocks = -(-T // W)
+    pad = blocks * W - T  # queries (and keys) padded at the end to whole blocks; their rows are dropped
+    q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (blocks, W))  # (B, H, blocks, W, hd)
+    # keys of block b: positions b W - W .. b W + W - 1, the first block's W before 0 are zeros, masked
+    k, v = (F.pad(t, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2) for t in (k, v))
+    i, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)[None, :]
+    mask = (j > i) & (j <= i + W)  # key W + i - j steps back from query i: 0 <= lag < W
+    mask = mask.expand(blocks, W, 2 * W).clone()
+    mask[0, :, :W] = False  # positions before 0
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return y.flatten(2, 3)[:, :, :T]
+
+
 @register_layer("attn")
 class SlidingWindowAttention(SequenceLayer):
     """Multi-head causal attention over a sliding window, with RoPE and an optional logit soft cap.
@@ -182,6 +201,8 @@ class SlidingWindowAttention(SequenceLayer):
             return self._flex(q, k, v)
         if kernel == "sdpa" and self.window_size is None:  # no mask tensor: lets CUDA use its flash backend
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if kernel == "sdpa" and q.shape[2] > 2 * self.window_size:
+            return banded_sdpa(q, k, v, self.window_size, p)
         mask = window_mask(q.shape[2], self.window_size, q.device)
         if kernel == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
