@@ -110,7 +110,7 @@ def test_sdpa_path_is_used_and_matches_math_path(monkeypatch):
     monkeypatch.setattr(
         attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
     )
-    layer = make(window_size=5)
+    layer = make(window_size=6)  # 11 <= 2 x 6: one masked call (longer inputs go in blocks: banded_sdpa)
     x = torch.randn(2, 11, 16, dtype=torch.float64)
     y = layer(x)
     assert calls == [1]

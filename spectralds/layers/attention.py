@@ -95,20 +95,21 @@ def window_mask(T: int, window: int | None, device: torch.device | None = None) 
 def banded_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, dropout: float = 0.0
 ) -> torch.Tensor:
-    """Sliding-window SDPA in query blocks of `window`: block b attends to the 2 windows of keys ending
-    with it, so the work is 2 T window, not T^2 (a (T, T) mask makes SDPA score every pair)."""
-    T, W = q.shape[2], window
-    blocks = -(-T // W)
-    pad = blocks * W - T  # queries (and keys) padded at the end to whole blocks; their rows are dropped
-    q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (blocks, W))  # (B, H, blocks, W, hd)
-    # keys of block b: positions b W - W .. b W + W - 1, the first block's W before 0 are zeros, masked
-    k, v = (F.pad(t, (0, 0, W, pad)).unfold(2, 2 * W, W).transpose(-1, -2) for t in (k, v))
+    """Sliding-window SDPA in query blocks of `window`: block b >= 1 attends to the 2 windows of keys
+    ending with it under one (W, 2W) band mask, block 0 is plain causal; the work is about 2 T window
+    rather than T^2, and no (T, T) mask is built."""
+    T, W, heads = q.shape[2], window, q.shape[1]
+    first = F.scaled_dot_product_attention(q[:, :, :W], k[:, :, :W], v[:, :, :W], dropout_p=dropout,
+                                           is_causal=True)
+    blocks = -(-T // W) - 1
+    pad = (blocks + 1) * W - T  # the last block padded at the end; its extra rows are dropped
+    rest = F.pad(q[:, :, W:], (0, 0, 0, pad)).unflatten(2, (blocks, W)).flatten(1, 2)  # (B, H nb, W, hd)
+    # keys of block b: positions (b - 1) W .. (b + 1) W - 1
+    k, v = (F.pad(t, (0, 0, 0, pad)).unfold(2, 2 * W, W).transpose(-1, -2).flatten(1, 2) for t in (k, v))
     i, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)[None, :]
-    mask = (j > i) & (j <= i + W)  # key W + i - j steps back from query i: 0 <= lag < W
-    mask = mask.expand(blocks, W, 2 * W).clone()
-    mask[0, :, :W] = False  # positions before 0
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-    return y.flatten(2, 3)[:, :, :T]
+    band = (j > i) & (j <= i + W)  # key W + i - j steps back from query i: 0 <= lag < W
+    y = F.scaled_dot_product_attention(rest, k, v, attn_mask=band, dropout_p=dropout)
+    return torch.cat([first, y.unflatten(1, (heads, blocks)).flatten(2, 3)], dim=2)[:, :, :T]
 
 
 @register_layer("attn")
