@@ -341,6 +341,18 @@ def test_swap_holds_one_converted_layer_at_a_time(fit, monkeypatch):
     assert max(peaks) <= max(stu_bytes, lds_bytes) + one_layer < stu_bytes + lds_bytes  # all built first
 
 
+def test_measuring_a_swap_leaves_the_global_random_state_alone(fit):
+    """The measurement's builds draw from a forked generator: with or without measuring, the random
+    numbers after the swap (the training run's) are the same."""
+    draws = []
+    for measure in (False, True):
+        module = TwoLayers()
+        torch.manual_seed(5)
+        convert_stu_layers(module, lambda stu: fit, measure=measure)
+        draws.append(torch.rand(4))
+    assert torch.equal(*draws)
+
+
 def test_the_measured_error_decides_not_the_metadata(fit):
     modest = LDSFit(A=fit.A, B=fit.B, C=fit.C, seq_len=L, num_filters=K, variant="hankel", method="varpro",
                     rel_mse_f64=0.5, rel_mse_f32=0.5)  # claims a poor fit, measures a good one

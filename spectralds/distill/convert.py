@@ -189,9 +189,12 @@ def _fit_and_measure_all(
 def _check_layer(
     path: str, stu: nn.Module, fit: LDSFit, measure: bool, max_error: float | None
 ) -> LayerReport:
-    """Build the layer's LDS (which checks the fit's shape), measure it if asked, and let it go."""
-    lds = lds_from_stu(stu, fit)
-    ir, out = (filter_rel_mse(stu, lds), layer_error(stu, lds)) if measure else (float("nan"),) * 2
+    """Build the layer's LDS (which checks the fit's shape), measure it if asked, and let it go.
+    The builds' random initialisation (overwritten) runs on a forked generator: measuring leaves the
+    global random state, and so the training run after a swap, as it was."""
+    with torch.random.fork_rng(devices=[]):  # layers are built on the CPU, then moved
+        lds = lds_from_stu(stu, fit)
+        ir, out = (filter_rel_mse(stu, lds), layer_error(stu, lds)) if measure else (float("nan"),) * 2
     if max_error is not None and not (ir <= max_error and out <= max_error):
         raise UserError(
             f"{path or type(stu).__name__} ({type(stu).__name__}): the {lds.state_dim}-state LDS "
