@@ -93,6 +93,7 @@ def split_response(
     lag 1000). Float32 is kept from the first lag t in 0, head, 2 head, 4 head, ... where the terms'
     bound max_f sum_j |B_j C_jf| |A_j|^t is at most `CANCELLATION` x max |G|: float32's error there is
     a few roundings of G's peak. A system whose terms do not cancel (a random one) runs all in float32.
+    Each test of the bound reads one number on the host (on a GPU, a sync per learnable layer and step).
     """
     if dtype == A.dtype:
         return impulse_response(A, B, C, length)
