@@ -346,10 +346,15 @@ def test_conv_path_in_float32_stays_close_to_the_float64_scan(mode):
 
 def test_auto_path_follows_the_cost_estimates():
     """Exact mode: the scan's one shared-readout matmul wins at batch 1, the convolution (whose kernel
-    W(f) is built once per batch) at batch 8; tensordot: the convolution (the per-channel scan is slow)."""
+    W(f) is built once per batch) at batch 8; tensordot: the convolution (the per-channel scan is slow
+    to differentiate), except for a long forward alone."""
     layer = LDS(64, num_filters=24, state_dim=48, learnable=False)
     assert layer._sequence_path(1, 1024) == "scan" and layer._sequence_path(8, 4096) == "kernel"
-    assert LDS(64, num_filters=24, state_dim=48, mode="tensordot")._sequence_path(1, 4096) == "conv"
+    tensordot = LDS(64, num_filters=24, state_dim=48, mode="tensordot")
+    assert tensordot._sequence_path(1, 4096) == "conv"
+    with torch.no_grad():  # a forward alone (prefill, inference): the per-channel scan wins at length
+        assert [tensordot._sequence_path(1, T) for T in (1024, 8192)] == ["conv", "scan"]
+        assert tensordot._sequence_path(8, 8192, backward=True) == "conv"  # as a training step's
     layer.conv_path = "conv"
     assert layer._sequence_path(1, 1024) in ("kernel", "project")
     layer.conv_path = "fft"
@@ -404,3 +409,28 @@ def test_conv_path_ignores_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.float32 and rel_err(y, expected) < 1e-6
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+@pytest.mark.parametrize("mode, path", [("exact", "kernel"), ("exact", "project"), ("tensordot", "conv")])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_prefill_by_convolution_equals_the_scan_and_decodes_on(learnable, mode, path, dtype,
+                                                               monkeypatch):
+    """prefill takes forward's path: a convolution plus the final state as one matmul, equal to the scan's
+    outputs and state; the steps after it continue the forward."""
+    layer = (learnable_lds if learnable else fitted_lds)(3, mode=mode, dim_out=2, dtype=dtype).to(dtype)
+    x = torch.randn(2, 45, 3, dtype=dtype)
+    tol = 1e-11 if dtype == F64 else 1e-5
+    layer.conv_path = "scan"
+    y_scan, state_scan = layer.prefill(x[:, :29])
+    full = layer(x)
+    layer.conv_path = path
+    monkeypatch.setattr(layer, "scan", lambda *a: pytest.fail("prefill scanned"))
+    y, state = layer.prefill(x[:, :29])
+    assert rel_err(y, y_scan) < tol and rel_err(state, state_scan) < tol
+    assert state.shape == state_scan.shape and state.dtype == state_scan.dtype
+    steps = [y]
+    for t in range(29, 45):
+        y_t, state = layer.step(x[:, t], state)
+        steps.append(y_t[:, None])
+    assert rel_err(torch.cat(steps, dim=1), full) < tol

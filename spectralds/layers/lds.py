@@ -212,11 +212,16 @@ class LDS(ConvolutionPaths, SequenceLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         path = self._sequence_path(x.shape[0], x.shape[1])
-        return self.prefill(x)[0] if path == "scan" else self._convolve(x, path)
+        return self._scan_prefill(x)[0] if path == "scan" else self._convolve(x, path)
 
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outputs for a whole prompt and the state after it, through the scan (no step loop)."""
+        """Outputs for a whole prompt and the state after it, by the path `forward` takes (no step
+        loop): the scan, or the convolution plus the final state as one matmul (`_final_state`)."""
         self._check_input(x)
+        path = self._sequence_path(x.shape[0], x.shape[1])
+        return self._scan_prefill(x) if path == "scan" else (self._convolve(x, path), self._final_state(x))
+
+    def _scan_prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "exact":
             U, state = self.scan(x, self.C)
             y = self._project(U.transpose(2, 3))  # (B, T, 2K, d): contiguous, see `scan`

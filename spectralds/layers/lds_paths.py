@@ -17,6 +17,7 @@ from spectralds.ops.lds_conv import (
     depthwise_conv,
     exact_conv,
     lds_conv_forward_flops,
+    powers,
     response_spectrum,
     scan_flops,
     scan_forward_flops,
@@ -30,7 +31,9 @@ class ConvolutionPaths:
     # "scan", "conv" (the cheaper arrangement), "kernel" / "project" (exact mode) pin one.
     conv_path: str = "auto"
 
-    def _sequence_path(self, batch: int, T: int) -> str:
+    def _sequence_path(self, batch: int, T: int, backward: bool | None = None) -> str:
+        """The path for this shape; `backward` (default: whether grad is enabled) picks the estimates of a
+        training step or of a forward alone (inference, prefill)."""
         path, exact = check_choice("LDS conv_path", self.conv_path, CONV_PATHS), self.mode == "exact"
         if path in ("kernel", "project"):
             return path if exact else "conv"
@@ -41,13 +44,15 @@ class ConvolutionPaths:
         best = min(costs, key=costs.get)
         readout = 2 * cols * self.dim * self.dim_out if exact else 0
         h, c = self.state_dim, self.chunk_size
-        scan = scan_flops(batch, T, self.channels, h, c, cols if exact else 1, readout, shared=exact)
+        backward = torch.is_grad_enabled() if backward is None else backward
+        scan = scan_flops(batch, T, self.channels, h, c, cols if exact else 1, readout, shared=exact,
+                          backward=backward)
         return best if path == "conv" or costs[best] <= scan else "scan"
 
     def forward_flops(self, batch: int, seq_len: int) -> float:
-        """Forward FLOPs of the path `forward` takes (`ops.lds_conv.scan_forward_flops` plus the readout or
-        input projection, or `lds_conv_forward_flops`)."""
-        path, exact = self._sequence_path(batch, seq_len), self.mode == "exact"
+        """Forward FLOPs of the path a training step's `forward` takes (`ops.lds_conv.scan_forward_flops`
+        plus the readout or input projection, or `lds_conv_forward_flops`)."""
+        path, exact = self._sequence_path(batch, seq_len, backward=True), self.mode == "exact"
         cols, h, c = 2 * self.num_filters, self.state_dim, self.chunk_size
         if path != "scan":
             args = (batch, seq_len, self.dim, self.dim_out, cols, h, exact, self.learnable, path)
@@ -80,6 +85,16 @@ class ConvolutionPaths:
                 ).to(dt)
                 y = depthwise_conv(z.to(dt), torch.complex(*mixed.chunk(2)), n)
         return y.to(x.dtype)
+
+    def _final_state(self, x: torch.Tensor) -> torch.Tensor:
+        """The state after x (B, T, dim) from a zero state, (B, channels, h) in the run dtype: the sum of
+        A^(T-1-t) B u_t over t (u = x, or x @ M_inputs in tensordot mode), one matmul with the powers
+        built in float64 (no large power is formed in float32)."""
+        u = x if self.mode == "exact" else x @ self.M_inputs
+        A, B, _ = self.system()
+        tdt = table_dtype(x.device)
+        weights = (powers(A.to(tdt), 0, x.shape[1]).flip(0) * B.to(tdt)).to(self.run_dtype)  # (T, h)
+        return torch.einsum("btc,th->bch", u.to(self.run_dtype), weights)
 
     def _response_spectrum(
         self, T: int, n: int, dtype: torch.dtype, stacked: bool, folded: bool = False

@@ -34,6 +34,11 @@ CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
 # scan is one large matmul and runs ~4x more flops per second than the memory-bound FFT paths; with a
 # readout per channel (tensordot) it is many small matmuls plus table building, ~2.5x fewer.
 SCAN_WEIGHT_SHARED = 0.25
+# Forward only (inference, prefill): without a backward through its tables, the per-channel scan runs
+# about as many flops per second as the convolution, plus a fixed ~1.3 ms for its tables at dim 64
+# (measured, one thread, h 48: it wins at 4k-8k for batch 1, the convolution at 256-1k and at batch 8).
+SCAN_WEIGHT_PER_CHANNEL_FORWARD = 1.0
+SCAN_TABLES_FORWARD = 12e6
 # `split_response`: float32 from the lag where the terms' bound is at most this many times the response.
 CANCELLATION = 4.0
 SCAN_WEIGHT_PER_CHANNEL = 2.5
@@ -156,13 +161,18 @@ def depthwise_conv(z: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Ten
 
 
 def scan_flops(
-    batch: int, T: int, ch: int, h: int, chunk: int, F: int, project: int = 0, shared: bool = True
+    batch: int, T: int, ch: int, h: int, chunk: int, F: int, project: int = 0, shared: bool = True,
+    backward: bool = True,
 ) -> float:
     """The chunked scan: a (chunk + h, chunk F) matmul per chunk and channel, then `project` flops per
     token (the exact readout), weighted by SCAN_WEIGHT_SHARED or SCAN_WEIGHT_PER_CHANNEL (`shared`: one
-    readout C for all channels)."""
-    weight = SCAN_WEIGHT_SHARED if shared else SCAN_WEIGHT_PER_CHANNEL
-    return weight * (2 * batch * T * ch * (chunk + h) * F + batch * T * project)
+    readout C for all channels); `backward=False` (no gradient taken): the forward-only weights."""
+    flops = 2 * batch * T * ch * (chunk + h) * F + batch * T * project
+    if shared:
+        return SCAN_WEIGHT_SHARED * flops
+    if backward:
+        return SCAN_WEIGHT_PER_CHANNEL * flops
+    return SCAN_WEIGHT_PER_CHANNEL_FORWARD * flops + SCAN_TABLES_FORWARD * ch / 64
 
 
 def conv_flops(
