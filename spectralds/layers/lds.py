@@ -28,6 +28,7 @@ from torch import nn
 from spectralds.errors import UserError, check_int
 from spectralds.layers.lds_paths import ConvolutionPaths, table_dtype
 from spectralds.layers.registry import SequenceLayer, register_layer
+from spectralds.ops.lds_conv import impulse_response_ref
 from spectralds.ops.spectrum_cache import SpectrumCache
 
 MODES = ("exact", "tensordot")
@@ -160,9 +161,7 @@ class LDS(ConvolutionPaths, SequenceLayer):
 
     def impulse_response(self, length: int) -> torch.Tensor:
         """(length, 2K) float64: the filters the system realizes, sum_j C[j, k] B[j] A[j]^t."""
-        A, B, C = (p.detach().double() for p in self.system())
-        t = torch.arange(length, dtype=torch.float64, device=A.device)
-        return (A ** t[:, None] * B) @ C
+        return impulse_response_ref(*(p.detach().double() for p in self.system()), length)  # direct pow
 
     def _store(self, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, learnable: bool) -> None:
         device = (self.M_phi_plus if self.mode == "exact" else self.M_inputs).device

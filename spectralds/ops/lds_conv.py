@@ -34,6 +34,7 @@ CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
 # scan is one large matmul and runs ~4x more flops per second than the memory-bound FFT paths; with a
 # readout per channel (tensordot) it is many small matmuls plus table building, ~2.5x fewer.
 SCAN_WEIGHT_SHARED = 0.25
+SCAN_WEIGHT_PER_CHANNEL = 2.5
 # Forward only (inference, prefill): without a backward through its tables, the per-channel scan runs
 # about as many flops per second as the convolution, plus a fixed ~1.3 ms for its tables at dim 64
 # (measured, one thread, h 48: it wins at 4k-8k for batch 1, the convolution at 256-1k and at batch 8).
@@ -41,7 +42,6 @@ SCAN_WEIGHT_PER_CHANNEL_FORWARD = 1.0
 SCAN_TABLES_FORWARD = 12e6
 # `split_response`: float32 from the lag where the terms' bound is at most this many times the response.
 CANCELLATION = 4.0
-SCAN_WEIGHT_PER_CHANNEL = 2.5
 
 
 class _ImpulseResponse(torch.autograd.Function):
@@ -51,24 +51,24 @@ class _ImpulseResponse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
-        powers = A ** torch.arange(length, dtype=A.dtype, device=A.device)[:, None]  # (T, h)
-        ctx.save_for_backward(powers, B, C)
-        return (powers * B) @ C
+        table = powers(A, 0, length)  # (T, h)
+        ctx.save_for_backward(table, B, C)
+        return (table * B) @ C
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        powers, B, C = ctx.saved_tensors
+        table, B, C = ctx.saved_tensors
         need_A, need_B, need_C = ctx.needs_input_grad[:3]
         grad_A = grad_B = grad_C = None
         if need_C:
-            grad_C = (powers * B).T @ grad
+            grad_C = (table * B).T @ grad
         if need_A or need_B:
             R = grad @ C.T  # (T, h)
-            grad_B = (powers * R).sum(0) if need_B else None
+            grad_B = (table * R).sum(0) if need_B else None
             if need_A:
-                lags = torch.arange(1, powers.shape[0], dtype=R.dtype, device=R.device)[:, None]
-                grad_A = B * (powers[:-1] * R[1:]).mul_(lags).sum(0)
+                lags = torch.arange(1, table.shape[0], dtype=R.dtype, device=R.device)[:, None]
+                grad_A = B * (table[:-1] * R[1:]).mul_(lags).sum(0)
         return grad_A, grad_B, grad_C, None
 
 
