@@ -165,8 +165,8 @@ def interleaved_median_times(
     """Median wall and process-CPU seconds of each step over `repeats` rounds after `warmup` each
     (CUDA synchronized). A round times every step once, so a load change on a shared machine hits
     every config alike rather than whichever ran during it: the "vs" ratios compare like with like.
-    Each timed step follows an untimed one of the same config (memory freed by the previous config is
-    otherwise mapped again, page by page, inside the timed step)."""
+    On the CPU each timed step follows an untimed one of the same config (memory freed by the previous
+    config is otherwise mapped again, page by page, inside the timed step)."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
@@ -174,7 +174,7 @@ def interleaved_median_times(
     cpu: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(repeats):
         for key, fn in steps.items():
-            if len(steps) > 1:
+            if len(steps) > 1 and device.type == "cpu":  # CUDA's caching allocator keeps its blocks
                 fn()  # untimed: the allocator settles after the previous config's tensors were freed
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
