@@ -184,10 +184,16 @@ def cancelling_system() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return A.requires_grad_(), torch.ones(4, dtype=F64, requires_grad=True), C.requires_grad_()
 
 
-def test_split_response_keeps_float64_where_terms_cancel():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_split_response_keeps_float64_where_terms_cancel(sync_free, monkeypatch):
     A, B, C = cancelling_system()
     length, w = 700, torch.randn(700, 2, dtype=F64)
-    out, g = grads(lambda *s: lds_conv.split_response(*s, length, torch.float32).double(), [A, B, C], w)
+    if sync_free:  # what a GPU would wait for: no tensor is read on the host
+        for name in ("__float__", "__bool__", "item"):
+            monkeypatch.setattr(torch.Tensor, name, lambda *a: pytest.fail("host read"), raising=False)
+    split = lambda *s: lds_conv.split_response(*s, length, torch.float32, sync_free=sync_free)  # noqa: E731
+    out, g = grads(lambda *s: split(*s).double(), [A, B, C], w)
+    monkeypatch.undo()
     ref, g_ref = grads(lambda *s: lds_conv.impulse_response(*s, length), [A, B, C], w)
     out, ref = out.detach(), ref.detach()
     plain = lds_conv.impulse_response(*(p.detach().float() for p in (A, B, C)), length).double()

@@ -42,6 +42,7 @@ SCAN_WEIGHT_PER_CHANNEL_FORWARD = 1.0
 SCAN_TABLES_FORWARD = 12e6
 # `split_response`: float32 from the lag where the terms' bound is at most this many times the response.
 CANCELLATION = 4.0
+SYNC_FREE_HEAD = 1024  # lags always computed in float64 without host reads (fitted terms: x0.4 at 1000)
 
 
 class _ImpulseResponse(torch.autograd.Function):
@@ -88,7 +89,8 @@ def powers(A: torch.Tensor, start: int, length: int, block: int = 64) -> torch.T
 
 
 def split_response(
-    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int, dtype: torch.dtype, head: int = 64
+    A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int, dtype: torch.dtype, head: int = 64,
+    sync_free: bool | None = None,
 ) -> torch.Tensor:
     """G (length, F) of a float64 system in `dtype` (float32), with the first lags, where its terms
     cancel, computed in float64: differentiable, about float64's accuracy at the cost of `dtype`.
@@ -98,18 +100,25 @@ def split_response(
     lag 1000). Float32 is kept from the first lag t in 0, head, 2 head, 4 head, ... where the terms'
     bound max_f sum_j |B_j C_jf| |A_j|^t is at most `CANCELLATION` x max |G|: float32's error there is
     a few roundings of G's peak. A system whose terms do not cancel (a random one) runs all in float32.
-    Each test of the bound reads one number on the host (on a GPU, a sync per learnable layer and step).
+    Each test of the bound reads a number on the host; `sync_free` (default: on CUDA, where that read
+    waits for the GPU) instead computes the first `SYNC_FREE_HEAD` lags in float64 always and takes
+    them wherever the bound asks, with no host read (past those lags float32 is taken unchecked).
     """
     if dtype == A.dtype:
         return impulse_response(A, B, C, length)
     BC = B[:, None] * C  # (h, F)
     # built time-last, (F, length) contiguous, as the FFT that follows wants it
     G = BC.to(dtype).T @ powers(A.to(dtype), 0, length).T
-    with torch.no_grad():
-        limit, magnitude = CANCELLATION * G.abs().max(), A.abs()
-        lag = 0
-        while lag < length and float((magnitude**lag @ BC.abs()).max()) > limit:
-            lag = min(max(head, 2 * lag), length)
+    # the bound of the terms at lag t: max_f (|A|^t @ terms)_f, never differentiated
+    limit, magnitude, terms = CANCELLATION * G.detach().abs().max(), A.detach().abs(), BC.detach().abs()
+    if A.is_cuda if sync_free is None else sync_free:
+        lags = min(length, SYNC_FREE_HEAD)
+        cancels = (powers(magnitude, 0, lags) @ terms).amax(dim=1) > limit  # (lags,)
+        exact = impulse_response(A, B, C, lags).to(dtype).T
+        return torch.cat([torch.where(cancels, exact, G[:, :lags]), G[:, lags:]], dim=1).T
+    lag = 0
+    while lag < length and float((magnitude**lag @ terms).max()) > limit:
+        lag = min(max(head, 2 * lag), length)
     if lag:
         G = torch.cat([impulse_response(A, B, C, lag).to(dtype).T, G[:, lag:]], dim=1)
     return G.T
