@@ -106,8 +106,7 @@ def banded_sdpa(
     rest = F.pad(q[:, :, W:], (0, 0, 0, pad)).unflatten(2, (blocks, W)).flatten(1, 2)  # (B, H nb, W, hd)
     # keys of block b: positions (b - 1) W .. (b + 1) W - 1
     k, v = (F.pad(t, (0, 0, 0, pad)).unfold(2, 2 * W, W).transpose(-1, -2).flatten(1, 2) for t in (k, v))
-    i, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)[None, :]
-    band = (j > i) & (j <= i + W)  # key W + i - j steps back from query i: 0 <= lag < W
+    band = window_mask(2 * W, W, q.device)[W:]  # query i of a block is position W + i of its 2W keys
     y = F.scaled_dot_product_attention(rest, k, v, attn_mask=band, dropout_p=dropout)
     return torch.cat([first, y.unflatten(1, (heads, blocks)).flatten(2, 3)], dim=2)[:, :, :T]
 
