@@ -26,7 +26,7 @@ from spectralds.cli_eval import eval_main
 from spectralds.cli_fits import distill_filters_main, import_fit_main
 from spectralds.cli_generate import generate_main
 from spectralds.compat import parse_written, subcommand_parser
-from spectralds.errors import UserError, first_line
+from spectralds.errors import UserError, first_line, user_error_in
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
@@ -290,17 +290,6 @@ def print_help() -> None:
     lines += [f"  {name:<17} {text}" for name, text in helps.items()]
     lines += ["", "`spectralds <command> --help` lists a command's options."]
     print("\n".join(lines))
-
-
-def user_error_in(error: BaseException) -> UserError | None:
-    """The UserError behind `error`, if any: jsonargparse and Lightning wrap what __init__ raises."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def _lightning_command(argv: list[str]) -> str:

@@ -58,6 +58,17 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError behind `error`, if any: jsonargparse and Lightning wrap what __init__ raises."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 # The same user errors, also catchable as the built-in type a caller may already expect.
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from spectralds.callbacks import LayerAdaptiveStatePruning, STUToLDSDistillation
-from spectralds.checkpoint import load_model
+from spectralds.checkpoint_io import load_model
 from spectralds.distill import fit_filters, save_fit
 from spectralds.layers import build_layer, restore_layers
 from spectralds.layers.lds import LDS

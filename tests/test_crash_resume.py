@@ -13,8 +13,7 @@ import pytest
 import torch
 from cli_helpers import one_line_error, run_cli
 
-from spectralds.checkpoint import load_model
-from spectralds.checkpoint_io import AtomicCheckpointIO
+from spectralds.checkpoint_io import AtomicCheckpointIO, load_model
 from spectralds.models import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +171,7 @@ def tiny_lm(**overrides) -> LanguageModel:
 
 
 def lm_checkpoint(model: LanguageModel) -> dict:
-    """What Lightning would save for `model` (the parts spectralds.checkpoint.load_model reads)."""
+    """What Lightning would save for `model` (the parts spectralds.checkpoint_io.load_model reads)."""
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
     model.on_save_checkpoint(checkpoint)
     return checkpoint

@@ -20,7 +20,7 @@ import lm_eval.utils  # noqa: E402
 from cli_helpers import one_line_error, run_cli  # noqa: E402
 
 from spectralds.callbacks import STUToLDSDistillation  # noqa: E402
-from spectralds.checkpoint import load_model  # noqa: E402
+from spectralds.checkpoint_io import load_model  # noqa: E402
 from spectralds.errors import UserError  # noqa: E402
 from spectralds.evaluation import evaluate_models, format_table, rows  # noqa: E402
 from spectralds.evaluation.lm_eval_backend import SpectraLDSLM  # noqa: E402

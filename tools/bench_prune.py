@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _bench_common import format_table, machine_info  # noqa: E402
 
-from spectralds.checkpoint import load_model, read_checkpoint  # noqa: E402
+from spectralds.checkpoint_io import load_model, read_checkpoint  # noqa: E402
 from spectralds.data import TextDataModule  # noqa: E402
 from spectralds.distill.prune import METHODS, find_lds_layers, kernel_error, prune_lds_layers  # noqa: E402
 

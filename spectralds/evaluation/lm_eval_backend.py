@@ -33,7 +33,7 @@ GEN_CHUNK = 32  # tokens generated between checks for a stop sequence
 
 def load_language_model(ckpt: str | Path) -> tuple[torch.nn.Module, str]:
     """The model in a spectralds checkpoint and its tokenizer spec; one-line errors for anything else."""
-    from spectralds.checkpoint import load_model, read_checkpoint, tokenizer_spec
+    from spectralds.checkpoint_io import load_model, read_checkpoint, tokenizer_spec
 
     checkpoint = read_checkpoint(ckpt)
     name = checkpoint.get("spectralds_model", "LanguageModel")

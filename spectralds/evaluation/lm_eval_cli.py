@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 import sys
 
-from spectralds.errors import first_line
+from spectralds.errors import first_line, user_error_in
 
 
 def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     import spectralds.evaluation.lm_eval_backend  # noqa: F401 (registers "spectralds")
-    from spectralds.cli import user_error_in
 
     if argv is not None:
         sys.argv = ["lm-eval", *argv]
