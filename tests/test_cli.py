@@ -210,7 +210,7 @@ def test_generate_from_a_user_module_checkpoint(tmp_path, capsys):
 def test_the_model_vocabulary_comes_from_the_data():
     import warnings
 
-    from spectralds.cli import SpectraLDSCLI
+    from spectralds.cli_lightning import SpectraLDSCLI
 
     args = ["--config", TINY, f"--data.source={CORPUS}", "--data.tokenizer=bpe", "--data.bpe_vocab_size=300"]
     with warnings.catch_warnings():  # "args given while sys.argv is set too": intended here
@@ -230,7 +230,7 @@ def test_seq_len_written_once(model_len, data_len, expected, tmp_path):
 
     import yaml
 
-    from spectralds.cli import SpectraLDSCLI
+    from spectralds.cli_lightning import SpectraLDSCLI
 
     config = yaml.safe_load(Path(TINY).read_text())
     config["model"]["init_args"].pop("seq_len")
@@ -249,9 +249,22 @@ def test_seq_len_written_once(model_len, data_len, expected, tmp_path):
 @pytest.mark.usefixtures("cli_env")
 @pytest.mark.parametrize("written, expected", [(None, 256), (320, 320)])
 def test_vocab_size_follows_the_tokenizer_unless_written(written, expected):
-    from spectralds.cli import SpectraLDSCLI
+    from spectralds.cli_lightning import SpectraLDSCLI
 
     args = ["--config", TINY, f"--data.source={CORPUS}"]
     args += [] if written is None else [f"--model.init_args.vocab_size={written}"]
     cli = SpectraLDSCLI(args=args, run=False)
     assert cli.model.hparams.vocab_size == expected
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    """`spectralds --help` answers at once: the commands' modules load only when they run."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from spectralds.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "heavy = [m for m in ('torch', 'lightning', 'jsonargparse') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage: spectralds" in done.stdout

@@ -309,7 +309,7 @@ def test_a_truncated_checkpoint_is_a_one_line_error(good_checkpoint, capsys):
 
 
 def cli_trainer(*args: str):
-    from spectralds.cli import SpectraLDSCLI
+    from spectralds.cli_lightning import SpectraLDSCLI
 
     base = ["--config", TINY, f"--data.source={CORPUS}", "--trainer.logger=false"]
     return SpectraLDSCLI(args=[*base, *args], run=False).trainer

@@ -150,7 +150,7 @@ def test_configs_agree_and_build_the_named_models(tool, tmp_path):
 def test_config_runs_as_spectralds_fit(tmp_path):
     """`spectralds fit --config configs/lengthgen.yaml --config configs/lengthgen/stu_tensor.yaml`, shrunk:
     trains and validates long."""
-    from spectralds.cli import SpectraLDSCLI
+    from spectralds.cli_lightning import SpectraLDSCLI
 
     shrink = [
         "--trainer.max_steps=2",

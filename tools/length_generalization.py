@@ -130,7 +130,7 @@ def config_value(key: str):
 
 def build_run(name: str, args: argparse.Namespace, seed: int, root: str):
     """(model, datamodule, trainer) for one model and seed, as `spectralds fit --config` would build them."""
-    from spectralds.cli import SpectraLDSCLI
+    from spectralds.cli_lightning import SpectraLDSCLI
 
     with warnings.catch_warnings():  # "args given while sys.argv is set too": intended here
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
@@ -300,7 +300,7 @@ def plot(path: str, results: dict[str, list[dict]], args: argparse.Namespace) ->
 @contextlib.contextmanager
 def quiet_lightning():
     """Keep Lightning's per-run banners, tips and warnings out of the report; restored on exit."""
-    import spectralds.cli  # noqa: F401  (imports Lightning, which configures its loggers)
+    import spectralds.cli_lightning  # noqa: F401  (imports Lightning, which configures its loggers)
 
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]
