@@ -67,18 +67,19 @@ def eval_main(argv: list[str]) -> None:
         check_output_path(a.output)  # before the evaluation, not after it
     if a.limit is not None and a.limit >= 1:
         a.limit = int(a.limit)
-    from spectralds.evaluation import evaluate_models, format_table, log_tensorboard, set_offline
+    from contextlib import nullcontext
+
+    from spectralds.evaluation import evaluate_models, format_table, log_tensorboard, offline
     from spectralds.evaluation.table import write_results
 
-    if a.offline:
-        set_offline()
     logging.getLogger("lm_eval").setLevel(a.verbosity)
     labels = _labels(a.ckpt, a.label)
-    results = evaluate_models(
-        dict(zip(labels, a.ckpt, strict=True)), a.tasks.split(","), include_path=a.include_path,
-        num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit, tokenizer=a.tokenizer,
-        device=a.device, decode=a.decode,
-    )
+    with offline() if a.offline else nullcontext():
+        results = evaluate_models(
+            dict(zip(labels, a.ckpt, strict=True)), a.tasks.split(","), include_path=a.include_path,
+            num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit, tokenizer=a.tokenizer,
+            device=a.device, decode=a.decode,
+        )
     print(format_table(results))
     if a.output is not None:
         write_results(results, a.output)

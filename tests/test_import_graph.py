@@ -11,9 +11,12 @@ LEVELS = {
     "errors": 0, "io": 1, "compat": 1,
     "filters": 2, "ops": 2, "data": 2,
     "layers": 3,
-    "distill": 4, "generate": 4, "models": 4, "checkpoint_io": 4,
-    "callbacks": 5, "evaluation": 5, "interop": 5,
-    "cli": 6,
+    "distill": 4, "generate": 4, "checkpoint_io": 4,
+    "evaluation": 5,
+    "callbacks": 6,  # may run an evaluation (StageReport)
+    "models": 7,  # install default callbacks (TokenThroughput)
+    "interop": 8,
+    "cli": 9,
 }
 
 

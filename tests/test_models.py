@@ -234,7 +234,8 @@ def test_default_telemetry_adds_one_lr_monitor_and_throughput_only_when_missing(
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger
 
-    from spectralds.models.telemetry import TokenThroughput, default_callbacks
+    from spectralds.callbacks import TokenThroughput
+    from spectralds.models.telemetry import default_callbacks
 
     trainer = L.Trainer(logger=CSVLogger(tmp_path), accelerator="cpu")
     kinds = [type(c) for c in default_callbacks(trainer)]

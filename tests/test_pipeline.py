@@ -14,6 +14,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 import spectralds.callbacks.report as report_module
+import spectralds.callbacks.stage_table as stage_table
 from spectralds.callbacks import StageReport, STUToLDSDistillation
 from spectralds.cli import main
 from spectralds.models import LanguageModel
@@ -156,9 +157,9 @@ def test_format_table_marks_missing_values():
         "decode_ms_per_token": None,
         "decode": [],
     }
-    (cells,) = table_rows(report_module.format_table([row]))
+    (cells,) = table_rows(stage_table.format_table([row]))
     assert cells == ["user model", "2 stu", "-", "-", "-", "-"]
-    assert "decode:" not in report_module.format_table([row])
+    assert "decode:" not in stage_table.format_table([row])
 
 
 @pytest.mark.slow

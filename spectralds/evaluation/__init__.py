@@ -5,7 +5,7 @@
 registers the "spectralds" model with lm-eval.
 """
 
-from spectralds.evaluation.run import evaluate_models, set_offline
+from spectralds.evaluation.run import evaluate_models, offline
 from spectralds.evaluation.table import format_table, log_tensorboard, rows, write_results
 
-__all__ = ["evaluate_models", "format_table", "log_tensorboard", "rows", "set_offline", "write_results"]
+__all__ = ["evaluate_models", "format_table", "log_tensorboard", "rows", "offline", "write_results"]

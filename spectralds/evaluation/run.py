@@ -8,7 +8,8 @@ the rows of the tasks asked for (a group such as mmlu keeps its aggregate, not i
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,31 @@ from spectralds.errors import MissingFileError, UserError, check_int, first_line
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
-def set_offline() -> None:
-    """No downloads from the Hugging Face hub: the environment variables for child processes, and the
-    flags that datasets and huggingface_hub already read at import."""
+@contextmanager
+def offline() -> Iterator[None]:
+    """No downloads from the Hugging Face hub inside the block: the environment variables (for child
+    processes) and the flags that datasets and huggingface_hub already read at import, all restored
+    after it, so an evaluation inside a training run leaves the rest of the process as it was."""
     import datasets.config
     import huggingface_hub.constants
 
-    for name in OFFLINE_VARIABLES:
-        os.environ[name] = "1"
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    flags = [(datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+             (huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    saved_env = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    saved_flags = [getattr(module, name) for module, name in flags]
+    os.environ.update(dict.fromkeys(OFFLINE_VARIABLES, "1"))
+    for module, name in flags:
+        setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for (module, name), value in zip(flags, saved_flags, strict=True):
+            setattr(module, name, value)
 
 
 def is_offline() -> bool:

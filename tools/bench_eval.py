@@ -1,6 +1,6 @@
 """How long the backend takes for N multiple-choice loglikelihood requests (HellaSwag-like lengths).
 
-    python -m spectralds.evaluation.bench [--ckpt X.ckpt] [--requests 1000] [--batch-size 32]
+    python tools/bench_eval.py [--ckpt X.ckpt] [--requests 1000] [--batch-size 32]
 
 Without --ckpt it times an untrained model of the quickstart's shape (4 stu_t layers, dim 128): the time
 does not depend on the weights. Requests are byte strings of about 300-byte contexts (cut on the left
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from spectralds.evaluation.lm_eval_backend import SpectraLDSLM
     from spectralds.models import LanguageModel
 
-    p = argparse.ArgumentParser(prog="python -m spectralds.evaluation.bench")
+    p = argparse.ArgumentParser(prog="python tools/bench_eval.py")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
