@@ -48,7 +48,7 @@ from _bench_common import (
     write_json,
 )
 
-from spectralds.generate import GraphedStep, decode_loop, merge_states, set_decode_method
+from spectralds.generate import GraphedStep, decode_loop, merge_prefills, set_decode_method
 from spectralds.layers import DECODE_METHODS, build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
@@ -147,7 +147,7 @@ def prefill(module, prompt: torch.Tensor, args: argparse.Namespace):
     if len(chunks) == 1:
         return module.prefill(prompt)[1]
     states = [module.prefill(chunk)[1] for chunk in chunks]
-    return merge_states(states, module) if args.model else merge_states([[s] for s in states], module)[0]
+    return merge_prefills(module, states)
 
 
 @torch.inference_mode()

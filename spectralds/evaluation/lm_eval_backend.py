@@ -27,6 +27,7 @@ from spectralds.data.corpus import DOC_SEPARATOR
 from spectralds.data.tokenizers import Tokenizer
 from spectralds.errors import UserError, check_choice, check_int, first_line
 from spectralds.generate import generate, set_decode_method
+from spectralds.layers.registry import SequenceLayer
 
 GEN_CHUNK = 32  # tokens generated between checks for a stop sequence
 
@@ -264,9 +265,12 @@ class _DecodableOnly:
             logits[..., self.vocab_size :] = float("-inf")
         return logits
 
-    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        logits, states = self.model.prefill(tokens)
+    def prefill(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        logits, states = self.model.prefill(tokens) if start is None else self.model.prefill(tokens, start)
         return self._mask(logits), states
+
+    def decoding_layers(self) -> list[SequenceLayer]:  # what generate batches and graphs the states by
+        return self.model.decoding_layers()
 
     def step(self, token: torch.Tensor, states: Any) -> tuple[torch.Tensor, Any]:
         logits, states = self.model.step(token, states)
