@@ -49,7 +49,7 @@ from _bench_common import (
 )
 
 from spectralds.generate import GraphedStep, decode_loop, merge_prefills, set_decode_method
-from spectralds.layers import DECODE_METHODS, build_layer
+from spectralds.layers import DECODE_METHODS, SequenceLayer, build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
 METHODS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
@@ -135,9 +135,9 @@ def synthetic_state(module: torch.nn.Module, batch: int, prompt_len: int):
         return KVCache(torch.randn(shape, device=p.device, dtype=p.dtype),
                        torch.randn(shape, device=p.device, dtype=p.dtype), prompt_len)
 
-    if hasattr(module, "blocks"):  # a LanguageModel: one cache per block
-        return [cache(block.mixer) for block in module.blocks]
-    return cache(module)
+    if isinstance(module, SequenceLayer):
+        return cache(module)
+    return [cache(layer) for layer in module.decoding_layers()]  # a LanguageModel: one cache per block
 
 
 def prefill(module, prompt: torch.Tensor, args: argparse.Namespace):
