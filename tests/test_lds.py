@@ -168,6 +168,8 @@ def test_invalid_systems_raise_clear_errors():
         layer.set_system(A, torch.tensor([1.0, float("nan"), 1.0]), C)
     with pytest.raises(ValueError, match="mode"):
         make_lds(2, mode="approx")
+    with pytest.raises(TypeError, match="build_layer\\('lds', mode="):
+        LDS(2)  # the shared base alone has no projections
 
 
 def test_seq_len_limit():

@@ -3,7 +3,8 @@
 A mixin of `spectralds.layers.lds_system.LDS` (kept apart to keep that module short): the path choice by
 the cost estimates of `spectralds.ops.lds_conv` and the cached response spectrum of a fixed (fitted)
 system. The convolution itself is the layer's `_conv` (exact: `exact_conv`, tensordot: `depthwise_conv`).
-It uses the layer's `depthwise`, system(), run_dtype and `_spectra`.
+The scan's costs are the layer's too (`_scan_cost`: the estimate the path is chosen by; `_scan_flops`:
+what telemetry reports). It uses the layer's `depthwise`, system(), run_dtype and `_spectra`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,7 @@ import torch
 
 from spectralds.errors import check_choice
 from spectralds.ops.fft_conv import fft_size, no_autocast
-from spectralds.ops.lds_conv import (
-    CONV_PATHS,
-    conv_flops,
-    lds_conv_forward_flops,
-    response_spectrum,
-    scan_flops,
-    scan_forward_flops,
-)
+from spectralds.ops.lds_conv import CONV_PATHS, conv_flops, lds_conv_forward_flops, response_spectrum
 from spectralds.ops.lds_scan import table_dtype
 
 
@@ -36,34 +30,26 @@ class ConvolutionPaths:
     def _sequence_path(self, batch: int, T: int, backward: bool | None = None) -> str:
         """The path for this shape; `backward` (default: whether grad is enabled) picks the estimates of a
         training step or of a forward alone (inference, prefill)."""
-        path, exact = check_choice("LDS conv_path", self.conv_path, CONV_PATHS), not self.depthwise
+        path = check_choice("LDS conv_path", self.conv_path, CONV_PATHS)
         if path in ("kernel", "project"):
-            return path if exact else "conv"
+            return "conv" if self.depthwise else path
         if path == "scan":
             return path
-        cols = 2 * self.num_filters
+        cols, exact = 2 * self.num_filters, not self.depthwise
         costs = conv_flops(batch, T, self.dim, self.dim_out, cols, self.state_dim, exact, self.learnable)
         best = min(costs, key=costs.get)
-        readout = 2 * cols * self.dim * self.dim_out if exact else 0
-        h, c = self.state_dim, self.chunk_size
         backward = torch.is_grad_enabled() if backward is None else backward
-        scan = scan_flops(batch, T, self.channels, h, c, cols if exact else 1, readout, shared=exact,
-                          backward=backward)
-        return best if path == "conv" or costs[best] <= scan else "scan"
+        return best if path == "conv" or costs[best] <= self._scan_cost(batch, T, backward) else "scan"
 
     def forward_flops(self, batch: int, seq_len: int) -> float:
-        """Forward FLOPs of the path a training step's `forward` takes (`ops.lds_conv.scan_forward_flops`
-        plus the readout or input projection, or `lds_conv_forward_flops`)."""
-        path, exact = self._sequence_path(batch, seq_len, backward=True), not self.depthwise
-        cols, h, c = 2 * self.num_filters, self.state_dim, self.chunk_size
-        if path != "scan":
-            args = (batch, seq_len, self.dim, self.dim_out, cols, h, exact, self.learnable, path)
-            return lds_conv_forward_flops(*args)
-        proj = 2 * batch * seq_len * self.dim * self.dim_out  # tensordot: x @ M_inputs; exact: per filter
-        if exact:
-            return scan_forward_flops(batch, seq_len, self.dim, h, c, cols, 1) + cols * proj
-        fold = 2 * h * cols * self.dim_out  # M_filters folded into C (`_scan_readout`)
-        return scan_forward_flops(batch, seq_len, self.dim_out, h, c, 1, self.dim_out) + proj + fold
+        """Forward FLOPs of the path a training step's `forward` takes (the layer's `_scan_flops`, or
+        `ops.lds_conv.lds_conv_forward_flops`)."""
+        path = self._sequence_path(batch, seq_len, backward=True)
+        if path == "scan":
+            return self._scan_flops(batch, seq_len)
+        cols, exact = 2 * self.num_filters, not self.depthwise
+        args = (batch, seq_len, self.dim, self.dim_out, cols, self.state_dim, exact, self.learnable, path)
+        return lds_conv_forward_flops(*args)
 
     def _convolve(self, x: torch.Tensor, path: str) -> torch.Tensor:
         """`forward` as a causal convolution with the impulse response (ops.lds_conv, the layer's `_conv`),

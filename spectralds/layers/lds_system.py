@@ -15,8 +15,9 @@ response, see `lds_paths`) and decoding. A subclass says how its projections wra
   channels: how many channels the system runs on.
   _inputs(x): the system's input u for a layer input x; `_scan_readout(dtype)`: the C the scan reads
   out with; `_read_scan(U)`: the layer's output from the scan's; `_step_readout(C)` and
-  `_read_state(state, C)` the same for one decoding step; `_conv_inputs(x)` and `_conv(...)`: the
-  convolution path (`lds_paths`); `depthwise`: whether each channel has its own readout.
+  `_read_state(state, C)` the same for one decoding step; `_conv_inputs(x)`, `_conv(...)`: the
+  convolution path, `_scan_cost` and `_scan_flops`: the scan's costs (`lds_paths`); `depthwise`:
+  whether each channel has its own readout.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from spectralds.errors import UserError, check_int
+from spectralds.errors import UserError, UserTypeError, check_int
 from spectralds.layers.lds_paths import ConvolutionPaths
 from spectralds.layers.registry import SequenceLayer
 from spectralds.ops.lds_conv import impulse_response_ref
@@ -284,8 +285,11 @@ class LDS(ConvolutionPaths, SequenceLayer):
     def channels(self) -> int:
         raise NotImplementedError
 
-    def _init_projections(self) -> None:
-        raise NotImplementedError
+    def _init_projections(self) -> None:  # the base has none: say how to build a layer
+        raise UserTypeError(
+            f"{type(self).__name__} is the base of the LDS layers: build one with "
+            "build_layer('lds', mode='exact' | 'tensordot', ...) (spectralds.layers.lds.make_lds)"
+        )
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
