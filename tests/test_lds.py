@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from spectralds.errors import UserError
 from spectralds.layers import lds_paths
 from spectralds.layers.lds import LDS, LDSExact, LDSTensordot, make_lds
-from spectralds.layers.registry import build_layer
+from spectralds.layers.registry import build_layer, restore_layers
 from spectralds.ops.lds_conv import impulse_response_ref
 from spectralds.ops.lds_scan import scan_ref
 
@@ -448,3 +448,16 @@ def test_prefill_by_convolution_equals_the_scan_and_decodes_on(learnable, mode, 
         y_t, state = layer.step(x[:, t], state)
         steps.append(y_t[:, None])
     assert rel_err(torch.cat(steps, dim=1), full) < tol
+
+
+@pytest.mark.parametrize("name, extra", [("lds", {}), ("lds_ar", {"ar_order": 2})])
+@pytest.mark.parametrize("mode, cls", [("exact", LDSExact), ("tensordot", LDSTensordot)])
+def test_specs_stored_by_older_checkpoints_restore(name, extra, mode, cls):
+    """A checkpoint stores {"name": "lds" | "lds_ar", ..., "mode": ...} (the keys of the one-class LDS):
+    `restore_layers` rebuilds that mode's layer from it, whose spec is the stored one again."""
+    stored = {"name": name, "dim": 3, "seq_len": 64, "num_filters": 2, "state_dim": 5, "mode": mode,
+              "dim_out": 4, "learnable": False, "dtype": "float64", "chunk_size": 8, **extra}
+    holder = torch.nn.ModuleDict({"mixer": torch.nn.Identity()})
+    assert restore_layers(holder, {"mixer": stored}) == ["mixer"]
+    assert isinstance(holder["mixer"], cls) and holder["mixer"].spec() == stored
+    assert restore_layers(holder, {"mixer": stored}) == []  # as it is now: nothing to rebuild
