@@ -26,8 +26,6 @@ from spectralds.layers.registry import register_layer
 from spectralds.ops.lds_conv import depthwise_conv, exact_conv, scan_flops, scan_forward_flops
 from spectralds.ops.lds_scan import table_dtype
 
-MODES = ("exact", "tensordot")
-
 
 class LDSExact(LDS):
     """The exact STU's projections around the system: M_phi_plus, M_phi_minus (K, dim, dim_out), the
@@ -178,6 +176,7 @@ class LDSTensordot(LDS):
 
 
 LAYERS = {"exact": LDSExact, "tensordot": LDSTensordot}
+MODES = tuple(LAYERS)
 
 
 def lds_class(mode: str, layers: dict[str, type[LDS]] = LAYERS) -> type[LDS]:
