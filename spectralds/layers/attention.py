@@ -11,8 +11,9 @@ takes it on CPU; "flex" forces it (tests compare it with SDPA there, without gra
 Decoding keeps a KV cache of at most `window_size` entries, stored after rotation. It is preallocated
 and written in place (a ring buffer for a window, a buffer that doubles for full attention), so a step
 does not copy the cache; after rotation the order of the cached entries does not matter to attention.
-Prompts of different lengths share one cache (`merge_caches`): each is right-aligned at the longest,
-its padding slots masked and its queries rotated by its own position. `static_state` turns a window's
+Prompts of different lengths share one cache, from a left-padded prefill (`start`) or merged
+(`merge_caches`): each is right-aligned at the longest, its padding masked and its queries and keys
+rotated by its own position. `static_state` turns a window's
 cache into a `RingKVCache`, whose every field (the position too) is a fixed-shape tensor: a step on it
 can be recorded once as a CUDA graph.
 """
