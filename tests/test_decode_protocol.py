@@ -158,6 +158,15 @@ def test_layers_and_models_outside_the_protocol_say_why():
     with pytest.raises(ValueError, match="lists 2 layers but its decoding has 1 states"):
         static_states(model, states[:1])
 
+    class NoPadding(ModelWithout):
+        def prefill(self, idx):
+            return self.model.prefill(idx)
+
+    with pytest.raises(ValueError, match=r"NoPadding.prefill\(idx\) takes no `start`"):
+        generate(NoPadding(model), prompts((2, 3)), 2)
+    same = prompts((3, 3))  # one length: no padding needed
+    assert torch.equal(generate(NoPadding(model), same, 2)[0], generate(model, same, 2)[0])
+
     class Bare(SequenceLayer):
         pass
 
