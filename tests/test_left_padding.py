@@ -165,7 +165,8 @@ def test_greedy_generation_from_a_padded_prefill_is_each_prompt_alone():
 
 
 BAD_STARTS = [(torch.tensor([0, 9, 1]), r"\[0, 9\)"), (torch.tensor([0, 1]), r"\(3,\)"),
-              (torch.tensor([0.0, 1.0, 2.0]), "integer"), ([0, 1, 2], "list")]
+              (torch.tensor([0.0, 1.0, 2.0]), "integer"), (torch.tensor([True, False, True]), "integer"),
+              ([0, 1, 2], "list")]
 
 
 @pytest.mark.parametrize("start, match", BAD_STARTS)
