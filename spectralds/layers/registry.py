@@ -169,7 +169,7 @@ def check_start(start: torch.Tensor | None, batch: int, length: int) -> None:
         return
     integer = isinstance(start, torch.Tensor) and start.dtype in (torch.int64, torch.int32, torch.int16)
     if not integer or start.shape != (batch,):
-        got = f"{tuple(start.shape)} {start.dtype}" if isinstance(start, torch.Tensor) else type(start).__name__
+        got = f"{tuple(start.shape)} {start.dtype}" if torch.is_tensor(start) else type(start).__name__
         raise UserError(f"start must be a ({batch},) integer tensor (each row's first real token), "
                         f"got {got}")
     if batch and (start.min() < 0 or start.max() >= length):
