@@ -8,6 +8,7 @@ from spectralds.distill.lds_file import LDSFit
 from spectralds.errors import UserError
 from spectralds.layers import build_layer, layer_specs, restore_layers
 from spectralds.layers.ar import ARDecodeState, AutoRegressive, LDSWithAR
+from spectralds.ops.ar_scan import ar_ref
 
 F64 = torch.float64
 
@@ -19,28 +20,13 @@ def randomize_ar(layer: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> N
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale / p.shape[-1] ** 0.5)
 
 
-def loop_reference(ar: AutoRegressive, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """y_t = s_t + sum_{j<p} x_{t-j} M_u[j] + sum_{i=1..p} y_{t-i} M_y[i-1], one step at a time."""
-    ys = []
-    for t in range(x.shape[1]):
-        y = s[:, t].clone()
-        for j in range(ar.order):
-            if t - j >= 0:
-                y = y + x[:, t - j] @ ar.M_u[j]
-        for i in range(1, ar.order + 1):
-            if t - i >= 0:
-                y = y + ys[t - i] @ ar.M_y[i - 1]
-        ys.append(y)
-    return torch.stack(ys, dim=1)
-
-
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("steps", [1, 2, 7, 64, 100])
 def test_parallel_scan_matches_the_loop_float64(order, steps):
     ar = AutoRegressive(3, 4, order).double()
     randomize_ar(torch.nn.ModuleDict({"ar": ar}), scale=0.9, seed=order)
     x, s = torch.randn(2, steps, 3, dtype=F64), torch.randn(2, steps, 4, dtype=F64)
-    ref = loop_reference(ar, x, s)
+    ref = ar_ref(x, s, ar.M_u, ar.M_y)
     assert torch.allclose(ar(x, s), ref, rtol=1e-11, atol=1e-11 * ref.abs().max().item())
 
 
@@ -51,7 +37,7 @@ def test_parallel_scan_gradients_match_the_loop():
     s = torch.randn(2, 37, 3, dtype=F64)
     w = torch.randn(2, 37, 3, dtype=F64)
     grads = []
-    for fn in (ar, lambda a, b: loop_reference(ar, a, b)):
+    for fn in (ar, lambda a, b: ar_ref(a, b, ar.M_u, ar.M_y)):
         (fn(x, s) * w).sum().backward()
         grads.append([x.grad.clone(), ar.M_u.grad.clone(), ar.M_y.grad.clone()])
         x.grad = ar.M_u.grad = ar.M_y.grad = None
@@ -65,7 +51,7 @@ def test_stu_with_ar_is_the_spectral_part_plus_the_recursion(kind):
     randomize_ar(layer)
     x = torch.randn(2, 41, 3, dtype=F64)
     spectral = layer._sequence_conv(x, 41)
-    assert torch.allclose(layer(x), loop_reference(layer.ar, x, spectral), rtol=1e-11, atol=1e-12)
+    assert torch.allclose(layer(x), ar_ref(x, spectral, layer.ar.M_u, layer.ar.M_y), rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["stu", "stu_t"])

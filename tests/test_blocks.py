@@ -4,14 +4,14 @@ import torch.nn.functional as F
 
 from spectralds.layers.attention import SlidingWindowAttention
 from spectralds.layers.blocks import Block, RMSNorm, SwiGLU
-from spectralds.layers.lds import LDS
+from spectralds.layers.lds import LDS, make_lds
 
 F64 = torch.float64
 
 
 def lds_mixer(dim=8, mode="exact") -> LDS:
     torch.manual_seed(1)
-    layer = LDS(dim, num_filters=2, state_dim=6, mode=mode, learnable=False, dtype=F64, chunk_size=4)
+    layer = make_lds(dim, num_filters=2, state_dim=6, mode=mode, learnable=False, dtype=F64, chunk_size=4)
     A = torch.tensor([0.99, -0.99, 0.5, -0.5, 0.0, 0.9], dtype=F64)
     layer.set_system(A, torch.randn(6, dtype=F64), torch.randn(6, 4, dtype=F64))
     return layer

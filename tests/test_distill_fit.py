@@ -30,6 +30,7 @@ from spectralds.distill import (
 from spectralds.distill import fit as fit_module
 from spectralds.distill.lds_file import _safetensors_bytes
 from spectralds.filters import spectral_filters
+from spectralds.ops.lds_scan import scan_ref
 
 L, K = 512, 8
 
@@ -57,12 +58,8 @@ def fit32(phi) -> LDSFit:
     return fit_filters(L, K, 32, filters=phi, progress=False)
 
 
-def _step_loop(A, B, C, u):  # the textbook recurrence, float64
-    x, ys = torch.zeros_like(A), []
-    for u_t in u:
-        x = A * x + B * u_t
-        ys.append(x @ C)
-    return torch.stack(ys)
+def _step_loop(A, B, C, u):  # the textbook recurrence, float64, for a 1-d input
+    return scan_ref(u.double()[None, :, None], A.double(), B.double(), C.double())[0][0, :, 0]
 
 
 # ---- measurements ---------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ from hypothesis import strategies as st
 
 from spectralds.errors import UserError
 from spectralds.layers import lds_paths
-from spectralds.layers.lds import LDS
-from spectralds.layers.registry import build_layer
+from spectralds.layers.lds import LDS, LDSExact, LDSTensordot, make_lds
+from spectralds.layers.registry import build_layer, restore_layers
+from spectralds.ops.lds_conv import impulse_response_ref
+from spectralds.ops.lds_scan import scan_ref
 
 F64 = torch.float64
 
@@ -24,7 +26,7 @@ def random_system(h: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 def fitted_lds(dim, h=10, K=3, mode="exact", dtype=F64, chunk_size=16, seed=0, **kw) -> LDS:
     torch.manual_seed(seed)
-    layer = LDS(
+    layer = make_lds(
         dim, num_filters=K, state_dim=h, mode=mode, learnable=False, dtype=dtype, chunk_size=chunk_size, **kw
     )
     layer.set_system(*random_system(h, K, seed))
@@ -32,22 +34,16 @@ def fitted_lds(dim, h=10, K=3, mode="exact", dtype=F64, chunk_size=16, seed=0, *
 
 
 def recurrence(u, A, B, C):
-    """Plain step-by-step reference: U (batch, T, ch, 2K) and the final state, in float64."""
-    x = torch.zeros(u.shape[0], u.shape[2], A.shape[0], dtype=F64)
-    out = []
-    for t in range(u.shape[1]):
-        x = A * x + B * u[:, t, :, None].double()
-        out.append(x @ C)
-    return torch.stack(out, dim=1), x
+    """Plain step-by-step reference in float64: U (batch, T, ch, 2K) and the final state."""
+    return scan_ref(u.double(), A.double(), B.double(), C.double())
 
 
 def convolution(u, A, B, C):
     """Direct causal O(T^2) convolution with the impulse response sum_j C_jk B_j A_j^t."""
     T = u.shape[1]
-    t = torch.arange(T, dtype=F64)
-    G = (A ** t[:, None] * B) @ C  # (T, 2K)
-    lag = t[:, None] - t[None, :]
-    kernel = torch.where((lag >= 0)[..., None], G[lag.clamp(min=0).long()], 0.0)  # (t, s, 2K)
+    G = impulse_response_ref(A, B, C, T)  # (T, 2K)
+    lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    kernel = torch.where((lag >= 0)[..., None], G[lag.clamp(min=0)], 0.0)  # (t, s, 2K)
     return torch.einsum("tsk,bsi->btik", kernel, u.double())
 
 
@@ -161,7 +157,7 @@ def test_keep_states_shrinks_the_system(learnable):
 
 
 def test_invalid_systems_raise_clear_errors():
-    layer = LDS(2, num_filters=2, state_dim=3, learnable=False)
+    layer = make_lds(2, num_filters=2, state_dim=3, learnable=False)
     A, B, C = torch.tensor([0.5, -0.9, 1.0], dtype=F64), torch.ones(3, dtype=F64), torch.ones(3, 4, dtype=F64)
     layer.set_system(A, B, C)  # |a| = 1 is allowed
     with pytest.raises(ValueError, match="unstable"):
@@ -171,7 +167,9 @@ def test_invalid_systems_raise_clear_errors():
     with pytest.raises(ValueError, match="non-finite"):
         layer.set_system(A, torch.tensor([1.0, float("nan"), 1.0]), C)
     with pytest.raises(ValueError, match="mode"):
-        LDS(2, mode="approx")
+        make_lds(2, mode="approx")
+    with pytest.raises(TypeError, match="build_layer\\('lds', mode="):
+        LDS(2)  # the shared base alone has no projections
 
 
 def test_seq_len_limit():
@@ -184,7 +182,7 @@ def test_seq_len_limit():
 
 
 def test_learnable_system_stays_stable_and_trains():
-    layer = LDS(3, num_filters=2, state_dim=6, mode="tensordot", dtype=F64, chunk_size=4)
+    layer = make_lds(3, num_filters=2, state_dim=6, mode="tensordot", dtype=F64, chunk_size=4)
     with torch.no_grad():
         layer.A_raw.copy_(torch.tensor([50.0, -50.0, 0.0, 3.0, -3.0, 0.1]))  # a = +-1 (saturated), 0, ...
     assert layer.system()[0].abs().max() <= 1
@@ -196,7 +194,7 @@ def test_learnable_system_stays_stable_and_trains():
 
 
 def test_learnable_gradients_match_finite_differences():
-    layer = LDS(2, num_filters=1, state_dim=3, dtype=F64, chunk_size=4)
+    layer = make_lds(2, num_filters=1, state_dim=3, dtype=F64, chunk_size=4)
     x = torch.randn(1, 9, 2, dtype=F64, requires_grad=True)
     params = (layer.A_raw, layer.B, layer.C, layer.M_phi_plus)
 
@@ -233,7 +231,7 @@ def test_pruned_state_dict_loads_into_a_fresh_layer(learnable):
     if learnable:
         layer.set_system(*layer.system(), learnable=True)
     layer.keep_states(torch.tensor([1, 2, 5]))
-    fresh = LDS(2, num_filters=2, state_dim=10, mode="tensordot", learnable=not learnable, dtype=F64)
+    fresh = make_lds(2, num_filters=2, state_dim=10, mode="tensordot", learnable=not learnable, dtype=F64)
     fresh.load_state_dict(layer.state_dict())
     assert fresh.state_dim == 3 and fresh.learnable == learnable
     x = torch.randn(1, 20, 2, dtype=F64)
@@ -243,6 +241,22 @@ def test_pruned_state_dict_loads_into_a_fresh_layer(learnable):
 def test_registered_as_lds():
     layer = build_layer("lds", dim=4, num_filters=2, state_dim=5)
     assert isinstance(layer, LDS) and layer(torch.randn(1, 7, 4)).shape == (1, 7, 4)
+
+
+@pytest.mark.parametrize("mode, cls, names", [
+    ("exact", LDSExact, ("M_phi_plus", "M_phi_minus")),
+    ("tensordot", LDSTensordot, ("M_inputs", "M_filters_plus", "M_filters_minus")),
+])
+def test_the_mode_picks_the_layer_and_its_projections(mode, cls, names):
+    """"lds" with a mode (as checkpoints store it) builds that mode's layer; its spec names it again, and
+    its projections are its only parameters besides the system."""
+    layer = build_layer("lds", dim=3, dim_out=5, num_filters=2, state_dim=4, mode=mode, learnable=False)
+    assert type(layer) is cls and layer.mode == mode and layer.spec()["mode"] == mode
+    assert layer.projection_names() == names == tuple(name for name, _ in layer.named_parameters())
+    axes = layer.projection_axes()
+    for name in names:  # each axis role matches the parameter's size
+        sizes = {"in": layer.dim, "out": layer.dim_out, "": layer.num_filters}
+        assert tuple(sizes[role] for role in axes[name]) == tuple(layer.get_parameter(name).shape)
 
 
 @settings(max_examples=25, deadline=None)
@@ -307,8 +321,8 @@ def test_step_cache_follows_parameter_updates_and_new_systems(mode):
 
 def learnable_lds(dim, h=10, K=3, mode="exact", dtype=F64, chunk_size=16, seed=0, **kw) -> LDS:
     torch.manual_seed(seed)
-    return LDS(dim, num_filters=K, state_dim=h, mode=mode, learnable=True, dtype=dtype, chunk_size=chunk_size,
-               **kw)
+    return make_lds(dim, num_filters=K, state_dim=h, mode=mode, learnable=True, dtype=dtype,
+                    chunk_size=chunk_size, **kw)
 
 
 def outputs_and_grads(layer, x, weight, path):
@@ -348,9 +362,9 @@ def test_auto_path_follows_the_cost_estimates():
     """Exact mode: the scan's one shared-readout matmul wins at batch 1, the convolution (whose kernel
     W(f) is built once per batch) at batch 8; tensordot: the convolution (the per-channel scan is slow
     to differentiate), except for a long forward alone."""
-    layer = LDS(64, num_filters=24, state_dim=48, learnable=False)
+    layer = make_lds(64, num_filters=24, state_dim=48, learnable=False)
     assert layer._sequence_path(1, 1024) == "scan" and layer._sequence_path(8, 4096) == "kernel"
-    tensordot = LDS(64, num_filters=24, state_dim=48, mode="tensordot")
+    tensordot = make_lds(64, num_filters=24, state_dim=48, mode="tensordot")
     assert tensordot._sequence_path(1, 4096) == "conv"
     with torch.no_grad():  # a forward alone (prefill, inference): the per-channel scan wins at length
         assert [tensordot._sequence_path(1, T) for T in (1024, 8192)] == ["conv", "scan"]
@@ -434,3 +448,16 @@ def test_prefill_by_convolution_equals_the_scan_and_decodes_on(learnable, mode, 
         y_t, state = layer.step(x[:, t], state)
         steps.append(y_t[:, None])
     assert rel_err(torch.cat(steps, dim=1), full) < tol
+
+
+@pytest.mark.parametrize("name, extra", [("lds", {}), ("lds_ar", {"ar_order": 2})])
+@pytest.mark.parametrize("mode, cls", [("exact", LDSExact), ("tensordot", LDSTensordot)])
+def test_specs_stored_by_older_checkpoints_restore(name, extra, mode, cls):
+    """A checkpoint stores {"name": "lds" | "lds_ar", ..., "mode": ...} (the keys of the one-class LDS):
+    `restore_layers` rebuilds that mode's layer from it, whose spec is the stored one again."""
+    stored = {"name": name, "dim": 3, "seq_len": 64, "num_filters": 2, "state_dim": 5, "mode": mode,
+              "dim_out": 4, "learnable": False, "dtype": "float64", "chunk_size": 8, **extra}
+    holder = torch.nn.ModuleDict({"mixer": torch.nn.Identity()})
+    assert restore_layers(holder, {"mixer": stored}) == ["mixer"]
+    assert isinstance(holder["mixer"], cls) and holder["mixer"].spec() == stored
+    assert restore_layers(holder, {"mixer": stored}) == []  # as it is now: nothing to rebuild

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from scipy.signal import lfilter
 
 from spectralds.distill import get_fit
-from spectralds.layers.lds import LDS
+from spectralds.layers.lds import LDS, make_lds
 from spectralds.models import LanguageModel
+from spectralds.ops.lds_scan import scan_ref
 
 F64 = torch.float64
 L_FIT, K, H = 1024, 8, 32
@@ -32,7 +33,7 @@ def fit(tmp_path_factory):
 def fitted_layer(fit, dtype: torch.dtype, like: LDS | None = None) -> LDS:
     """One channel, exact mode, no length limit; `like` gives the projections (so runs are comparable)."""
     torch.manual_seed(0)
-    layer = LDS(1, seq_len=None, num_filters=K, state_dim=H, learnable=False, dtype=dtype).eval()
+    layer = make_lds(1, seq_len=None, num_filters=K, state_dim=H, learnable=False, dtype=dtype).eval()
     layer.set_system(fit.A, fit.B, fit.C)
     if like is not None:
         layer.load_state_dict(like.state_dict())
@@ -72,10 +73,10 @@ def stepped(layers, inputs):
 
 
 def recurrence(A: torch.Tensor, B: torch.Tensor, u: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """States (T, h) of x_t = A x_{t-1} + B u_t, one step after another in `dtype`.
-
-    scipy's lfilter runs the loop in C (10^6 Python steps would take minutes): with b = [B_j] and
-    a = [1, -A_j] it computes fl(fl(B_j u_t) + fl(A_j x_{t-1})), the rounding of `LDS.step`'s A * x + B * u.
+    """States (T, h) of x_t = A x_{t-1} + B u_t, one step after another in `dtype`: the loop of
+    `ops.lds_scan.scan_ref` (checked against it below), run by scipy's lfilter in C (10^6 Python steps
+    would take minutes): with b = [B_j] and a = [1, -A_j] it computes fl(fl(B_j u_t) + fl(A_j x_{t-1})),
+    the rounding of `LDS.step`'s and `scan_ref`'s A * x + B * u.
     """
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
     u = u.to(dtype).numpy()
@@ -85,6 +86,15 @@ def recurrence(A: torch.Tensor, B: torch.Tensor, u: torch.Tensor, dtype=torch.fl
     ]
     assert all(col.dtype == np_dtype for col in cols)  # no silent promotion to float64
     return torch.from_numpy(np.stack(cols, axis=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_the_compiled_recurrence_is_scan_ref(fit, inputs, dtype):
+    u = inputs[:3000].to(dtype)
+    identity = torch.eye(H, dtype=dtype)  # the readout that returns the states themselves
+    states = scan_ref(u[None, :, None], fit.A.to(dtype), fit.B.to(dtype), identity)[0][0, :, 0]
+    tol = 1e-6 if dtype == torch.float32 else 1e-13  # (bit for bit where scipy's loop has no fused adds)
+    assert (recurrence(fit.A, fit.B, u, dtype) - states).abs().max() <= tol * states.abs().max()
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spectralds.ops import fft_conv, lds_conv
+from spectralds.ops import ar_scan, fft_conv, lds_conv, lds_scan
 from spectralds.ops.fft_conv import (
     alternating,
     causal_conv_ref,
@@ -276,3 +276,60 @@ def test_spectrum_cache_builds_once_and_follows_its_sources():
     with torch.inference_mode():
         cache.get([source], "d", build)  # kept apart from the entry a training step may save
     assert len(built) == 7
+
+
+# ---- the LDS recurrence (ops.lds_scan) and the AR terms (ops.ar_scan) ----------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 7, 16, 45, 130])
+@pytest.mark.parametrize("chunk", [1, 3, 8, 16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lds_scan_matches_scan_ref(T, chunk, per_channel):
+    """Lengths below, at and past multiples of the chunk (the scan pads in front), a readout shared by
+    every channel or one per channel; values, final state and gradients in float64."""
+    A, B, C = lds_system(h=6, F=3)
+    u = torch.randn(2, T, 4, dtype=F64, requires_grad=True)
+    if per_channel:
+        C = torch.randn(4, 6, 3, dtype=F64, requires_grad=True)
+    weight = torch.randn(2, T, 4, 3, dtype=F64)
+    inputs = [u, A, B, C]
+    (out, state), ref_out_state = lds_scan.scan(*inputs, chunk, F64), lds_scan.scan_ref(*inputs)
+    assert out.shape == (2, T, 4, 3) and state.shape == (2, 4, 6) and out.dtype == state.dtype == F64
+    assert_close(out, ref_out_state[0])
+    assert_close(state, ref_out_state[1])
+    loss = lambda out_state: (out_state[0] * weight).sum() + out_state[1].sum()  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss((out, state)), inputs),
+                    torch.autograd.grad(loss(ref_out_state), inputs), strict=True):
+        assert_close(a, b, 1e-11)
+    assert_close(lds_scan.final_state(u, A, B, F64), ref_out_state[1])
+
+
+def test_scan_ref_is_the_convolution_with_the_impulse_response():
+    """The two references agree: scan_ref's output to a unit impulse is impulse_response_ref, which is
+    float64 whatever the system's dtype; scan_ref runs in the dtype its arguments promote to."""
+    A, B, C = (p.detach() for p in lds_system(h=5, F=3))
+    impulse = torch.zeros(1, 30, 1, dtype=F64)
+    impulse[0, 0, 0] = 1.0
+    response = lds_conv.impulse_response_ref(A, B, C, 30)
+    assert_close(lds_scan.scan_ref(impulse, A, B, C)[0][0, :, 0], response, 1e-14)
+    assert lds_conv.impulse_response_ref(A.float(), B.float(), C.float(), 30).dtype == F64
+    assert lds_scan.scan_ref(impulse.float(), A.float(), B.float(), C.float())[0].dtype == torch.float32
+    assert lds_scan.scan_ref(impulse.float(), A, B, C)[0].dtype == F64
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("T, chunk", [(1, 8), (5, 8), (8, 8), (29, 8), (29, 4), (64, 16)])
+def test_ar_scan_matches_ar_ref(order, T, chunk):
+    g = torch.Generator().manual_seed(order)
+    x, s = torch.randn(2, T, 3, dtype=F64, generator=g), torch.randn(2, T, 4, dtype=F64, generator=g)
+    M_u = torch.randn(order, 3, 4, dtype=F64, generator=g) * 0.5
+    M_y = torch.randn(order, 4, 4, dtype=F64, generator=g) * 0.9 / (4 * order) ** 0.5
+    inputs = [p.requires_grad_() for p in (x, s, M_u, M_y)]
+    weight = torch.randn(2, T, 4, dtype=F64, generator=g)
+    out, ref = ar_scan.ar_scan(*inputs, chunk=chunk), ar_scan.ar_ref(*inputs)
+    assert_close(out, ref, 1e-11)
+    # (at T = 1 the recursion never runs: M_y gets a zero gradient from both)
+    g_out, g_ref = (torch.autograd.grad((y * weight).sum(), inputs, materialize_grads=True)
+                    for y in (out, ref))
+    for a, b in zip(g_out, g_ref, strict=True):
+        assert_close(a, b, 1e-10)

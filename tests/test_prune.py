@@ -17,7 +17,7 @@ from torch import nn
 from spectralds.callbacks import LayerAdaptiveStatePruning
 from spectralds.distill import fit_filters
 from spectralds.distill import prune as P
-from spectralds.layers.lds import LDS
+from spectralds.layers.lds import LDS, make_lds
 
 F64 = torch.float64
 SEQ, K, H = 64, 4, 16
@@ -36,7 +36,7 @@ def fit():
 
 def make_layer(system, mode: str = "tensordot", dim: int = 6, seed: int = 0) -> LDS:
     torch.manual_seed(seed)
-    layer = LDS(dim, seq_len=SEQ, num_filters=K, state_dim=H, mode=mode, learnable=False, dtype=F64)
+    layer = make_lds(dim, seq_len=SEQ, num_filters=K, state_dim=H, mode=mode, learnable=False, dtype=F64)
     layer.set_system(*system)
     return layer
 
@@ -187,7 +187,7 @@ def test_the_ridge_keeps_a_refit_float32_scan_accurate(monkeypatch, ridge):
     monkeypatch.setattr(P, "RIDGE", ridge)
     system = fit_filters(256, 24, 64, progress=False)
     torch.manual_seed(0)
-    layer = LDS(6, seq_len=256, num_filters=24, state_dim=64, mode="tensordot", learnable=False)
+    layer = make_lds(6, seq_len=256, num_filters=24, state_dim=64, mode="tensordot", learnable=False)
     layer.set_system(system.A, system.B, system.C)
     layer.conv_path = "scan"  # the scan's float32 tables (prefill and decoding still recur in float32)
     x = torch.randn(8, 256, 6)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spectralds.layers.attention import SlidingWindowAttention
-from spectralds.layers.lds import LDS
+from spectralds.layers.lds import LDS, make_lds
 from spectralds.layers.registry import SequenceLayer
 from spectralds.layers.stu import STU, STUTensordot
 from spectralds.models.telemetry import flops_per_token, forward_flops
@@ -71,7 +71,7 @@ def test_ar_terms_are_counted_by_the_generic_rule():
 
 def lds(mode: str, learnable: bool, path: str) -> LDS:
     torch.manual_seed(0)
-    layer = LDS(DIM, 16, num_filters=K, state_dim=H, mode=mode, learnable=learnable, chunk_size=CHUNK)
+    layer = make_lds(DIM, 16, num_filters=K, state_dim=H, mode=mode, learnable=learnable, chunk_size=CHUNK)
     layer.conv_path = path
     return layer
 

@@ -9,11 +9,13 @@ from spectralds.distill.fit import (
     float32_check,
     float32_recurrence,
     hankel_singular_values,
-    impulse_response,
     relative_mse,
     target_filters,
 )
 from spectralds.distill.lds_file import load_fit, predicted_float32_error, read_fit, save_fit
+
+# A system's impulse response in float64 (the one reference, `ops.lds_conv.impulse_response_ref`).
+from spectralds.ops.lds_conv import impulse_response_ref as impulse_response
 
 __all__ = [
     "METHODS",

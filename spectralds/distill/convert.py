@@ -70,10 +70,8 @@ def lds_from_stu(stu: nn.Module, fit: LDSFit) -> LDS:
         **ar,
     )
     lds.set_system(fit.A, fit.B, fit.C, learnable=False)
-    names = ("M_inputs", "M_filters_plus", "M_filters_minus") if tensordot else ("M_phi_plus", "M_phi_minus")
-    names += ("ar.M_u", "ar.M_y") if ar else ()
-    with torch.no_grad():
-        for name in names:
+    with torch.no_grad():  # the STU's projections have the same names
+        for name in lds.projection_names():
             lds.get_parameter(name).copy_(stu.get_parameter(name))
     return lds.to(next(stu.parameters()).device)
 
@@ -111,30 +109,26 @@ def _spread(n: int, count: int) -> torch.Tensor:
 def _probe_pair(stu: nn.Module, lds: LDS, channels: int) -> tuple[nn.Module, LDS, int]:
     """Copies of `stu` and `lds` restricted to a few input and output channels: the same function as the
     full layers on inputs that are zero outside those channels, read on those outputs."""
-    tensordot = isinstance(stu, STUTensordot)
     cin, cout = _spread(stu.dim, channels), _spread(stu.dim_out, channels)
     dims = {"dim": cin.numel(), "dim_out": cout.numel(), "seq_len": stu.seq_len,
             "num_filters": stu.num_filters}
-    kind = "stu_t" if tensordot else "stu"
+    kind = "stu_t" if isinstance(stu, STUTensordot) else "stu"
     ar = {"ar_order": stu.ar.order} if stu.ar is not None else {}
     small_stu = build_layer(kind, variant=stu.variant, filters=stu.phi.cpu(), **dims, **ar)
     small_lds = build_layer("lds_ar" if ar else "lds", state_dim=lds.state_dim, mode=lds.mode,
                             learnable=False, **dims, **ar)
     small_lds.set_system(*(p.detach().cpu() for p in lds.system()), learnable=False)
-    names = ("M_inputs", "M_filters_plus", "M_filters_minus") if tensordot else ("M_phi_plus", "M_phi_minus")
-    names += ("ar.M_u", "ar.M_y") if ar else ()
+    channels_of = {"in": cin, "out": cout}
 
-    def pick(m: torch.Tensor, name: str) -> torch.Tensor:
-        if name == "M_inputs":
-            return m[cin][:, cout]
-        if name in ("M_phi_plus", "M_phi_minus", "ar.M_u"):
-            return m[:, cin][:, :, cout]
+    def pick(m: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
         # ar.M_y: outputs feed back only through the kept channels, in both small layers alike
-        return m[:, cout][:, :, cout] if name == "ar.M_y" else m[:, cout]
+        for axis, role in enumerate(axes):
+            m = m.index_select(axis, channels_of[role]) if role else m
+        return m
 
     for small, big in ((small_stu, stu), (small_lds, lds)):
-        for name in names:
-            small.get_parameter(name).copy_(pick(big.get_parameter(name).detach().cpu(), name))
+        for name, axes in lds.projection_axes().items():
+            small.get_parameter(name).copy_(pick(big.get_parameter(name).detach().cpu(), axes))
     device = stu.phi.device
     return small_stu.to(device), small_lds.to(device), cin.numel()
 

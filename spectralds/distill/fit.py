@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from spectralds.distill.lds_file import LDSFit, impulse_response, measured_fit
+from spectralds.distill.lds_file import LDSFit, measured_fit
 from spectralds.distill.measure import (
     cancellation_factor,
     float32_check,
@@ -60,13 +60,14 @@ from spectralds.distill.varpro import (  # noqa: F401 - re-exported: _fit_varpro
 )
 from spectralds.errors import UserError, check_choice, check_int
 from spectralds.filters import spectral_filters
+from spectralds.ops.lds_conv import impulse_response_ref
 
 # Part of the fit cache's key (spectralds.distill.cache): bump when the solver's results change,
 # so fits cached by an older one are not reused.
 SOLVER_REVISION = 3
 
 __all__ = [
-    "METHODS", "LDSFit", "fit_filters", "impulse_response", "relative_mse", "target_filters",
+    "METHODS", "LDSFit", "fit_filters", "relative_mse", "target_filters",
     "float32_recurrence", "float32_check", "cancellation_factor", "hankel_singular_values",
 ]
 
@@ -160,7 +161,7 @@ def fit_filters(
             # alternate (L=1024, K=16: 1.1e-9 at h=34, 5.8e-9 at h=36). Starts that reach the same
             # minimum (float64 errors within TIE) can round very differently: the float32 error breaks
             # such ties.
-            errors = [relative_mse(impulse_response(*system, seq_len), targets) for system in candidates]
+            errors = [relative_mse(impulse_response_ref(*system, seq_len), targets) for system in candidates]
             stage("float32 check")
             tied = [i for i, error in enumerate(errors) if error <= TIE * min(errors)]
             checks = {i: float32_check(*candidates[i], targets) for i in tied}

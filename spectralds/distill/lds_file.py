@@ -31,6 +31,7 @@ from spectralds.distill.measure import cancellation_factor, float32_check, relat
 from spectralds.errors import MissingFileError, UserError, check_float
 from spectralds.filters import spectral_filters
 from spectralds.io import atomic_write, tensor_hash
+from spectralds.ops.lds_conv import impulse_response_ref
 
 FORMAT = "spectralds-lds"
 VERSION = 1
@@ -74,13 +75,6 @@ class LDSFit:
         return self.A.shape[0]
 
 
-def impulse_response(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
-    """(length, 2K) float64: ``h[t, k] = sum_j C[j, k] * B[j] * A[j] ** t``, lag 0 included."""
-    A, B, C = (torch.as_tensor(v, dtype=torch.float64) for v in (A, B, C))
-    powers = A[None, :] ** torch.arange(length, dtype=torch.float64)[:, None]
-    return powers @ (B[:, None] * C)
-
-
 def measured_fit(
     A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, targets: torch.Tensor, variant: str, method: str,
     float32: tuple[float, list[float]] | None = None,
@@ -89,7 +83,7 @@ def measured_fit(
     float32 check included unless the caller already ran it (`float32`: its (error, per filter))."""
     A, B, C = (t.detach().to("cpu", torch.float64).contiguous() for t in (A, B, C))
     seq_len, width = targets.shape
-    response = impulse_response(A, B, C, seq_len)
+    response = impulse_response_ref(A, B, C, seq_len)
     f32, f32_per_filter = float32 if float32 is not None else float32_check(A, B, C, targets)
     return LDSFit(
         A=A, B=B, C=C, seq_len=seq_len, num_filters=width // 2, variant=variant, method=method,
@@ -108,7 +102,7 @@ def predicted_float32_error(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, s
     the system's own impulse response (its peak taken over the first 8192 steps at most, which can only
     raise the estimate). For our fits it overestimates the measured error 10-30x.
     """
-    peak = impulse_response(A, B, C, min(seq_len, 8192)).abs().max()
+    peak = impulse_response_ref(A, B, C, min(seq_len, 8192)).abs().max()
     terms = (B[:, None] * C).abs().sum(dim=0).max()
     return float((_EPS32 * terms / peak) ** 2) if peak > 0 else math.inf
 
@@ -245,7 +239,7 @@ def filter_error(fit: LDSFit, filters: torch.Tensor) -> float:
     """Relative MSE of the fit's impulse response against the 2K targets of `filters` (L, K), L <= seq_len:
     the "+" filters in their column order, then the alternating ones."""
     phi = filters.detach().to("cpu", torch.float64)
-    return float(relative_mse(impulse_response(fit.A, fit.B, fit.C, phi.shape[0]), target_filters(phi)))
+    return float(relative_mse(impulse_response_ref(fit.A, fit.B, fit.C, phi.shape[0]), target_filters(phi)))
 
 
 def load_fit(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from spectralds.errors import UserError
+from spectralds.ops.lds_scan import scan_ref
 
 F64 = torch.float64
 CHECK_SEED = 0  # the input of the float32 check
@@ -31,14 +32,10 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor, per_filter: bool = Fa
 
 
 def float32_recurrence(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The plain float32 loop x_t = A x_{t-1} + B u_t, y_t = C^T x_t for a 1-d input u (T,): y (T, 2K)."""
-    A32, B32, u32 = A.to(torch.float32), B.to(torch.float32), u.to(torch.float32)
-    x = torch.zeros_like(A32)
-    states = torch.empty(u32.shape[0], A32.shape[0], dtype=torch.float32)
-    for t in range(u32.shape[0]):
-        x = A32 * x + B32 * u32[t]
-        states[t] = x
-    return states @ C.to(torch.float32)
+    """The plain float32 loop x_t = A x_{t-1} + B u_t, y_t = C^T x_t (`ops.lds_scan.scan_ref` run in
+    float32) for a 1-d input u (T,): y (T, 2K)."""
+    A32, B32, C32, u32 = (t.to(torch.float32) for t in (A, B, C, u))
+    return scan_ref(u32[None, :, None], A32, B32, C32)[0][0, :, 0]
 
 
 def float32_check(

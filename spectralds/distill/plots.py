@@ -10,8 +10,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from spectralds.distill.fit import LDSFit, impulse_response
+from spectralds.distill.fit import LDSFit
 from spectralds.filters import spectral_filters
+from spectralds.ops.lds_conv import impulse_response_ref
 
 
 def filter_fit_figure(fit: LDSFit, show: tuple[int, ...] = (0, 1, 5)) -> Figure:
@@ -19,7 +20,7 @@ def filter_fit_figure(fit: LDSFit, show: tuple[int, ...] = (0, 1, 5)) -> Figure:
     phi = spectral_filters(fit.seq_len, fit.num_filters, fit.variant)
     sign = (-1.0) ** torch.arange(fit.seq_len, dtype=torch.float64)
     target = torch.cat([phi, phi * sign[:, None]], dim=1)
-    response = impulse_response(fit.A, fit.B, fit.C, fit.seq_len)
+    response = impulse_response_ref(fit.A, fit.B, fit.C, fit.seq_len)
     fig = Figure(figsize=(8, 6))
     FigureCanvasAgg(fig)  # attaches itself: savefig and TensorBoard's add_figure render through it
     top, bottom = fig.subplots(2, 1)

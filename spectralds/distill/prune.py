@@ -53,13 +53,7 @@ F64 = torch.float64
 def state_scores(lds: LDS) -> torch.Tensor:
     """(h,) squared H-infinity norm of each state's subsystem, in float64."""
     A, B, C = (p.detach().double() for p in lds.system())
-    K = lds.num_filters
-    if lds.mode == "exact":
-        M = torch.cat([lds.M_phi_plus, lds.M_phi_minus]).detach().double()  # (2K, d, d_out)
-        W = torch.einsum("jk,kdo->jod", C, M)  # (h, d_out, d)
-    else:
-        v = C[:, :K] @ lds.M_filters_plus.detach().double() + C[:, K:] @ lds.M_filters_minus.detach().double()
-        W = v[:, :, None] * lds.M_inputs.detach().double().T[None]  # diag(v_j) M_inputs^T: (h, d_out, d)
+    W = lds.state_maps(C)  # (h, d_out, d)
     gain = torch.linalg.matrix_norm(W, ord=2)
     return (B.abs() * gain / (1 - A.abs()).clamp_min(STABILITY_MARGIN)) ** 2
 
@@ -91,12 +85,7 @@ def _basis(A: torch.Tensor, length: int) -> torch.Tensor:
 def readout_weight(lds: LDS) -> torch.Tensor:
     """(2K, r) W such that ||E W||_F^2 is the layer's output error for an error E (length, 2K) of its
     2K filters, for a white input of unit variance in every channel."""
-    K = lds.num_filters
-    if lds.mode == "exact":  # output o gets sum_{k, i} (E_k * x_i) M[k, i, o]
-        return torch.cat([lds.M_phi_plus, lds.M_phi_minus]).detach().double().reshape(2 * K, -1)
-    # tensordot: channel o of x @ M_inputs goes through the filter sum_k E_k M_filters[k, o]
-    M = torch.cat([lds.M_filters_plus, lds.M_filters_minus]).detach().double()  # (2K, d_out)
-    return M * torch.linalg.vector_norm(lds.M_inputs.detach().double(), dim=0)
+    return lds.filter_weight()
 
 
 def _sqrt_gram(W: torch.Tensor) -> torch.Tensor:

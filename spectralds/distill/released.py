@@ -16,14 +16,11 @@ from pathlib import Path
 
 import torch
 
-from spectralds.distill.fit import (
-    impulse_response,
-    relative_mse,
-    target_filters,
-)
+from spectralds.distill.fit import relative_mse, target_filters
 from spectralds.distill.lds_file import LDSFit, measured_fit
 from spectralds.errors import MissingFileError, UserError, check_int, first_line
 from spectralds.filters import spectral_filters
+from spectralds.ops.lds_conv import impulse_response_ref
 
 F64 = torch.float64
 __all__ = ["align_columns", "import_released", "measure", "read_released"]
@@ -110,7 +107,7 @@ def align_columns(
     our filter, and the order with the smaller relative MSE wins: the choice is measured, not assumed.
     """
     K = C.shape[1] // 2
-    response = impulse_response(A, B, C, targets.shape[0])
+    response = impulse_response_ref(A, B, C, targets.shape[0])
     reverse = torch.cat([torch.arange(K - 1, -1, -1), torch.arange(2 * K - 1, K - 1, -1)])
     best = None
     for name, order in (("reversed", reverse), ("as given", torch.arange(2 * K))):

@@ -8,15 +8,9 @@ With s_t the layer's spectral output (the convolutions read out by M, or the LDS
 Inputs enter at lags 0..p-1 (the STU paper's u_{t+1-i}, i = 1..p); outputs at lags 1..p: the layer's own
 past outputs, so y is a recursion. Both M start at zero, so a fresh layer computes the plain layer's function.
 
-Training in parallel, exactly: the recursion is a linear IIR filter with matrix coefficients. With the
-companion state z_t = [y_t, y_{t-1}, ..., y_{t-p+1}] (p * dim_out wide), z_t = z_{t-1} @ P + [v_t, 0..0],
-v_t the non-recursive part, so z_t = sum_{s<=t} [v_s, 0..0] @ P^(t-s). It is computed as a chunked scan
-(like the LDS layer's): inside chunks of `chunk` steps, one block-Toeplitz matmul with the recursion's
-matrix impulse response P^k[:d, :d]; the states at chunk ends are carried by a log-depth doubling scan with
-P^chunk; each chunk adds the response to the state it inherits. No loop over time, exact up to float
-rounding (tested against the step-by-step loop, values and gradients), differentiable by autograd; cost
-O(B T d^2 (chunk + 2p)) plus O(B (T / chunk) (p d)^2 log T). No stability is imposed on M_y: an unstable
-recursion diverges in training as it would in decoding (its zero init starts it stable).
+Training runs the recursion in parallel, exactly (`spectralds.ops.ar_scan.ar_scan`, a chunked scan of the
+companion recursion, checked against the step-by-step `ar_ref`). No stability is imposed on M_y: an
+unstable recursion diverges in training as it would in decoding (its zero init starts it stable).
 
 Decoding is O(p) per token: the state keeps the last p - 1 inputs and the last p outputs besides the
 wrapped layer's own state (`ARDecodeState`).
@@ -33,8 +27,9 @@ import torch
 from torch import nn
 
 from spectralds.errors import UserError, check_int
-from spectralds.layers.lds import LDS
+from spectralds.layers.lds import LDS, LDSExact, LDSTensordot, lds_class
 from spectralds.layers.registry import register_layer
+from spectralds.ops.ar_scan import ar_scan
 
 
 @dataclass
@@ -47,19 +42,14 @@ class ARDecodeState:
     outputs: torch.Tensor
 
 
-def _shifted(x: torch.Tensor, lag: int) -> torch.Tensor:
-    """x delayed by `lag` steps along time (dim 1), zeros before the start."""
-    if lag == 0:
-        return x
-    if lag >= x.shape[1]:
-        return torch.zeros_like(x)
-    return nn.functional.pad(x[:, :-lag], (0, 0, lag, 0))
-
-
 def _last(x: torch.Tensor, n: int) -> torch.Tensor:
     """The last n steps of x (B, T, C), zero-padded in front when T < n."""
     steps = x.shape[1]
     return nn.functional.pad(x[:, max(0, steps - n) :], (0, 0, max(0, n - steps), 0))
+
+
+# The roles of the AR weights' axes (as `LDS.projections`): "in" input channels, "out" output channels.
+AR_AXES = {"M_u": ("", "in", "out"), "M_y": ("", "out", "out")}
 
 
 class AutoRegressive(nn.Module):
@@ -78,48 +68,9 @@ class AutoRegressive(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, dim_out={self.dim_out}, order={self.order}"
 
-    def drive(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """v = s + sum_j x_{t-j} @ M_u[j]: everything but the recursion, (B, T, dim_out)."""
-        v = s
-        for j in range(self.order):
-            v = v + _shifted(x, j) @ self.M_u[j].to(x.dtype)
-        return v
-
-    def companion(self, dtype: torch.dtype) -> torch.Tensor:
-        """P (p d, p d): z_t = z_{t-1} @ P + [v_t, 0, ..., 0] with z_t = [y_t, ..., y_{t-p+1}]."""
-        p, d = self.order, self.dim_out
-        shift = torch.eye(p * d, dtype=dtype, device=self.M_y.device)[:, : (p - 1) * d]  # block i -> i+1
-        return torch.cat([self.M_y.to(dtype).reshape(p * d, d), shift], dim=1)
-
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Outputs y (B, T, dim_out) for inputs x (B, T, dim) and spectral outputs s (B, T, dim_out)."""
-        v = self.drive(x, s)
-        batch, steps, d = v.shape
-        c = min(self.chunk, steps)
-        P = self.companion(v.dtype)
-        powers = [torch.eye(P.shape[0], dtype=v.dtype, device=v.device)]
-        for _ in range(c):
-            powers.append(powers[-1] @ P)
-        pw = torch.stack(powers)  # (c + 1, p d, p d): P^0 .. P^c
-        # Inside a chunk y_tau = sum_{sigma <= tau} v_sigma G_{tau - sigma}, G_k = P^k[:d, :d]: one block-
-        # Toeplitz matmul. A chunk's final state is sum_sigma v_sigma P^(c-1-sigma)[:d]; the states are
-        # carried across chunks by the doubling scan with P^c; a chunk adds z_in P^(tau+1)[:, :d].
-        lag = torch.arange(c, device=v.device)[None, :] - torch.arange(c, device=v.device)[:, None]
-        toeplitz = pw[lag.clamp(min=0), :d, :d] * (lag >= 0)[..., None, None].to(v.dtype)  # (s, tau, d, d)
-        toeplitz = toeplitz.permute(0, 2, 1, 3).reshape(c * d, c * d)
-        to_end = pw[:c, :d].flip(0).reshape(c * d, -1)  # (c d, p d): rows of P^(c-1-sigma)
-        from_state = pw[1:, :, :d].permute(1, 0, 2).reshape(-1, c * d)  # (p d, c d): P^(tau+1)[:, :d]
-        # Zeros in front keep the zero initial state, so the last chunk ends at the last step.
-        v = nn.functional.pad(v, (0, 0, (-steps) % c, 0))
-        n = v.shape[1] // c
-        chunks = v.reshape(batch, n, c * d)
-        ends, shift, power = chunks @ to_end, 1, pw[c]
-        while shift < n:  # after the round with `shift`, ends[m] sums the last 2 * shift chunks
-            ends = torch.cat([ends[:, :shift], ends[:, shift:] + ends[:, :-shift] @ power], dim=1)
-            power, shift = power @ power, 2 * shift
-        inherited = nn.functional.pad(ends[:, :-1], (0, 0, 1, 0))
-        y = chunks @ toeplitz + inherited @ from_state
-        return y.reshape(batch, n * c, d)[:, n * c - steps :]
+        return ar_scan(x, s, self.M_u, self.M_y, self.chunk)
 
     def history(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoding history after a prompt: its last p - 1 inputs and last p outputs, zero-padded."""
@@ -190,32 +141,46 @@ def ar_step(
     return y.to(x_t.dtype), ARDecodeState(inner_state, inputs, outputs)
 
 
+def ar_merge_states(layer: nn.Module, states: list[Any], inner: Callable[[list[Any]], Any]) -> Any:
+    """Merged states (`SequenceLayer.merge_states`): `inner` merges the plain layer's states; each AR
+    history holds its own prompt's last steps with zeros before, which zero inputs would leave."""
+    if layer.ar is None:
+        return inner(states)
+    if not all(isinstance(s, ARDecodeState) for s in states):
+        raise UserError("a layer with AR terms merges ARDecodeStates only")
+    inputs, outputs = (torch.cat([getattr(s, name) for s in states]) for name in ("inputs", "outputs"))
+    return ARDecodeState(inner([s.inner for s in states]), inputs, outputs)
+
+
 def ar_init_state(layer: nn.Module, inner_state: Any, batch: int, device: Any, dtype: Any) -> ARDecodeState:
     hist_dtype = torch.promote_types(dtype or torch.float32, torch.float32)
     return ARDecodeState(inner_state, *layer.ar.init_history(batch, device, hist_dtype))
 
 
-@register_layer("lds_ar")
 class LDSWithAR(LDS):
-    """An LDS layer with AR terms: `LDS` (all its arguments) plus `ar_order` >= 1; what an STU with
-    `ar_order` distills to (`spectralds.distill.convert`). A separate name keeps "lds" layers unchanged."""
+    """AR terms over an LDS layer (`LDSExactWithAR`, `LDSTensordotWithAR`): `LDS` (all its arguments) plus
+    `ar_order` >= 1; what an STU with `ar_order` distills to (`spectralds.distill.convert`). A separate
+    registry name, "lds_ar", keeps "lds" layers unchanged."""
 
     def __init__(self, *args: Any, ar_order: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_int("ar_order", ar_order)
         self.ar = make_ar(self.dim, self.dim_out, ar_order).to(self.run_dtype)
 
+    def projection_axes(self) -> dict[str, tuple[str, ...]]:
+        return {**super().projection_axes(), **{f"ar.{name}": axes for name, axes in AR_AXES.items()}}
+
     def spec(self) -> dict:
         return {**super().spec(), "name": "lds_ar", "ar_order": self.ar.order}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         if self.ar is None:  # inside `spectral_only`: the plain LDS
             return super().forward(x)
         with spectral_only(self):  # the LDS picks its own path (scan or convolution) for s
             s = super().forward(x)
         return self.ar(x.to(self.run_dtype), s.to(self.run_dtype)).to(x.dtype)
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         if self.ar is None:  # inside `spectral_only`: the plain LDS
             return super().prefill(x)
         s, state = super().prefill(x)
@@ -234,8 +199,29 @@ class LDSWithAR(LDS):
             return super().step(x_t, state)
         return ar_step(self, x_t, state, self.step)
 
+    def merge_states(self, states: list[ARDecodeState]) -> ARDecodeState:
+        return ar_merge_states(self, states, super().merge_states)
+
     def static_state(self, state: Any) -> ARDecodeState:
         """The state as it is: the LDS tensor and the AR history already have fixed shapes (CUDA graphs)."""
         if not isinstance(state, ARDecodeState) or not isinstance(state.inner, torch.Tensor):
             raise UserError(f"an LDS with AR terms decodes from an ARDecodeState, not {type(state).__name__}")
         return state
+
+
+class LDSExactWithAR(LDSWithAR, LDSExact):
+    """`LDSExact` with AR terms."""
+
+
+class LDSTensordotWithAR(LDSWithAR, LDSTensordot):
+    """`LDSTensordot` with AR terms."""
+
+
+@register_layer("lds_ar")
+def make_lds_ar(
+    dim: int, seq_len: int | None = None, num_filters: int = 24, state_dim: int = 80, mode: str = "exact",
+    *args: Any, ar_order: int = 1, **kwargs: Any,
+) -> LDSWithAR:
+    """`make_lds` with AR terms of order `ar_order`."""
+    layers = {"exact": LDSExactWithAR, "tensordot": LDSTensordotWithAR}
+    return lds_class(mode, layers)(dim, seq_len, num_filters, state_dim, *args, ar_order=ar_order, **kwargs)

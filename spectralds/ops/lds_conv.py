@@ -1,7 +1,8 @@
 """The diagonal LDS as a convolution: its 2K outputs are causal convolutions of each input channel with
 the system's impulse response G[t, f] = sum_j C[j, f] B[j] A[j]^t (lag 0 included).
 
-  impulse_response(A, B, C, length)       G (length, F), differentiable (reference: impulse_response_ref)
+  impulse_response(A, B, C, length)       G (length, F) in A's dtype, differentiable (reference:
+                                          impulse_response_ref, always float64)
   split_response(A, B, C, length, dtype)  G in `dtype` past the lags whose terms cancel (float64 there)
   response_spectrum(A, B, C, length, n)   rfft of G's columns zero-padded to n, (n // 2 + 1, F)
   exact_conv(x, spectrum, m, n, path)     sum_k (G_k * x) m[k]: the STU's two exact arrangements
@@ -125,8 +126,12 @@ def split_response(
 
 
 def impulse_response_ref(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
-    t = torch.arange(length, dtype=A.dtype, device=A.device)
-    return (A ** t[:, None] * B) @ C
+    """G (length, F) = sum_j C[j, f] B[j] A[j]^t by direct powers, always in float64 (A, B, C: tensors or
+    arrays of any float dtype, cast first; differentiable): the reference of `impulse_response` and what
+    every measurement of a system (`spectralds.distill`, `LDS.impulse_response`) computes."""
+    A, B, C = (torch.as_tensor(v).to(torch.float64) for v in (A, B, C))
+    t = torch.arange(length, dtype=torch.float64, device=A.device)
+    return A[None, :] ** t[:, None] @ (B[:, None] * C)
 
 
 def response_spectrum(
