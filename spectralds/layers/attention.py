@@ -12,23 +12,22 @@ unfused), so "auto" never takes it on CPU; "flex" forces it (tests compare it wi
 Decoding keeps a KV cache of at most `window_size` entries, stored after rotation, preallocated and
 written in place (a ring buffer for a window, a buffer that doubles for full attention): a step does not
 copy the cache, and the order of cached entries does not matter (ALiBi needs only each slot's lag).
-Prompts of different lengths share one cache (`merge_caches`): each is right-aligned at the longest,
-its padding slots masked and its queries rotated by its own position. `static_state` turns a window's
-cache into a `RingKVCache`, whose every field (the position too) is a fixed-shape tensor: a step on it
-can be recorded once as a CUDA graph.
+Prompts of different lengths share one cache, from a left-padded prefill (`start`) or merged
+(`merge_caches`): each is right-aligned at the longest, its padding masked and its queries and keys
+rotated by its own position. `static_state` turns a window's cache into a `RingKVCache`, whose every
+field (the position too) is a fixed-shape tensor: a step on it can be recorded once as a CUDA graph.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spectralds.errors import UserError, check_choice, check_float, check_int
+from spectralds.layers.kv_cache import KVCache, RingKVCache, grown, merge_caches
 from spectralds.layers.positions import POSITIONS, alibi_bias, alibi_slopes, at_least_float32, lags, rope
-from spectralds.layers.registry import SequenceLayer, register_layer
+from spectralds.layers.registry import SequenceLayer, check_start, padding_mask, register_layer
 
 try:
     from flash_attn import flash_attn_func
@@ -38,33 +37,6 @@ from spectralds.layers.attention_masks import banded_sdpa, flex_attention, flex_
 
 KERNELS = ("auto", "flash", "flex", "sdpa", "math")
 _compiled_flex = None  # flex_attention is only fused under torch.compile: compiled once per process
-
-
-class KVCache(NamedTuple):
-    """k, v: (batch, heads, capacity, head_dim), already rotated; the first `entries` slots are valid
-    and, with a window, position p lives in slot p % window_size. pos: position of the next token.
-
-    start: None, or per sequence (batch,) the position of its first token when prompts of different
-    lengths were right-aligned (`merge_caches`): sequence b is at position pos - start[b], and slots
-    holding positions before start[b] are padding, never attended to.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: int
-    start: torch.Tensor | None = None
-
-    def entries(self, window_size: int | None) -> int:
-        return self.pos if window_size is None else min(self.pos, window_size)
-
-
-class RingKVCache(NamedTuple):
-    """A window's cache in fixed shapes: k, v (batch, heads, window, head_dim), position p of sequence b
-    in slot p % window; pos (batch,) int64, each sequence's next position, on the cache's device."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
 
 
 @register_layer("attn")
@@ -131,8 +103,8 @@ class SlidingWindowAttention(SequenceLayer):
             self._slopes[key] = torch.tensor(slopes, dtype=torch.float64, device=like.device)
         return at_least_float32(self._slopes[key], like.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._sequence(x)[0]  # training builds no KV cache
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        return self._sequence(x, start)[0]  # training builds no KV cache
 
     def forward_flops(self, batch: int, seq_len: int) -> float:
         """QK^T and AV over the keys each query sees (qkv / o_proj are Linear submodules, counted apart)."""
@@ -140,30 +112,42 @@ class SlidingWindowAttention(SequenceLayer):
         seen = w * (w + 1) // 2 + (seq_len - w) * w  # sum over t of min(t + 1, w)
         return 2 * 2 * batch * self.dim * seen
 
-    def _sequence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Outputs (B, T, dim) and the rotated keys and values (B, heads, T, head_dim)."""
+    def _sequence(
+        self, x: torch.Tensor, start: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Outputs (B, T, dim) and the rotated keys and values (B, heads, T, head_dim). start: left
+        padding, row b rotated by t - start[b] and its keys before start[b] masked from real queries."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise UserError(f"attention expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
         T = x.shape[1]
         if self.seq_len is not None and T > self.seq_len:
             raise UserError(f"sequence length {T} exceeds the attention seq_len {self.seq_len}")
-        q, k, v = self._qkv(x, torch.arange(T, device=x.device))
-        y = self._attend(q, k, v)  # (B, heads, T, head_dim)
+        positions = torch.arange(T, device=x.device)
+        if start is not None:
+            check_start(start, x.shape[0], T)
+            positions = (positions - start[:, None])[:, None]  # (B, 1, T): each row from its first token
+        q, k, v = self._qkv(x, positions)
+        y = self._attend(q, k, v, start)  # (B, heads, T, head_dim)
         return self.o_proj(y.transpose(1, 2).flatten(2)), k, v
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
-        """Outputs for a prompt and a cache holding its last `window_size` keys and values."""
-        y, k, v = self._sequence(x)
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Outputs for a prompt and a cache holding its last `window_size` keys and values (and `start`,
+        so later steps keep each row's own positions and masks)."""
+        y, k, v = self._sequence(x, start)
         T = x.shape[1]
         keep = T if self.window_size is None else min(T, self.window_size)
         # Kept entries are copied (no view pinning the whole prompt's keys) and rolled into ring order.
         shift = 0 if self.window_size is None else (T - keep) % self.window_size
         k, v = (t[:, :, T - keep :].roll(shift, dims=2) for t in (k, v))
-        return y, KVCache(k, v, T)
+        return y, KVCache(k, v, T, start)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None = None
+    ) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         kernel = self._kernel_for(q, p)
+        if start is not None and kernel in ("flash", "flex"):  # a per-row padding mask: SDPA or math
+            kernel = "sdpa" if self.softcap is None else "math"
         slopes = self.alibi_slopes(q)
         if kernel == "flash":  # flash-attn adds the ALiBi bias after its soft cap, in float32
             window = (-1, -1) if self.window_size is None else (self.window_size - 1, 0)
@@ -174,11 +158,15 @@ class SlidingWindowAttention(SequenceLayer):
             return y.transpose(1, 2)
         if kernel == "flex":
             return self._flex(q, k, v, slopes)
-        if kernel == "sdpa" and self.window_size is None and slopes is None:  # CUDA may use its flash backend
+        plain = kernel == "sdpa" and start is None  # no per-row padding mask
+        if plain and self.window_size is None and slopes is None:  # no mask tensor: CUDA's flash backend
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        if kernel == "sdpa" and self.window_size is not None and q.shape[2] > 2 * self.window_size:
+        if plain and self.window_size is not None and q.shape[2] > 2 * self.window_size:
             return banded_sdpa(q, k, v, self.window_size, p, slopes)
         lag, mask = lags(q.shape[2], q.device), window_mask(q.shape[2], self.window_size, q.device)
+        if start is not None:  # (B, 1, T, T): real queries see real keys; padded ones only padding
+            pad = padding_mask(start, q.shape[2])
+            mask = mask & (~pad[:, None, None, :] | pad[:, None, :, None])
         if kernel == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=score_mask(lag, mask, slopes, q.dtype),
                                                   dropout_p=p)
@@ -254,7 +242,7 @@ class SlidingWindowAttention(SequenceLayer):
         if slot >= cache_k.shape[2]:  # full: double the capacity (at most the window)
             capacity = max(16, 2 * cache_k.shape[2])
             capacity = capacity if self.window_size is None else min(capacity, self.window_size)
-            cache_k, cache_v = (_grown(t, capacity) for t in (cache_k, cache_v))
+            cache_k, cache_v = (grown(t, capacity) for t in (cache_k, cache_v))
         cache_k[:, :, slot], cache_v[:, :, slot] = k[:, :, 0], v[:, :, 0]
         valid = min(n + 1, cache_k.shape[2])
         # The position each slot holds: slot j, or with a window the latest p <= pos with p % window == j.
@@ -290,6 +278,10 @@ class SlidingWindowAttention(SequenceLayer):
             scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
         return scores.softmax(-1).to(values.dtype) @ values
 
+    def merge_states(self, states: list[KVCache]) -> KVCache:
+        """The caches of prompts prefilled apart, right-aligned at the longest (`merge_caches`)."""
+        return merge_caches(states, self.window_size)
+
     def static_state(self, state: KVCache | RingKVCache) -> RingKVCache:
         """The same cache as a `RingKVCache` (fixed shapes), for a step recorded as a CUDA graph."""
         if isinstance(state, RingKVCache):
@@ -303,37 +295,6 @@ class SlidingWindowAttention(SequenceLayer):
         # Sequence b's position p sits in slot (p + start[b]) % window (aligned); the ring wants p % window.
         source = (torch.arange(window, device=state.k.device) + start[:, None]) % window  # (B, window)
         index = source[:, None, :, None].expand(batch, self.num_heads, window, self.head_dim)
-        k, v = (_grown(t, window).gather(2, index) for t in (state.k, state.v))
+        k, v = (grown(t, window).gather(2, index) for t in (state.k, state.v))
         return RingKVCache(k, v, state.pos - start)
 
-
-def merge_caches(caches: list[KVCache], window_size: int | None) -> KVCache:
-    """One cache for prompts of different lengths, each cache fresh from its own prefill.
-
-    The prompts are right-aligned at the longest, P: a prompt of length T becomes P - T padding slots
-    (masked, `KVCache.start`) then its own entries, so one slot index serves the whole batch. Each
-    sequence keeps its own RoPE positions, so its outputs are those of its prefill decoded alone.
-    """
-    longest = max(c.pos for c in caches)
-    capacity = longest if window_size is None else min(longest, window_size)
-    ks, vs, starts = [], [], []
-    for cache in caches:
-        if cache.start is not None:
-            raise UserError("merge_caches takes caches fresh from a prefill, not already merged ones")
-        shift, kept = longest - cache.pos, cache.entries(window_size)
-        positions = torch.arange(cache.pos - kept, cache.pos, device=cache.k.device)
-        old = positions if window_size is None else positions % window_size
-        new = positions + shift if window_size is None else (positions + shift) % window_size
-        for source, out in ((cache.k, ks), (cache.v, vs)):
-            merged = source.new_zeros(*source.shape[:2], capacity, source.shape[3])
-            merged[:, :, new] = source[:, :, old]
-            out.append(merged)
-        starts.append(torch.full((cache.k.shape[0],), shift, dtype=torch.long, device=cache.k.device))
-    start = torch.cat(starts)  # all zero (prompts of one length): the plain step, nothing to mask
-    return KVCache(torch.cat(ks), torch.cat(vs), longest, start if start.any() else None)
-
-
-def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    out = t.new_zeros(*t.shape[:2], capacity, t.shape[3])
-    out[:, :, : t.shape[2]] = t
-    return out

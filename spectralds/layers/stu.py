@@ -14,12 +14,14 @@ paper's autoregressive terms (`spectralds.layers.ar`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from spectralds.errors import UserError, check_int
 from spectralds.layers import futurefill
-from spectralds.layers.ar import ar_init_state, ar_prefill, ar_step, make_ar
+from spectralds.layers.ar import ar_init_state, ar_merge_states, ar_prefill, ar_step, make_ar
 from spectralds.layers.filter_bank import FilterBankLayer, cached_filters, check_bank
 from spectralds.layers.futurefill import ConvDecodeState
 from spectralds.layers.registry import DECODE_METHODS, register_layer
@@ -168,7 +170,7 @@ class SpectralConv(FilterBankLayer):
                 "(the length of its filters)"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input(x)
         if x.shape[1] == 0:
             return x.new_zeros(x.shape[0], 0, self.dim_out)
@@ -210,13 +212,16 @@ class SpectralConv(FilterBankLayer):
         state = futurefill.init_state(self, batch_size, device, dtype)
         return state if self.ar is None else ar_init_state(self, state, batch_size, device, dtype)
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, ConvDecodeState]:
-        """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass."""
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass (`start`: unused)."""
         return futurefill.prefill(self, x) if self.ar is None else ar_prefill(self, x, self.prefill)
 
     def step(self, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
         """One token x_t (B, dim) -> (y_t (B, dim_out), state), as `forward` would give it."""
         return futurefill.step(self, x_t, state) if self.ar is None else ar_step(self, x_t, state, self.step)
+
+    def merge_states(self, states: list) -> Any:  # right-aligned (futurefill.merge_states), AR alongside
+        return ar_merge_states(self, states, futurefill.merge_states)
 
 
 @register_layer("stu")
