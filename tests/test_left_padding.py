@@ -44,6 +44,10 @@ LAYERS = {
     "attn_window": lambda: build_layer("attn", dim=DIM, num_heads=2, window_size=3).double(),
     "attn_softcap_window": lambda: build_layer("attn", dim=DIM, num_heads=2, window_size=4,
                                                softcap=5.0).double(),
+    "attn_alibi": lambda: build_layer("attn", dim=DIM, num_heads=2, positions="alibi").double(),
+    "attn_alibi_softcap_window": lambda: build_layer("attn", dim=DIM, num_heads=2, window_size=4, softcap=5.0,
+                                                     positions="alibi", alibi_slope_scale=0.25).double(),
+    "attn_no_positions": lambda: build_layer("attn", dim=DIM, num_heads=2, positions="none").double(),
 }
 
 
@@ -84,7 +88,8 @@ def test_each_layer_kind_runs_each_padded_row_as_its_own(kind):
                 torch.testing.assert_close(y_t[b], alone_t[0], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["attn", "attn_window", "attn_softcap_window"])
+@pytest.mark.parametrize("kind", ["attn", "attn_window", "attn_softcap_window", "attn_alibi",
+                                  "attn_alibi_softcap_window", "attn_no_positions"])
 def test_attention_never_reads_padded_keys(kind):
     """Attention is the one layer that must mask: whatever sits at the padded positions, real outputs and
     the steps after the prefill are unchanged (bit for bit: the padded keys' weights are exactly zero)."""
