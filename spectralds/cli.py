@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from spectralds.cli_distill import distill_main
 from spectralds.cli_errors import check_config_files, parser_problem
 from spectralds.cli_eval import eval_main
 from spectralds.cli_fits import distill_filters_main, import_fit_main
@@ -278,6 +279,7 @@ LIGHTNING_COMMANDS = {
 # Our own commands: name -> (function of the remaining arguments, one-line help). Add one entry here.
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "generate": (generate_main, "generate text from a checkpoint"),
+    "distill": (distill_main, "distill a checkpoint's STU layers to LDS (optionally pruned), no training"),
     "distill-filters": (distill_filters_main, "fit one diagonal LDS to the spectral filters"),
     "import-fit": (import_fit_main, "convert a released Flash STU 2 / SpectraLDS fit to ours, measured"),
     "eval": (eval_main, "lm-evaluation-harness tasks on several checkpoints, side by side"),
