@@ -5,7 +5,6 @@ the run will use. Imported only when one of those commands runs (Lightning is sl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from typing import Any, NoReturn
@@ -18,6 +17,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from spectralds.cli_config import split_print_config
 from spectralds.cli_errors import parser_problem
 from spectralds.compat import parse_written, subcommand_parser
 from spectralds.errors import UserError, first_line, user_error_in
@@ -203,29 +203,6 @@ class SpectraLDSCLI(LightningCLI):
                 raise UserError(f"cannot create the run directory {directory} ({e.strerror})") from e
 
     before_fit = before_validate = before_test = before_predict = _check_run_dirs
-
-
-# --print_config's flags -> dump() options (the ones jsonargparse takes).
-PRINT_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "comments": "with_comments"}
-
-
-def split_print_config(argv: list[str]) -> tuple[list[str], dict[str, bool] | None]:
-    """`argv` without `--print_config[=flag,...]`, and the dump options its flags ask for (None when
-    not given)."""
-    rest, options = [], None
-    for arg in argv:
-        name, _, flags = arg.partition("=")
-        if name != "--print_config":
-            rest.append(arg)
-            continue
-        options = options or {}
-        for flag in filter(None, flags.split(",")):
-            if flag not in PRINT_FLAGS:
-                raise UserError(f"--print_config takes the flags {', '.join(PRINT_FLAGS)}; got {flag!r}")
-            if flag == "comments" and importlib.util.find_spec("ruamel") is None:
-                raise UserError("--print_config=comments needs ruamel.yaml (pip install ruamel.yaml)")
-            options[PRINT_FLAGS[flag]] = True
-    return rest, options
 
 
 def tokenizer_token_count(tokenizer: str, bpe_vocab_size: int) -> int:

@@ -23,8 +23,19 @@ pytestmark = pytest.mark.usefixtures("cli_env")
 
 def test_configs_exist():
     names = {Path(p).name for p in CONFIGS}
-    assert {"quickstart.yaml", "flash_stu_340m.yaml", "synthetic_stu.yaml"} <= names
+    assert {"quickstart.yaml", "flash_stu_340m.yaml", "synthetic.yaml", "lengthgen.yaml"} <= names
+    variants = {str(Path(p).relative_to(ROOT / "configs")) for p in VARIANTS}
+    expected = {"quickstart/distill_prune.yaml", "flash_stu_340m/transformer.yaml", "synthetic/lds.yaml"}
+    assert expected <= variants
     assert {"distill.yaml", "prune.yaml"} <= {Path(p).name for p in SNIPPETS}
+
+
+def test_every_yaml_under_configs_is_a_config_or_a_variant_of_one():
+    """configs/X.yaml is a complete config, configs/X/*.yaml a variant of it: each is printed by a test
+    below, so no YAML there escapes validation."""
+    found = sorted(str(p) for p in (ROOT / "configs").rglob("*.y*ml"))
+    assert found == sorted([*CONFIGS, *VARIANTS])
+    assert all(Path(str(Path(v).parent) + ".yaml").is_file() for v in VARIANTS)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: Path(p).name)
@@ -66,7 +77,10 @@ def test_print_config_without_the_tokenizer_file_prints_what_was_written_and_say
 def test_every_config_variant_prints_on_its_base(variant, capsys):
     base = str(Path(variant).parent) + ".yaml"
     assert run_cli(["fit", "--config", base, "--config", variant, "--print_config"]) == 0
-    assert "class_path: spectralds.models." in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "class_path: spectralds.models." in printed
+    assert run_cli(["fit", "--config", base, "--print_config"]) == 0
+    assert capsys.readouterr().out != printed  # a variant changes its base
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda p: Path(p).name)

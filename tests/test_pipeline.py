@@ -1,4 +1,5 @@
-"""configs/distill_prune.yaml end to end (train STU -> distill -> prune -> table), and StageReport itself."""
+"""configs/quickstart.yaml + configs/quickstart/distill_prune.yaml end to end (train STU -> distill ->
+prune -> table), and StageReport itself."""
 
 import json
 import math
@@ -17,10 +18,11 @@ import spectralds.callbacks.report as report_module
 import spectralds.callbacks.stage_table as stage_table
 from spectralds.callbacks import StageReport, STUToLDSDistillation
 from spectralds.cli import main
+from spectralds.cli_config import resolved_config
 from spectralds.models import LanguageModel
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "distill_prune.yaml"
+CONFIGS = [ROOT / "configs" / "quickstart.yaml", ROOT / "configs" / "quickstart" / "distill_prune.yaml"]
 
 
 pytestmark = pytest.mark.usefixtures("cli_env")
@@ -37,8 +39,9 @@ def validations(monkeypatch):
 
 
 def tiny_config(tmp_path: Path, val_check_interval: int = 3) -> Path:
-    """The shipped config with CPU-seconds sizes; callbacks, data source and logger stay as shipped."""
-    cfg = yaml.safe_load(CONFIG.read_text())
+    """The shipped configs as the run resolves them, with CPU-seconds sizes; callbacks, data source and
+    logger stay as shipped."""
+    cfg = resolved_config(CONFIGS)
     trainer = cfg["trainer"]
     trainer.update(max_steps=6, val_check_interval=val_check_interval, limit_val_batches=4)
     trainer.update(log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False)
@@ -51,7 +54,7 @@ def tiny_config(tmp_path: Path, val_check_interval: int = 3) -> Path:
             callback["init_args"]["state_dim"] = 16
         if callback["class_path"].endswith("StageReport"):
             callback["init_args"]["decode_tokens"] = 16
-            callback["init_args"]["eval_include_path"] = str(ROOT / "tests" / "assets" / "lm_eval")
+            callback["init_args"]["eval_include_path"] = str(ROOT / "spectralds" / "evaluation" / "tasks")
             callback["init_args"]["eval_limit"] = 4
     path = tmp_path / "tiny_distill_prune.yaml"
     path.write_text(yaml.safe_dump(cfg))

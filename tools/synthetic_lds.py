@@ -4,15 +4,17 @@ directly, attention, and the STU distilled to an LDS; plus the bare STU layer an
     python tools/synthetic_lds.py --plot tools/results/cpu/synthetic_lds.png --json runs/synthetic_lds.json
     python tools/synthetic_lds.py --quick        # a few steps, for smoke tests
 
-Task and settings come from configs/synthetic_{stu,lds,attn}.yaml (system, lengths, widths, optimizer
-and learning rate of each model); the loop is a plain PyTorch loop (same model classes and data module as
-`spectralds fit`), so every model sees the same batches. Models:
+Task and settings come from configs/synthetic.yaml and its variants in configs/synthetic/ (system,
+lengths, widths, optimizer and learning rate of each model), resolved as `spectralds fit` resolves them;
+the loop is a plain PyTorch loop (same model classes and data module as `spectralds fit`), so every model
+sees the same batches. Models:
 
-* stu        SequenceRegression with one STU block, as configs/synthetic_stu.yaml
-* stu_ar     the same with ar_order=--ar-order (the STU paper's autoregressive terms)
+* stu        SequenceRegression with one STU block, as configs/synthetic.yaml
+* stu_ar     the same with ar_order=--ar-order (the STU paper's autoregressive terms; configs/synthetic/
+             stu_ar.yaml writes 2)
 * stu_bare   the STU layer alone, d_in -> d_out (the reference the synthetic configs should match)
-* lds        SequenceRegression with a diagonal LDS trained directly (configs/synthetic_lds.yaml)
-* attn       SequenceRegression with one attention block (configs/synthetic_attn.yaml)
+* lds        SequenceRegression with a diagonal LDS trained directly (+ configs/synthetic/lds.yaml)
+* attn       SequenceRegression with one attention block (+ configs/synthetic/attn.yaml)
 * stu->lds   at every evaluation, a copy of the `stu` model distilled to an LDS (SpectraLDS), evaluated
 """
 
@@ -24,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from _bench_common import emit, format_table, machine_info, save_figure
 
+from spectralds.cli_config import resolved_config
 from spectralds.data.synthetic import SyntheticLDSDataModule
 from spectralds.distill import get_fit
 from spectralds.distill.convert import convert_stu_layers
@@ -34,8 +36,8 @@ from spectralds.layers import build_layer
 from spectralds.models.regression import SequenceRegression
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = {"stu": "synthetic_stu.yaml", "stu_ar": "synthetic_stu.yaml", "stu_bare": "synthetic_stu.yaml",
-          "lds": "synthetic_lds.yaml", "attn": "synthetic_attn.yaml"}
+# model -> its variant of configs/synthetic.yaml (None: the base, the STU; stu_ar sets --ar-order itself)
+CONFIG = {"stu": None, "stu_ar": None, "stu_bare": None, "lds": "lds.yaml", "attn": "attn.yaml"}
 DISTILLED = "stu->lds"
 
 
@@ -59,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_config(name: str) -> dict:
-    return yaml.safe_load((REPO / "configs" / CONFIG[name]).read_text())
+    """The config `spectralds fit` runs for this model: the base, then its variant."""
+    base, variant = REPO / "configs" / "synthetic.yaml", CONFIG[name]
+    return resolved_config([base, *([base.with_suffix("") / variant] if variant else [])])
 
 
 def build(name: str, args: argparse.Namespace) -> tuple[torch.nn.Module, float, type]:

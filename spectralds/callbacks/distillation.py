@@ -15,14 +15,17 @@ from spectralds.callbacks._common import (
     rebuild_optimizers,
     run_validation,
 )
-from spectralds.distill import METHODS, LDSFit, get_fit, load_fit
-from spectralds.distill.convert import (
-    check_fit_matches,
-    convert_stu_layers,
-    find_stu_layers,
-)
+from spectralds.distill import METHODS, LDSFit, load_fit
+from spectralds.distill.convert import check_fit_matches, find_stu_layers
 from spectralds.distill.fit import check_fit_args
 from spectralds.distill.lds_file import filter_error
+from spectralds.distill.swap import (
+    DEFAULT_MAX_FIT_ERROR,
+    default_state_dim,
+    distill_stu_layers,
+    distillation_table,
+    layer_fit,
+)
 from spectralds.errors import UserError, UserTypeError, check_choice, check_float, check_int
 
 
@@ -30,7 +33,8 @@ class STUToLDSDistillation(OneShotLayerChange):
     """Replace the STU layers (found by type, anywhere in the module) with LDS layers carrying their M.
 
     Args:
-        state_dim: states of the fitted LDS (shared by all layers); None: min(80, seq_len // 4), even.
+        state_dim: states of the fitted LDS (shared by all layers); None: `STATE_DIM_RULE`
+            (`spectralds.distill.swap`).
         method: filter-fit method (None: the library's best).
         fit_path: load this LDS file instead of fitting (it must match the layers' L, K and variant).
         at_step / at_epoch: swap after this global step / at the end of this epoch (0-based) and keep
@@ -60,7 +64,7 @@ class STUToLDSDistillation(OneShotLayerChange):
         at_step: int | None = None,
         at_epoch: int | None = None,
         validate: bool = True,
-        max_fit_error: float = 1e-6,
+        max_fit_error: float = DEFAULT_MAX_FIT_ERROR,
         save_path: str | None = "auto",
         log_plot: bool = True,
     ) -> None:
@@ -120,39 +124,26 @@ class STUToLDSDistillation(OneShotLayerChange):
                 )
         return fit
 
-    # ---- what ---------------------------------------------------------------------------------
-    @staticmethod
-    def _default_state_dim(seq_len: int) -> int:
-        return max(2, min(80, seq_len // 4) // 2 * 2)
-
+    # ---- what: spectralds.distill.swap, shared with `spectralds distill` ----------------------
     def _state_dim(self, stu: torch.nn.Module) -> int:
-        return self.state_dim or self._default_state_dim(stu.seq_len)
+        return self.state_dim or default_state_dim(stu.seq_len)
 
     def fit_for(self, trainer: L.Trainer, stu: torch.nn.Module) -> LDSFit:
         if self.fit_path is not None:
             if self._user_fit is None:  # not checked (a direct call): the swap measures it
                 self._user_fit = load_fit(self.fit_path)
             return self._user_fit
-        kwargs = {"method": self.method} if self.method else {}
-        args = (stu.seq_len, stu.num_filters, self._state_dim(stu), stu.variant)
         if trainer.world_size > 1:  # rank 0 fits and caches; the others then read the same bytes
             if trainer.is_global_zero:
-                get_fit(*args, **kwargs)
+                layer_fit(stu, self.state_dim, self.method)
             trainer.strategy.barrier("spectralds-fit")
-        return get_fit(*args, **kwargs)
+        return layer_fit(stu, self.state_dim, self.method)
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         before = run_validation(trainer) if self.validate else {}
-        fits: dict[tuple, LDSFit] = {}
-
-        def get(stu):  # noqa: ANN001, ANN202
-            key = (stu.seq_len, stu.num_filters, stu.variant)
-            if key not in fits:
-                fits[key] = self.fit_for(trainer, stu)
-            return fits[key]
-
         # Every layer is measured against its STU and refused above max_fit_error before any swap.
-        self.reports = convert_stu_layers(pl_module, get, max_error=self.max_fit_error)
+        self.reports, fits = distill_stu_layers(
+            pl_module, lambda stu: self.fit_for(trainer, stu), self.max_fit_error)
         self.done = True
         after = run_validation(trainer) if self.validate else {}
         if continue_training:
@@ -166,15 +157,8 @@ class STUToLDSDistillation(OneShotLayerChange):
         if self.log_plot and trainer.is_global_zero and fits:
             from spectralds.distill.plots import filter_fit_figure
 
-            log_figure(trainer, "distill/filters_vs_lds", filter_fit_figure(next(iter(fits.values()))))
-        self._print_summary(before, after)
-
-    def _print_summary(self, before: dict[str, float], after: dict[str, float]) -> None:
-        lines = ["STU -> LDS distillation", f"{'layer':<28}{'states':>8}{'rel. MSE vs STU':>18}"]
-        lines += [f"{r.path:<28}{r.state_dim:>8}{r.rel_mse:>18.3e}" for r in self.reports]
-        for key in sorted(set(before) & set(after)):
-            lines.append(f"{key:<28} STU {before[key]:.4f}   LDS {after[key]:.4f}")
-        rank_zero_info("\n".join(lines))
+            log_figure(trainer, "distill/filters_vs_lds", filter_fit_figure(fits[0]))
+        rank_zero_info(distillation_table(self.reports, before, after))
 
 
 def check_arguments(

@@ -8,8 +8,15 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from spectralds.callbacks._common import OneShotLayerChange, log_scalars, rebuild_optimizers, run_validation
-from spectralds.distill.prune import METHODS, find_lds_layers, prune_lds_layers
-from spectralds.errors import UserError, UserTypeError, check_choice, check_float, check_int
+from spectralds.distill.prune import (
+    DEFAULT_METHOD,
+    METHODS,
+    check_ratio,
+    find_lds_layers,
+    prune_lds_layers,
+    pruning_table,
+)
+from spectralds.errors import UserError, UserTypeError, check_choice, check_int
 
 
 class LayerAdaptiveStatePruning(OneShotLayerChange):
@@ -33,7 +40,7 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
     def __init__(
         self,
         ratio: float = 0.5,
-        method: str = "last-refit",
+        method: str = DEFAULT_METHOD,
         at_step: int | None = None,
         at_epoch: int | None = None,
         validate: bool = True,
@@ -41,9 +48,7 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
     ) -> None:
         # Every argument is checked here, before any training: one UserError each.
         where = "LayerAdaptiveStatePruning"
-        ratio = check_float(f"{where}: ratio", ratio, minimum=0.0, strict=True)
-        if not ratio < 1:  # 0 prunes nothing, 1 everything: neither is a pruning
-            raise UserError(f"{where}: ratio must be in (0, 1), got {ratio!r}")
+        ratio = check_ratio(f"{where}: ratio", ratio)
         check_choice(f"{where}: method", method, METHODS)
         for name, value in (("at_step", at_step), ("at_epoch", at_epoch)):
             if value is not None:
@@ -72,10 +77,4 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
         self.results.update({f"prune/{k.replace('/', '_')}_after": v for k, v in after.items()})
         self.results.update({f"prune/states_kept/{r.path}": r.states_after for r in self.reports})
         log_scalars(trainer, self.results)
-        kept = sum(r.states_after for r in self.reports)
-        total = sum(r.states_before for r in self.reports)
-        lines = [f"LAST pruning ({self.method}, ratio {self.ratio}): kept {kept}/{total} states"]
-        lines += [f"  {r.path:<28}{r.states_before:>5} -> {r.states_after}" for r in self.reports]
-        for key in sorted(set(before) & set(after)):
-            lines.append(f"  {key:<26} before {before[key]:.4f}   after {after[key]:.4f}")
-        rank_zero_info("\n".join(lines))
+        rank_zero_info(pruning_table(self.reports, self.method, self.ratio, before, after))

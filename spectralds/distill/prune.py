@@ -36,10 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spectralds.errors import UserError
+from spectralds.errors import UserError, check_float
 from spectralds.layers.lds import LDS
 
 METHODS = ("last", "last-refit", "uniform", "global", "uniform-refit")
+DEFAULT_METHOD = "last-refit"  # of LayerAdaptiveStatePruning and `spectralds distill --prune`
 # |a| = 1 would make the H-infinity score infinite; such a state is clamped to this margin and so always kept.
 STABILITY_MARGIN = 1e-12
 # Ridge of the readout re-solve, relative to the target's norm. Without it the re-solved C of nearly
@@ -290,3 +291,25 @@ def prune_lds_layers(
             refit_readout(layer, *full, length=_length(layer))
         reports.append(PruneReport(path, before, layer.state_dim))
     return reports
+
+
+def check_ratio(name: str, ratio: object) -> float:
+    """The fraction of states to prune, in (0, 1): 0 prunes nothing and 1 everything, neither a pruning."""
+    ratio = check_float(name, ratio, minimum=0.0, strict=True)
+    if not ratio < 1:
+        raise UserError(f"{name} must be in (0, 1), got {ratio!r}")
+    return ratio
+
+
+def pruning_table(
+    reports: list[PruneReport], method: str, ratio: float,
+    before: dict[str, float] | None = None, after: dict[str, float] | None = None,
+) -> str:
+    """States kept per layer, then each metric before and after."""
+    before, after = before or {}, after or {}
+    kept, total = sum(r.states_after for r in reports), sum(r.states_before for r in reports)
+    lines = [f"LAST pruning ({method}, ratio {ratio}): kept {kept}/{total} states"]
+    lines += [f"  {r.path:<28}{r.states_before:>5} -> {r.states_after}" for r in reports]
+    for key in sorted(set(before) & set(after)):
+        lines.append(f"  {key:<26} before {before[key]:.4f}   after {after[key]:.4f}")
+    return "\n".join(lines)

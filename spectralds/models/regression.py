@@ -24,7 +24,7 @@ class SequenceRegression(SpectralModule):
     """in_proj -> blocks (RMSNorm, mixer, optional MLP) -> out_proj; no MLP by default.
 
     prenorm=True (the default, as in the language models) puts an RMSNorm before each mixer. It makes the
-    model non-linear, which sets an error floor on a linear target: on configs/synthetic_stu.yaml, 4.5e-5
+    model non-linear, which sets an error floor on a linear target: on configs/synthetic.yaml, 4.5e-5
     val MSE after 200 steps against 1.1e-7 for the bare STU layer. prenorm=False (the synthetic configs)
     drops it: with linear mixers and no MLP the whole model is linear, like the system it learns.
     zero_init_out=True starts out_proj at zero, so the model starts as the zero predictor, as a bare layer
