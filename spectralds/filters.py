@@ -52,7 +52,7 @@ from spectralds.errors import UserError, UserTypeError, check_choice, check_int
 from spectralds.io import cache_dir, tensor_hash, write_cache  # cache_dir: also re-exported here
 
 VARIANTS = ("hankel", "hankel_L", "tensor")
-METHODS = ("auto", "eigh", "lanczos")
+EIGEN_SOLVERS = ("auto", "eigh", "lanczos")
 RESOLUTION = 1e-13  # Lanczos refuses filters with sigma_k / sigma_1 below this: float64 cannot fix them
 _EIGH_MAX_LEN, _EIGH_FALLBACK_MAX_LEN = 512, 4096
 _CACHE_VERSION = 2  # 2: files carry their request and a content hash (v1 files are not read)
@@ -148,7 +148,7 @@ def _validate(
     check_int(names[0], seq_len)
     check_int(names[1], num_filters, maximum=seq_len)
     check_choice("filter variant", variant, VARIANTS)
-    check_choice("filter method", method, METHODS)
+    check_choice("filter method", method, EIGEN_SOLVERS)
 
 
 def _eigenpairs(seq_len: int, k: int, variant: str, method: str) -> tuple[torch.Tensor, torch.Tensor]:

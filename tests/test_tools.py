@@ -61,7 +61,7 @@ def test_decode_quick_layers(decode, tmp_path, capsys):
     records = decode.main([*args, "--json", str(out_json), "--plot", str(out_png)])
     text = capsys.readouterr().out
     assert {(r["method"], r["prompt_len"]) for r in records} == {
-        (m, p) for m in decode.METHODS for p in (32, 64)
+        (m, p) for m in decode.DECODERS for p in (32, 64)
     }
     assert all(r["ms_per_token"] > 0 and math.isfinite(r["ms_per_token"]) for r in records)
     assert all(r["prefill"] == "real" and r["prefill_s"] > 0 for r in records)

@@ -52,7 +52,7 @@ from spectralds.generate import GraphedStep, decode_loop, merge_prefills, set_de
 from spectralds.layers import DECODE_METHODS, SequenceLayer, build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
-METHODS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
+DECODERS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
 CUDA_METHODS = ("lds-graph",)
 HYBRID = ("lds-attn", "lds-attn-graph")  # --model only: LDS and window-attention blocks alternating
 LDS_FLATNESS_LIMIT = 1.3  # the LDS step does not depend on t: ms/token at the longest P vs the shortest
@@ -69,7 +69,7 @@ def mixer_spec(method: str, args: argparse.Namespace) -> tuple[str, dict, str | 
     layer, _, decode = method.partition("-")  # "stu-naive", "stu_t-futurefill", ...
     if layer in ("stu", "stu_t") and decode in DECODE_METHODS:
         return layer, {"num_filters": args.num_filters}, decode
-    known = ", ".join(METHODS + CUDA_METHODS + HYBRID)
+    known = ", ".join(DECODERS + CUDA_METHODS + HYBRID)
     raise SystemExit(f"error: unknown method {method!r}; known: {known} (also stu_t-*)")
 
 
@@ -242,7 +242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=None)
     parser.add_argument("--new-tokens", type=int, default=None, help="timed decode steps per repeat")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help=f"default: {' '.join(METHODS)} (+ {' '.join(CUDA_METHODS)} on CUDA)")
+                        help=f"default: {' '.join(DECODERS)} (+ {' '.join(CUDA_METHODS)} on CUDA)")
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--num-filters", type=int, default=None, help="K, the number of spectral filters")
     parser.add_argument("--batch", type=int, nargs="+", default=[1],
@@ -267,7 +267,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {"prompt_lens": [32, 64] if quick else [1024, 4096, 16384, 65536],
                 "new_tokens": 4 if quick else 64, "dim": 16 if quick else 32,
                 "num_filters": 4 if quick else 24, "repeats": 1 if quick else 5, "warmup": 1 if quick else 8}
-    defaults["methods"] = list(METHODS + CUDA_METHODS) if args.device == "cuda" else list(METHODS)
+    defaults["methods"] = list(DECODERS + CUDA_METHODS) if args.device == "cuda" else list(DECODERS)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _bench_common import format_table, machine_info  # noqa: E402
 
 from spectralds.distill import (  # noqa: E402
-    METHODS,
+    FIT_METHODS,
     fit_filters,
     hankel_singular_values,
     load_fit,
@@ -161,7 +161,7 @@ def main() -> None:
                    help="state dims to fit (default 40 ... 160; none with --score)")
     p.add_argument("--score", nargs="+", default=[], metavar="FILE",
                    help="fit files to measure against our filters: ours (.safetensors) or released (.pt)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=["spectralds", "varpro"])
+    p.add_argument("--methods", nargs="+", choices=FIT_METHODS, default=["spectralds", "varpro"])
     p.add_argument("--variant", default="hankel")
     p.add_argument("--filter-method", default="auto", help="spectral_filters method for the targets")
     p.add_argument("--no-end-to-end", action="store_true", help="skip the from-scratch timing")

@@ -33,7 +33,7 @@ from _bench_common import format_table, machine_info  # noqa: E402
 
 from spectralds.checkpoint_io import load_model, read_checkpoint  # noqa: E402
 from spectralds.data import TextDataModule  # noqa: E402
-from spectralds.distill.prune import METHODS, find_lds_layers, kernel_error, prune_lds_layers  # noqa: E402
+from spectralds.distill.prune import PRUNE_METHODS, find_lds_layers, kernel_error, prune_lds_layers  # noqa: E402
 
 CALIBRATED = "last-refit+cal"
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a distilled LDS LanguageModel checkpoint")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.625, 0.75, 0.875])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(PRUNE_METHODS), choices=PRUNE_METHODS)
     p.add_argument("--val-batches", type=int, default=16)
     p.add_argument(
         "--calibrate",

@@ -15,7 +15,7 @@ from spectralds.callbacks._common import (
     rebuild_optimizers,
     run_validation,
 )
-from spectralds.distill import METHODS, LDSFit, load_fit
+from spectralds.distill import FIT_METHODS, LDSFit, load_fit
 from spectralds.distill.convert import check_fit_matches, find_stu_layers
 from spectralds.distill.fit import check_fit_args
 from spectralds.distill.lds_file import filter_error
@@ -104,7 +104,8 @@ class STUToLDSDistillation(OneShotLayerChange):
             self._user_fit = self._check_user_fit(layers)
         else:
             for _, stu in layers:  # the arguments get_fit will get at the swap
-                check_fit_args(stu.seq_len, stu.num_filters, self._state_dim(stu), self.method or METHODS[0])
+                method = self.method or FIT_METHODS[0]
+                check_fit_args(stu.seq_len, stu.num_filters, self._state_dim(stu), method)
         self._checked = True
 
     def _check_user_fit(self, layers: list[tuple[str, torch.nn.Module]]) -> LDSFit:
@@ -170,7 +171,7 @@ def check_arguments(
     if state_dim is not None:
         check_int(f"{where}: state_dim", state_dim, minimum=2)
     if method is not None:
-        check_choice(f"{where}: method", method, METHODS)
+        check_choice(f"{where}: method", method, FIT_METHODS)
         if method == "spectralds" and state_dim is not None and state_dim % 2:
             raise UserError(f"{where}: state_dim must be even for the mirrored 'spectralds' fit, "
                             f"got {state_dim}")

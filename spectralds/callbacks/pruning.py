@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from spectralds.callbacks._common import OneShotLayerChange, log_scalars, rebuild_optimizers, run_validation
 from spectralds.distill.prune import (
     DEFAULT_METHOD,
-    METHODS,
+    PRUNE_METHODS,
     check_ratio,
     find_lds_layers,
     prune_lds_layers,
@@ -20,7 +20,7 @@ from spectralds.errors import UserError, UserTypeError, check_choice, check_int
 
 
 class LayerAdaptiveStatePruning(OneShotLayerChange):
-    """Prune `ratio` of all LDS states, layer-adaptively. Methods (`spectralds.distill.prune.METHODS`):
+    """Prune `ratio` of all LDS states, layer-adaptively. Methods (`spectralds.distill.prune.PRUNE_METHODS`):
     "last-refit" (the default: ranks each layer's states by how much its re-solved readout loses without
     them, then splits the budget across layers LAST-style; on the quickstart models +0.07% val loss at
     75% pruned where the paper's score loses 10-62%, and a tie within 0.002 points at 25-50%), "last"
@@ -49,7 +49,7 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
         # Every argument is checked here, before any training: one UserError each.
         where = "LayerAdaptiveStatePruning"
         ratio = check_ratio(f"{where}: ratio", ratio)
-        check_choice(f"{where}: method", method, METHODS)
+        check_choice(f"{where}: method", method, PRUNE_METHODS)
         for name, value in (("at_step", at_step), ("at_epoch", at_epoch)):
             if value is not None:
                 check_int(f"{where}: {name}", value, minimum=0)

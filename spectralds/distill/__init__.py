@@ -2,7 +2,7 @@
 
 from spectralds.distill.cache import fit_cache_path, get_fit
 from spectralds.distill.fit import (
-    METHODS,
+    FIT_METHODS,
     LDSFit,
     cancellation_factor,
     fit_filters,
@@ -18,7 +18,7 @@ from spectralds.distill.lds_file import load_fit, predicted_float32_error, read_
 from spectralds.ops.lds_conv import impulse_response_ref as impulse_response
 
 __all__ = [
-    "METHODS",
+    "FIT_METHODS",
     "LDSFit",
     "cancellation_factor",
     "fit_filters",

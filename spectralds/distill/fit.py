@@ -67,11 +67,11 @@ from spectralds.ops.lds_conv import impulse_response_ref
 SOLVER_REVISION = 3
 
 __all__ = [
-    "METHODS", "LDSFit", "fit_filters", "relative_mse", "target_filters",
+    "FIT_METHODS", "LDSFit", "fit_filters", "relative_mse", "target_filters",
     "float32_recurrence", "float32_check", "cancellation_factor", "hankel_singular_values",
 ]
 
-METHODS = ("varpro", "spectralds")
+FIT_METHODS = ("varpro", "spectralds")
 
 
 def _fit_spectralds(phi: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -89,7 +89,7 @@ def check_fit_args(seq_len: int, num_filters: int, state_dim: int, method: str) 
     """Validate a fit request before any work (a UserError naming the bad argument)."""
     check_int("seq_len", seq_len, minimum=16)
     check_int("num_filters", num_filters, maximum=seq_len)
-    check_choice("fit method", method, METHODS)
+    check_choice("fit method", method, FIT_METHODS)
     check_int("state_dim", state_dim, maximum=seq_len // 4)  # a fit needs several samples per state
     if method == "spectralds" and state_dim % 2:
         raise UserError(f"state_dim must be even for the mirrored 'spectralds' fit, got {state_dim}")

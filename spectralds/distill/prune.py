@@ -1,6 +1,6 @@
 """State pruning of distilled LDS layers: LAST (Gwak et al., NeurIPS 2024) and a refit-aware variant.
 
-Methods (`METHODS`):
+Methods (`PRUNE_METHODS`):
 
 * ``"last"``: the paper's score. Each LDS state j is a one-pole subsystem (b_j / (z - a_j)) W_j, where W_j
   (dim_out x dim) maps the state's copies in every input channel to the output: the fitted C row combined
@@ -39,7 +39,7 @@ from torch import nn
 from spectralds.errors import UserError, check_float
 from spectralds.layers.lds import LDS
 
-METHODS = ("last", "last-refit", "uniform", "global", "uniform-refit")
+PRUNE_METHODS = ("last", "last-refit", "uniform", "global", "uniform-refit")
 DEFAULT_METHOD = "last-refit"  # of LayerAdaptiveStatePruning and `spectralds distill --prune`
 # |a| = 1 would make the H-infinity score infinite; such a state is clamped to this margin and so always kept.
 STABILITY_MARGIN = 1e-12
@@ -193,8 +193,8 @@ def select_states(
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise UserError(f"pruning ratio must be in [0, 1), got {ratio!r}")
-    if method not in METHODS:
-        raise UserError(f"unknown pruning method {method!r}; expected one of {METHODS}")
+    if method not in PRUNE_METHODS:
+        raise UserError(f"unknown pruning method {method!r}; expected one of {PRUNE_METHODS}")
     if not layers:
         raise UserError("no LDS layer to prune")
     if layer_weights is not None:
