@@ -25,6 +25,7 @@ from spectralds.cli_errors import check_config_files, parser_problem
 from spectralds.cli_eval import eval_main
 from spectralds.cli_fits import distill_filters_main, import_fit_main
 from spectralds.cli_generate import generate_main
+from spectralds.cli_models import import_model_main
 from spectralds.compat import parse_written, subcommand_parser
 from spectralds.errors import UserError, first_line
 
@@ -281,6 +282,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "distill-filters": (distill_filters_main, "fit one diagonal LDS to the spectral filters"),
     "import-fit": (import_fit_main, "convert a released Flash STU 2 / SpectraLDS fit to ours, measured"),
     "eval": (eval_main, "lm-evaluation-harness tasks on several checkpoints, side by side"),
+    "import-model": (import_model_main, "a flash-stu-2 / SpectraLDS paper checkpoint as ours"),
 }
 
 
