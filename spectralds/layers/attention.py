@@ -1,16 +1,17 @@
-"""Causal sliding-window multi-head attention with rotary position embeddings (RoPE).
+"""Causal sliding-window multi-head attention; positions by RoPE, by ALiBi, or none.
 
-Token t attends to tokens t - window + 1 .. t (all earlier tokens when window_size is None). Queries
-and keys are rotated by their position in the sequence, so attention scores depend on positions only
-through their difference. Training kernels (`kernel`, "auto" picks by device and availability):
-flash-attn on CUDA fp16/bf16 when it is installed; else on CUDA FlexAttention (compiled; its block mask
-skips the blocks outside the window, and the soft cap is a score_mod); else PyTorch SDPA (is_causal for
-full attention, an explicit mask for a window), or plain math when a soft cap is set (SDPA has none).
-FlexAttention has no CPU backward in torch 2.13 (its CPU forward runs eager, unfused), so "auto" never
-takes it on CPU; "flex" forces it (tests compare it with SDPA there, without gradients).
-Decoding keeps a KV cache of at most `window_size` entries, stored after rotation. It is preallocated
-and written in place (a ring buffer for a window, a buffer that doubles for full attention), so a step
-does not copy the cache; after rotation the order of the cached entries does not matter to attention.
+Token t attends to tokens t - window + 1 .. t (all earlier ones when window_size is None). `positions`:
+"rope" rotates queries and keys by their position, "alibi" adds -slope_h (t - s) to each score after the
+soft cap (as flash-attn does), "none" leaves order to the causal mask; scores depend on positions only
+through t - s (see `spectralds.layers.positions`). Training kernels (`kernel`, "auto" picks by device
+and availability): flash-attn on CUDA fp16/bf16 when installed; else on CUDA FlexAttention (compiled;
+its block mask skips blocks outside the window, soft cap and ALiBi are a score_mod); else PyTorch SDPA
+(is_causal for full attention, an explicit mask for a window or ALiBi), or plain math when a soft cap
+is set (SDPA has none). FlexAttention has no CPU backward in torch 2.13 (its CPU forward runs eager,
+unfused), so "auto" never takes it on CPU; "flex" forces it (tests compare it with SDPA there).
+Decoding keeps a KV cache of at most `window_size` entries, stored after rotation, preallocated and
+written in place (a ring buffer for a window, a buffer that doubles for full attention): a step does not
+copy the cache, and the order of cached entries does not matter (ALiBi needs only each slot's lag).
 Prompts of different lengths share one cache (`merge_caches`): each is right-aligned at the longest,
 its padding slots masked and its queries rotated by its own position. `static_state` turns a window's
 cache into a `RingKVCache`, whose every field (the position too) is a fixed-shape tensor: a step on it
@@ -26,16 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectralds.errors import UserError, check_choice, check_float, check_int
+from spectralds.layers.positions import POSITIONS, alibi_bias, alibi_slopes, at_least_float32, lags, rope
 from spectralds.layers.registry import SequenceLayer, register_layer
 
 try:
     from flash_attn import flash_attn_func
 except ImportError:  # optional dependency: spectralds[gpu]
     flash_attn_func = None
-try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # torch without FlexAttention
-    create_block_mask = flex_attention = None
+from spectralds.layers.attention_masks import banded_sdpa, flex_attention, flex_masks, score_mask, window_mask
 
 KERNELS = ("auto", "flash", "flex", "sdpa", "math")
 _compiled_flex = None  # flex_attention is only fused under torch.compile: compiled once per process
@@ -68,49 +67,6 @@ class RingKVCache(NamedTuple):
     pos: torch.Tensor
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate channel pairs (i, i + head_dim/2) of x (..., T, head_dim) by positions * theta^(-2i/hd).
-
-    positions: (T,), or any shape broadcasting against x's leading dims, e.g. (batch, 1, 1) per sequence.
-    """
-    half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
-    angles = positions.to(torch.float64)[..., None] * freqs  # float64: exact angles at large positions
-    cos, sin = _at_least_float32(angles.cos(), x.dtype), _at_least_float32(angles.sin(), x.dtype)
-    x1, x2 = _at_least_float32(x[..., :half]), _at_least_float32(x[..., half:])
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
-def _at_least_float32(t: torch.Tensor, like: torch.dtype | None = None) -> torch.Tensor:
-    """Half-precision math (RoPE, softmax logits) runs in float32; float64 stays float64."""
-    return t.to(torch.promote_types(like or t.dtype, torch.float32))
-
-
-def window_mask(T: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
-    """(T, T) boolean, True where query t may attend to key s: t - window < s <= t."""
-    lag = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]
-    return (lag >= 0) & (lag < window) if window is not None else lag >= 0
-
-
-def banded_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, dropout: float = 0.0
-) -> torch.Tensor:
-    """Sliding-window SDPA in query blocks of `window`: block b >= 1 attends to the 2 windows of keys
-    ending with it under one (W, 2W) band mask, block 0 is plain causal; the work is about 2 T window
-    rather than T^2, and no (T, T) mask is built."""
-    T, W, heads = q.shape[2], window, q.shape[1]
-    first = F.scaled_dot_product_attention(q[:, :, :W], k[:, :, :W], v[:, :, :W], dropout_p=dropout,
-                                           is_causal=True)
-    blocks = -(-T // W) - 1
-    pad = (blocks + 1) * W - T  # the last block padded at the end; its extra rows are dropped
-    rest = F.pad(q[:, :, W:], (0, 0, 0, pad)).unflatten(2, (blocks, W)).flatten(1, 2)  # (B, H nb, W, hd)
-    # keys of block b: positions (b - 1) W .. (b + 1) W - 1
-    k, v = (F.pad(t, (0, 0, 0, pad)).unfold(2, 2 * W, W).transpose(-1, -2).flatten(1, 2) for t in (k, v))
-    band = window_mask(2 * W, W, q.device)[W:]  # query i of a block is position W + i of its 2W keys
-    y = F.scaled_dot_product_attention(rest, k, v, attn_mask=band, dropout_p=dropout)
-    return torch.cat([first, y.unflatten(1, (heads, blocks)).flatten(2, 3)], dim=2)[:, :, :T]
-
-
 @register_layer("attn")
 class SlidingWindowAttention(SequenceLayer):
     """Multi-head causal attention over a sliding window, with RoPE and an optional logit soft cap.
@@ -129,14 +85,19 @@ class SlidingWindowAttention(SequenceLayer):
         dropout: float = 0.0,
         bias: bool = False,
         kernel: str = "auto",
+        positions: str = "rope",
+        alibi_slope_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_int("dim", dim)
         check_int("num_heads", num_heads)
-        if dim % num_heads or (dim // num_heads) % 2:
-            raise UserError(
-                f"dim {dim} must split into num_heads={num_heads} heads of even size (RoPE rotates pairs)"
-            )
+        self.positions = check_choice("positions", positions, POSITIONS)
+        self.alibi_slope_scale = check_float("alibi_slope_scale", alibi_slope_scale, minimum=0, strict=True)
+        if positions != "alibi" and alibi_slope_scale != 1.0:
+            raise UserError(f"alibi_slope_scale is for positions='alibi', not {positions!r}")
+        if dim % num_heads or (positions == "rope" and (dim // num_heads) % 2):
+            pairs = " of even size (RoPE rotates pairs)" if positions == "rope" else ""
+            raise UserError(f"dim {dim} must split into num_heads={num_heads} heads{pairs}")
         for name, value in (("window_size", window_size), ("seq_len", seq_len)):
             if value is not None:
                 check_int(name, value)
@@ -149,13 +110,25 @@ class SlidingWindowAttention(SequenceLayer):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
         self.softcap, self.dropout = softcap, dropout
+        self._slopes: dict[torch.device, torch.Tensor] = {}  # float64 per device, made outside CUDA graphs
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.o_proj = nn.Linear(dim, dim, bias=bias)
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, T, D) -> q, k, v each (B, heads, T, head_dim), q and k rotated."""
+        """(B, T, D) -> q, k, v each (B, heads, T, head_dim), q and k rotated (RoPE)."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        if self.positions != "rope":
+            return q, k, v
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+
+    def alibi_slopes(self, like: torch.Tensor) -> torch.Tensor | None:
+        """(heads,) ALiBi slopes on like's device, in its dtype or float32 at least; None without ALiBi."""
+        if self.positions != "alibi":
+            return None
+        if like.device not in self._slopes:
+            slopes = alibi_slopes(self.num_heads, self.alibi_slope_scale)
+            self._slopes[like.device] = torch.tensor(slopes, dtype=torch.float64, device=like.device)
+        return at_least_float32(self._slopes[like.device], like.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._sequence(x)[0]  # training builds no KV cache
@@ -190,25 +163,25 @@ class SlidingWindowAttention(SequenceLayer):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         kernel = self._kernel_for(q, p)
-        if kernel == "flash":
+        slopes = self.alibi_slopes(q)
+        if kernel == "flash":  # flash-attn adds the ALiBi bias after its soft cap, in float32
             window = (-1, -1) if self.window_size is None else (self.window_size - 1, 0)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, T, heads, hd)
-            y = flash_attn_func(
-                q, k, v, dropout_p=p, causal=True, window_size=window, softcap=self.softcap or 0.0
-            )
+            alibi = None if slopes is None else slopes.float()
+            y = flash_attn_func(q, k, v, dropout_p=p, causal=True, window_size=window,
+                                softcap=self.softcap or 0.0, alibi_slopes=alibi)
             return y.transpose(1, 2)
         if kernel == "flex":
-            return self._flex(q, k, v)
-        if kernel == "sdpa" and self.window_size is None:  # no mask tensor: lets CUDA use its flash backend
+            return self._flex(q, k, v, slopes)
+        if kernel == "sdpa" and self.window_size is None and slopes is None:  # CUDA may use its flash backend
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        if kernel == "sdpa" and q.shape[2] > 2 * self.window_size:
-            return banded_sdpa(q, k, v, self.window_size, p)
-        mask = window_mask(q.shape[2], self.window_size, q.device)
+        if kernel == "sdpa" and self.window_size is not None and q.shape[2] > 2 * self.window_size:
+            return banded_sdpa(q, k, v, self.window_size, p, slopes)
+        lag, mask = lags(q.shape[2], q.device), window_mask(q.shape[2], self.window_size, q.device)
         if kernel == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        scores = _at_least_float32(q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        if self.softcap is not None:
-            scores = self.softcap * torch.tanh(scores / self.softcap)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=score_mask(lag, mask, slopes, q.dtype),
+                                                  dropout_p=p)
+        scores = self._capped_scores(q, k, slopes, lag)
         weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), p)
         return weights.to(v.dtype) @ v
 
@@ -234,22 +207,23 @@ class SlidingWindowAttention(SequenceLayer):
             raise UserError("kernel='sdpa' has no logit soft cap; use 'math', 'flex' or 'auto'")
         return kernel
 
-    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _capped_scores(
+        self, q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor | None, lag: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Scaled q.k scores in float32 at least, soft-capped, then plus the ALiBi bias for `lag`."""
+        scores = at_least_float32(q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        if self.softcap is not None:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+        return scores if slopes is None else scores + alibi_bias(slopes.to(scores.dtype), lag)
+
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None):
         """FlexAttention with a cached causal (windowed) block mask; compiled on CUDA (eager is unfused)."""
         global _compiled_flex
         T, window, cap = q.shape[2], self.window_size, self.softcap
-        key = (T, q.device, window, cap)  # window and cap are plain attributes: a change rebuilds
-        if key not in self._block_masks:
-            def keep(b, h, q_idx, kv_idx):
-                causal = q_idx >= kv_idx
-                return causal if window is None else causal & (q_idx - kv_idx < window)
-
-            def capped(s, b, h, q_idx, kv_idx):
-                return cap * torch.tanh(s / cap)
-
-            # One score_mod object per layer and length: a new function per call would recompile.
-            mask = create_block_mask(keep, None, None, T, T, device=q.device)
-            self._block_masks = {key: (mask, None if cap is None else capped)}
+        # window, cap and the slopes are plain attributes: a change rebuilds
+        key = (T, q.device, q.dtype, window, cap, self.positions, self.alibi_slope_scale)
+        if key not in self._block_masks:  # one score_mod object per layer and length: no recompiles
+            self._block_masks = {key: flex_masks(T, window, cap, slopes, q.device)}
         if q.is_cuda and _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         attend = _compiled_flex if q.is_cuda else flex_attention
@@ -281,13 +255,13 @@ class SlidingWindowAttention(SequenceLayer):
             cache_k, cache_v = (_grown(t, capacity) for t in (cache_k, cache_v))
         cache_k[:, :, slot], cache_v[:, :, slot] = k[:, :, 0], v[:, :, 0]
         valid = min(n + 1, cache_k.shape[2])
-        mask = None
-        if state.start is not None:  # the position each slot holds; padding (before start) is masked
-            held = torch.arange(valid, device=x_t.device)
-            if self.window_size is not None:
-                held = state.pos - (state.pos - held) % self.window_size
-            mask = held >= state.start[:, None]
-        y = self._attend_cache(q, cache_k[:, :, :valid], cache_v[:, :, :valid], mask)
+        # The position each slot holds: slot j, or with a window the latest p <= pos with p % window == j.
+        held = torch.arange(valid, device=x_t.device)
+        if self.window_size is not None:
+            held = state.pos - (state.pos - held) % self.window_size
+        mask = None if state.start is None else held >= state.start[:, None]  # padding (before start) masked
+        lag = (state.pos - held)[None]  # the same for every sequence: start shifts query and keys alike
+        y = self._attend_cache(q, cache_k[:, :, :valid], cache_v[:, :, :valid], mask, lag)
         return self.o_proj(y.flatten(1)), KVCache(cache_k, cache_v, state.pos + 1, state.start)
 
     def _ring_step(self, x_t: torch.Tensor, state: RingKVCache) -> tuple[torch.Tensor, RingKVCache]:
@@ -298,17 +272,18 @@ class SlidingWindowAttention(SequenceLayer):
         state.k.scatter_(2, slot, k)
         state.v.scatter_(2, slot, v)
         # Slot j is filled once position j was: before the ring wraps, j <= pos; after, every slot.
-        mask = torch.arange(window, device=x_t.device) <= state.pos[:, None]
-        y = self._attend_cache(q, state.k, state.v, mask)
+        slots = torch.arange(window, device=x_t.device)
+        mask = slots <= state.pos[:, None]
+        y = self._attend_cache(q, state.k, state.v, mask, (state.pos[:, None] - slots) % window)
         return self.o_proj(y.flatten(1)), RingKVCache(state.k, state.v, state.pos + 1)
 
     def _attend_cache(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+        lag: torch.Tensor,
     ) -> torch.Tensor:
-        """One query per sequence (B, heads, 1, hd) against cached keys; mask (B, slots) or None."""
-        scores = _at_least_float32(q @ keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, heads, 1, slots)
-        if self.softcap is not None:
-            scores = self.softcap * torch.tanh(scores / self.softcap)
+        """One query per sequence (B, heads, 1, hd) against cached keys; mask (B, slots) or None; lag
+        (B or 1, slots): how far back each slot's key is (for ALiBi)."""
+        scores = self._capped_scores(q, keys, self.alibi_slopes(q), lag[:, None])  # (B, heads, 1, slots)
         if mask is not None:
             scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
         return scores.softmax(-1).to(values.dtype) @ values
