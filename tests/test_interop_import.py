@@ -235,3 +235,83 @@ def test_unknown_format_is_refused(tmp_path):
     path, _, _ = source(tmp_path, fs2_config(use_attn=False))
     with pytest.raises(UserError, match="unknown format"):
         import_flash_stu(path, fmt="mamba")
+
+
+def _attn_kwargs(imported, **over):
+    kwargs = {k: dict(v) for k, v in imported.hparams["layer_kwargs"].items()}
+    kwargs["attn"].update(over)
+    return kwargs
+
+
+@pytest.mark.parametrize("heads,dim", [(4, 32), (6, 48)], ids=["4heads", "6heads"])
+def test_fs2_hybrid_parity(tmp_path, heads, dim):
+    cfg = fs2_config(n_heads=heads, n_embd=dim)
+    path, sd, bank = source(tmp_path, cfg)
+    imported = import_flash_stu(path)
+    ref = reference_logits(cfg, sd, bank, TOKENS)
+    assert rel(ours(imported), ref) < 1e-10
+    assert rel(ours(imported, torch.float32), ref) < 2e-5
+
+
+def test_row_positions_fs2_alibi_quarter_slopes(tmp_path):
+    cfg = fs2_config()
+    path, sd, bank = source(tmp_path, cfg)
+    imported = import_flash_stu(path)
+    assert imported.hparams["layer_kwargs"]["attn"]["positions"] == "alibi"
+    ref = reference_logits(cfg, sd, bank, TOKENS)
+    assert rel(ours(imported), ref) < 1e-10
+    unscaled = _attn_kwargs(imported, alibi_slope_scale=1.0)
+    assert rel(ours(imported, layer_kwargs=unscaled), ref) > 1e-3
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["rope_bug_cosine", "use_alibi"])
+def test_row_positions_paper_cosine_fold_or_alibi(tmp_path, alibi):
+    cfg = paper_config(use_alibi=alibi, theta=3.0)  # a small theta: the cosines differ visibly from 1
+    bank_file, bank = paper_bank_file(tmp_path, cfg)
+    path, sd, _ = source(tmp_path, cfg)
+    imported = import_flash_stu(path, filters=bank_file)
+    ref = reference_logits(cfg, sd, bank, TOKENS)
+    assert rel(ours(imported), ref) < 1e-10
+    assert rel(ours(imported, torch.float32), ref) < 2e-5
+    if not alibi:  # the fold is what makes it right: the unscaled q/k rows give other logits
+        folded = imported.state_dict["blocks.1.mixer.qkv.weight"]
+        assert not torch.equal(folded[:32].to(F64), sd["layers.1.attn.c_attn.weight"][:32])
+        assert torch.equal(folded[64:].to(F64), sd["layers.1.attn.c_attn.weight"][64:])  # v untouched
+        imported.state_dict["blocks.1.mixer.qkv.weight"] = sd["layers.1.attn.c_attn.weight"]
+        assert rel(ours(imported), ref) > 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["flash-stu-2", "spectralds-paper"])
+def test_row_window_w_plus_one_keys(tmp_path, fmt):
+    cfg = fs2_config(window_size=5) if fmt == "flash-stu-2" else paper_config(window_size=5)
+    kwargs = {}
+    if fmt != "flash-stu-2":
+        kwargs["filters"], bank = paper_bank_file(tmp_path, cfg)
+    path, sd, fs2_bank = source(tmp_path, cfg)
+    imported = import_flash_stu(path, **kwargs)
+    assert imported.hparams["layer_kwargs"]["attn"]["window_size"] == 6
+    ref = reference_logits(cfg, sd, fs2_bank if fmt == "flash-stu-2" else bank, TOKENS)
+    assert rel(ours(imported), ref) < 1e-10
+    assert rel(ours(imported, layer_kwargs=_attn_kwargs(imported, window_size=5)), ref) > 1e-4
+
+
+def test_row_softcap_fs2_applied(tmp_path):
+    cfg = fs2_config(softcap=0.5)
+    path, sd, bank = source(tmp_path, cfg)
+    imported = import_flash_stu(path)
+    assert imported.hparams["layer_kwargs"]["attn"]["softcap"] == 0.5
+    ref = reference_logits(cfg, sd, bank, TOKENS)
+    assert rel(ours(imported), ref) < 1e-10
+    assert rel(ours(imported, layer_kwargs=_attn_kwargs(imported, softcap=None)), ref) > 1e-4
+
+
+def test_row_softcap_paper_never_applied(tmp_path):
+    cfg = paper_config(softcap=0.5)
+    bank_file, bank = paper_bank_file(tmp_path, cfg)
+    path, sd, _ = source(tmp_path, cfg)
+    imported = import_flash_stu(path, filters=bank_file)
+    assert imported.hparams["layer_kwargs"]["attn"]["softcap"] is None
+    assert any("not applied" in n for n in imported.arch.notes)
+    ref = reference_logits(cfg, sd, bank, TOKENS)
+    assert rel(ours(imported), ref) < 1e-10
+    assert rel(ours(imported, layer_kwargs=_attn_kwargs(imported, softcap=0.5)), ref) > 1e-4
