@@ -75,8 +75,11 @@ def import_model_main(argv: list[str]) -> None:
         vocab_size = src.config.get("vocab_size")
     if out.resolve() in inputs:
         raise UserError(f"refusing to write {out}: it is the source's own file")
+    if isinstance(vocab_size, int):  # the tokenizer is checked before the weights are read
+        tokenizer = _tokenizer(a.tokenizer, vocab_size)
     imported = import_flash_stu(a.source, a.format, a.config, a.filters, a.norm_eps)
-    tokenizer = _tokenizer(a.tokenizer, imported.arch.vocab_size if vocab_size is not None else 0)
+    if not isinstance(vocab_size, int):  # the import named the bad field already; kept for type checkers
+        tokenizer = _tokenizer(a.tokenizer, imported.arch.vocab_size)
     model = build_model(imported)  # on the meta device: keys and shapes checked, nothing allocated
     for line in imported.summary(count_parameters(model)):
         print(line)
