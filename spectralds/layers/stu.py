@@ -14,18 +14,15 @@ paper's autoregressive terms (`spectralds.layers.ar`).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from spectralds.errors import UserError, check_int
-from spectralds.filters import spectral_filters
-from spectralds.io import cache_dir
 from spectralds.layers import futurefill
 from spectralds.layers.ar import ar_init_state, ar_prefill, ar_step, make_ar
+from spectralds.layers.filter_bank import FilterBankLayer, cached_filters, check_bank
 from spectralds.layers.futurefill import ConvDecodeState
-from spectralds.layers.registry import DECODE_METHODS, SequenceLayer, register_layer
+from spectralds.layers.registry import DECODE_METHODS, register_layer
 from spectralds.ops.fft_conv import (
     alternating,
     arrangement_flops,
@@ -43,18 +40,7 @@ from spectralds.ops.spectrum_cache import SpectrumCache
 _SPECTRA_KEPT = 8  # filter spectra kept per layer (one per FFT length in use: training, prefills)
 
 
-def _cached_filters(seq_len: int, num_filters: int, variant: str) -> torch.Tensor:
-    # Keyed on the cache directory too: a process that switches SPECTRALDS_CACHE_DIR reads that cache.
-    return _memo_filters(str(cache_dir()), seq_len, num_filters, variant)
-
-
-@functools.lru_cache(maxsize=8)
-def _memo_filters(directory: str, seq_len: int, num_filters: int, variant: str) -> torch.Tensor:
-    # Every layer of a model asks for the same bank: compute (or load from disk) it once per process.
-    return spectral_filters(seq_len, num_filters, variant).float()
-
-
-class SpectralConv(SequenceLayer):
+class SpectralConv(FilterBankLayer):
     """What STU and STU-T share: filters, validation, the FFT convolution, the spectrum cache, decoding.
 
     A subclass says how its learned projections wrap the convolution:
@@ -79,6 +65,7 @@ class SpectralConv(SequenceLayer):
         use_hankel_L: bool = False,
         filters: torch.Tensor | None = None,
         ar_order: int = 0,
+        store_filters: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("seq_len", seq_len), ("num_filters", num_filters)):
@@ -92,16 +79,11 @@ class SpectralConv(SequenceLayer):
                 raise UserError(f"use_hankel_L=True conflicts with variant={variant!r}")
             variant = "hankel_L"
         if filters is None:
-            filters = _cached_filters(seq_len, num_filters, variant)
-        elif tuple(filters.shape) != (seq_len, num_filters) or not filters.is_floating_point():
-            raise UserError(
-                f"filters must be a floating tensor of shape (seq_len, num_filters) = "
-                f"{(seq_len, num_filters)}, got {tuple(filters.shape)} {filters.dtype}"
-            )
+            filters = cached_filters(seq_len, num_filters, variant)
+        check_bank("filters", filters, seq_len, num_filters)
         self.dim, self.dim_out = dim, dim_out or dim
         self.seq_len, self.num_filters, self.variant = seq_len, num_filters, variant
-        # Fixed and recomputable, so not saved in checkpoints.
-        self.register_buffer("phi", filters.detach().float().clone(), persistent=False)
+        self._register_bank(filters, store_filters)  # store_filters: phi in the state dict (filter_bank)
         self._spectra = SpectrumCache(_SPECTRA_KEPT)
         self._init_projections()
         self.ar = make_ar(dim, self.dim_out, ar_order)  # AR terms (spectralds.layers.ar); None for 0
@@ -115,19 +97,11 @@ class SpectralConv(SequenceLayer):
     def _bank_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None
 
-    def _apply(self, fn, recurse=True):
-        # `.half()` / `.bfloat16()` would round the filters; keep them at least float32.
-        phi = self.phi
-        super()._apply(fn, recurse)
-        if self.phi.dtype not in (torch.float32, torch.float64):
-            self.phi = phi.to(device=self.phi.device, dtype=torch.float32)
-        self._spectra.clear()
-        return self
-
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, dim_out={self.dim_out}, seq_len={self.seq_len}, "
             f"num_filters={self.num_filters}, variant={self.variant!r}"
+            + (", store_filters=True" if self.store_filters else "")
         )
 
     # ---- the kernel bank and its spectrum ---------------------------------------------------------
