@@ -143,3 +143,22 @@ def test_export_never_writes_into_a_non_empty_directory(tmp_path):
         export_flash_stu2(_gelu_model(), tmp_path / "out")
     export_flash_stu2(_gelu_model(), tmp_path / "empty")  # the same model is expressible
     assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_bfloat16_round_trip_carries_its_bank_and_eps(tmp_path):
+    """A bfloat16 flash-stu-2 model: eps 2^-7 and a bf16-rounded bank (carried); exported back as bfloat16."""
+    src = fs2_source(tmp_path / "src", dtype=torch.bfloat16, torch_dtype="bfloat16")
+    first = import_flash_stu(src)
+    assert not first.match.ours and first.hparams["norm_eps"] == 2.0**-7
+    model = build_model(first, torch.float32, "cpu")
+    export_flash_stu2(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    second = import_flash_stu(tmp_path / "out")
+    assert second.hparams == first.hparams
+    again = build_model(second, torch.float32, "cpu")
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    assert torch.equal(logits(again), logits(model))
+    model.blocks[0].mlp.w1.weight.data[0, 0] += 1e-3  # no longer a bfloat16 number
+    with pytest.raises(UserError, match="without rounding"):
+        export_flash_stu2(model, tmp_path / "out2")

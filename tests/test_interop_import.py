@@ -315,3 +315,23 @@ def test_row_softcap_paper_never_applied(tmp_path):
     ref = reference_logits(cfg, sd, bank, TOKENS)
     assert rel(ours(imported), ref) < 1e-10
     assert rel(ours(imported, layer_kwargs=_attn_kwargs(imported, softcap=0.5)), ref) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "foreign"])
+def test_row_filters_not_ours_are_carried_in_the_checkpoint(tmp_path, kind):
+    """A bank that is not ours up to order and sign (flash-stu-2 rounds it to its torch_dtype; or any other
+    bank) is stored with the model (store_filters) and used as is."""
+    cfg = fs2_config()
+    bank = hankel_bank(64, 6, False)
+    if kind == "bfloat16":
+        bank = bank.to(torch.bfloat16).to(F64)
+    else:
+        bank = torch.linalg.qr(torch.randn(64, 6, generator=torch.Generator().manual_seed(5), dtype=F64))[0]
+    path, sd, bank = source(tmp_path, cfg, bank=bank)
+    imported = import_flash_stu(path)
+    assert not imported.match.ours and imported.hparams["layer_kwargs"]["stu_t"]["store_filters"]
+    assert "carried" in imported.match.describe()
+    assert torch.equal(imported.state_dict["blocks.0.mixer.phi"].to(F64), bank)
+    ref = reference_logits(cfg, sd, bank, TOKENS)
+    assert rel(ours(imported), ref) < 1e-10
+    assert rel(ours(imported, torch.float32), ref) < 2e-5

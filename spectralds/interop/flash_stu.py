@@ -246,12 +246,12 @@ def import_flash_stu(
 def build_model(imported: Imported, dtype: torch.dtype = torch.float32, device: str | torch.device = "meta"):
     """The LanguageModel for `imported.hparams`; with a real device its weights are loaded (strict), on
     "meta" (the default) none are allocated: keys and shapes are checked against the mapping."""
-    from spectralds.layers.stu import _cached_filters
+    from spectralds.layers.filter_bank import cached_filters
     from spectralds.models import LanguageModel
 
     for name, kwargs in imported.hparams["layer_kwargs"].items():
         if name in ("stu", "stu_t"):  # the filters, computed before a meta-device build could intercept them
-            _cached_filters(imported.hparams["seq_len"], imported.hparams["num_filters"], kwargs["variant"])
+            cached_filters(imported.hparams["seq_len"], imported.hparams["num_filters"], kwargs["variant"])
     if str(device) == "meta":
         with torch.device("meta"):
             model = LanguageModel(**imported.hparams)
