@@ -12,8 +12,8 @@ from spectralds.io import check_output_path
 _TOKENIZER_HELP = (
     "the tokenizer recorded in the checkpoint for generate/eval: 'byte', or a path to a .tiktoken or "
     "tokenizer.json file (stored as an absolute path; both reference LMs use o200k_base.tiktoken). Its token "
-    "count must fit the source's vocab_size. Default: 'byte' when the vocabulary has at most 256 ids, "
-    "otherwise this option is required"
+    "count must fit the source's vocab_size. Default: 'byte' when the vocabulary has exactly 256 ids (as "
+    "byte-level models do), otherwise this option is required"
 )
 
 
@@ -21,7 +21,7 @@ def _tokenizer(spec: str | None, vocab_size: int) -> str:
     from spectralds.data import build_tokenizer
 
     if spec is None:
-        if vocab_size > 256:
+        if vocab_size != 256:
             raise UserError(f"the source's vocabulary has {vocab_size} ids: pass --tokenizer (a .tiktoken "
                             "or tokenizer.json file; both reference LMs use o200k_base.tiktoken) or 'byte'")
         spec = "byte"

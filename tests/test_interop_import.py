@@ -335,3 +335,29 @@ def test_row_filters_not_ours_are_carried_in_the_checkpoint(tmp_path, kind):
     ref = reference_logits(cfg, sd, bank, TOKENS)
     assert rel(ours(imported), ref) < 1e-10
     assert rel(ours(imported, torch.float32), ref) < 2e-5
+
+
+def test_sharded_directory_and_filter_path_file(tmp_path):
+    """A save_pretrained directory in shards (index.json), its bank in the config's filter_path file
+    (relative: read beside the weights) instead of a `phi` tensor."""
+    from safetensors.torch import save_file
+
+    cfg = fs2_config(filter_path="filters.pt")
+    sd, bank = random_state_dict(cfg, 9), hankel_bank(64, 6, False)
+    src = tmp_path / "src"
+    src.mkdir()
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(src / name))
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (src / "config.json").write_text(json.dumps(cfg))
+    torch.save({"phi": bank, "shape": [64, 6]}, src / "filters.pt")
+    imported = import_flash_stu(src)
+    assert "filters.pt" in imported.match.origin
+    assert rel(ours(imported), reference_logits(cfg, sd, bank, TOKENS)) < 1e-10
+    (src / "filters.pt").unlink()
+    with pytest.raises(UserError, match="filters.pt"):
+        import_flash_stu(src)

@@ -51,7 +51,7 @@ class Imported:
             lines.append(self.match.describe())
         lines += [f"note: {n}" for n in self.arch.notes + self.notes]
         if num_params is not None:
-            lines.append(f"parameters: {num_params:,} ({num_params / 1e6:.1f}M)")
+            lines.append(f"parameters: {num_params:,} ({num_params / 1e6:.4g}M)")
         return lines
 
 
