@@ -1,14 +1,18 @@
 """Attention positions: RoPE, none, ALiBi (after the soft cap), exact in every kernel and decoding path."""
 
 import math
+import warnings
 
 import pytest
 import torch
+from test_decode_batched import prompts, rel, static_decode
 
 from spectralds.errors import UserError
+from spectralds.generate import generate, prefill_prompts
 from spectralds.layers import attention
 from spectralds.layers.attention import RingKVCache, SlidingWindowAttention, merge_caches
 from spectralds.layers.positions import alibi_slopes
+from spectralds.models import LanguageModel
 
 F64 = torch.float64
 
@@ -130,6 +134,53 @@ def test_merged_prompts_of_different_lengths_decode_as_each_alone(window, static
             y_t, state = layer.step(x_t, state)
             expected = torch.stack([f[n + i] for f, n in zip(fulls, lengths, strict=True)])
             torch.testing.assert_close(y_t, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_language_model_with_alibi_decodes_batched_prompts_as_each_alone(window):
+    torch.manual_seed(0)
+    attn = {"num_heads": 2, "window_size": window, "positions": "alibi", "alibi_slope_scale": 0.25}
+    model = LanguageModel(vocab_size=32, dim=16, num_layers=2, layer_pattern=["lds", "attn"], seq_len=40,
+                          num_filters=4, layer_kwargs={"attn": attn, "lds": {"state_dim": 8}}).eval()
+    assert model.blocks[1].mixer.alibi_slope_scale == 0.25
+    batch = prompts()
+    out = generate(model, batch, 10)
+    assert all(torch.equal(o, generate(model, p[None], 10)[0]) for o, p in zip(out, batch, strict=True))
+    with torch.inference_mode():
+        logits, states = prefill_prompts(model, batch)
+        full = [model(o[None, :-1])[0, -10:] for o in out]  # the forward's logits at generated positions
+        eager = []
+        for i in range(10):
+            eager.append(logits)
+            assert rel(logits, torch.stack([f[i] for f in full])) < 1e-5
+            logits, states = model.step(logits.argmax(-1), states)
+        if window is not None:
+            assert rel(static_decode(model, batch, 10), torch.stack(eager)) < 1e-6
+
+
+def test_the_ring_step_with_alibi_has_no_position_baked_in():
+    """Traced once (as a CUDA graph records it), replayed past the ring's wrap: still exact."""
+    layer = make("alibi", window_size=4).requires_grad_(False)
+    x = torch.randn(2, 14, 24, dtype=F64)
+    with torch.no_grad():
+        full = layer(x)
+        ring = layer.static_state(layer.prefill(x[:, :3])[1])
+        layer.step(x[:, 3], RingKVCache(ring.k.clone(), ring.v.clone(), ring.pos.clone()))  # slopes cached
+
+        def flat_step(x_t, k, v, pos):
+            y, state = layer.step(x_t, RingKVCache(k, v, pos))
+            return y, *state
+
+        with warnings.catch_warnings():  # a position read on the host shows up as one of these warnings
+            tracer = torch.jit.TracerWarning
+            warnings.filterwarnings("error", message=".*(Python|constant)", category=tracer)
+            warnings.filterwarnings("ignore", message="Iterating over a tensor", category=tracer)
+            traced = torch.jit.trace(flat_step, (x[:, 3], ring.k.clone(), ring.v.clone(), ring.pos.clone()),
+                                     check_trace=False)
+        state = tuple(ring)
+        for t in range(3, 14):
+            y, *state = traced(x[:, t], *state)
+            torch.testing.assert_close(y, full[:, t], rtol=1e-10, atol=1e-10)
 
 
 def test_without_positions_the_last_output_ignores_the_order_of_earlier_tokens():

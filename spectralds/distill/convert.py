@@ -12,6 +12,10 @@ layer is swapped, when either is above it. Both cost well under a second per lay
 probe runs batch 1 on a few channels: FFT convolution for the STU, the chunked scan for the LDS).
 Each measured LDS is dropped before the next is built and rebuilt, the same way, at the swap: the
 conversion holds one layer more than the module, not a second copy of every converted layer.
+
+A layer that carries its own filter bank (`store_filters`, e.g. a source's, whose columns may differ
+from ours in order and sign) gets the fit's columns matched to its bank by measurement
+(`spectralds.distill.bank_match`), or a one-line refusal.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spectralds.distill.bank_match import fit_for_bank
 from spectralds.distill.lds_file import LDSFit
 from spectralds.distill.measure import relative_mse, target_filters
 from spectralds.errors import UserError, UserTypeError
@@ -52,6 +57,7 @@ def lds_from_stu(stu: nn.Module, fit: LDSFit) -> LDS:
     if not isinstance(stu, STU_TYPES):
         raise UserTypeError(f"expected an STU or STU-T layer, got {type(stu).__name__}")
     check_fit_matches(stu, fit)
+    fit = fit_for_bank(stu, fit)  # a bank the layer carries: the fit's columns matched to it, or refused
     tensordot = isinstance(stu, STUTensordot)
     # AR terms (spectralds.layers.ar) are not part of the convolution: carried over unchanged.
     ar = {"ar_order": stu.ar.order} if stu.ar is not None else {}
