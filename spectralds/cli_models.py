@@ -12,7 +12,7 @@ from spectralds.io import check_output_path
 _TOKENIZER_HELP = (
     "the tokenizer recorded in the checkpoint for generate/eval: 'byte', or a path to a .tiktoken or "
     "tokenizer.json file (stored as an absolute path; both reference LMs use o200k_base.tiktoken). Its token "
-    "count must fit the source's vocab_size. Default: 'byte' when the vocabulary has exactly 256 ids (as "
+    "count must fit the source's vocab_size. None: 'byte' when the vocabulary has exactly 256 ids (as "
     "byte-level models do), otherwise this option is required"
 )
 
@@ -54,7 +54,7 @@ def import_model_main(argv: list[str]) -> None:
                    help="the source's format; auto: flash-stu-2 when the config has n_embd, spectralds-paper "
                    "when it has dim and num_layers")
     p.add_argument("--config", default=None,
-                   help="the source's config.json (default: config.json in the directory or beside the file)")
+                   help="the source's config.json (None: config.json in the directory or beside the file)")
     p.add_argument("--filters", default="auto",
                    help="the filter bank the source ran with: auto (flash-stu-2's saved 'phi' tensor, else "
                    "its filter_path file; the paper code saves none, so it needs one of the others), a file "
@@ -63,7 +63,7 @@ def import_model_main(argv: list[str]) -> None:
                    "machine's)")
     p.add_argument("--tokenizer", default=None, help=_TOKENIZER_HELP)
     p.add_argument("--norm-eps", type=float, default=None,
-                   help="RMSNorm epsilon (default: the machine epsilon of the source's torch_dtype, which "
+                   help="RMSNorm epsilon (None: the machine epsilon of the source's torch_dtype, which "
                    "the references' nn.RMSNorm(eps=None) used; give 1e-6 for a model trained with Liger's "
                    "RMSNorm)")
     a = p.parse_args(argv)
