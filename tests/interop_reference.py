@@ -201,7 +201,7 @@ def reference_logits(cfg: dict, sd: dict[str, torch.Tensor], bank: torch.Tensor,
     """Float64 logits of the reference model: pre-norm blocks, GELU-tanh gated MLP, RMSNorm with the
     machine epsilon of torch_dtype (nn.RMSNorm(eps=None)), the head tied to the embedding."""
     sd = {k: t.to(F64) for k, t in sd.items()}
-    eps = DTYPE_EPS[cfg.get("torch_dtype")] if eps is None else eps
+    eps = DTYPE_EPS[cfg.get("torch_dtype", cfg.get("dtype"))] if eps is None else eps
     head = sd.get("lm_head.weight", sd.get("tok_emb.weight"))
     emb = sd.get("tok_emb.weight", head)
     x = emb[tokens]

@@ -98,9 +98,12 @@ def test_row_biases_on_every_linear(tmp_path):
     assert rel(ours(imported), reference_logits(cfg, sd, bank, TOKENS)) < 1e-10
 
 
-@pytest.mark.parametrize("dtype,eps", [("float32", 2.0**-23), ("bfloat16", 2.0**-7)])
+@pytest.mark.parametrize("dtype,eps", [("float32", 2.0**-23), ("bfloat16", 2.0**-7), ("dtype", 2.0**-7)])
 def test_row_rmsnorm_eps_is_the_sources_dtype_eps(tmp_path, dtype, eps):
     cfg = fs2_config(use_attn=False, torch_dtype=dtype)
+    if dtype == "dtype":  # transformers 5 writes `dtype` instead of `torch_dtype`
+        cfg.pop("torch_dtype")
+        cfg["dtype"] = dtype = "bfloat16"
     path, sd, bank = source(tmp_path, cfg)
     imported = import_flash_stu(path)
     assert imported.arch.norm_eps == eps and imported.hparams["norm_eps"] == eps

@@ -96,10 +96,12 @@ class _Fields:
         return value
 
     def dtype(self, default: str | None) -> torch.dtype:
-        name = self.get("torch_dtype", str, default)
+        # transformers 5 writes `dtype` where 4.x wrote `torch_dtype`
+        key = "torch_dtype" if "torch_dtype" in self.config or "dtype" not in self.config else "dtype"
+        name = self.get(key, str, default)
         name = "float32" if name is None else name.removeprefix("torch.")
         if name not in _DTYPES:
-            raise UserError(f"config field 'torch_dtype' {name!r} is not one of {', '.join(_DTYPES)}")
+            raise UserError(f"config field {key!r} {name!r} is not one of {', '.join(_DTYPES)}")
         return _DTYPES[name]
 
 
