@@ -59,8 +59,8 @@ def import_model_main(argv: list[str]) -> None:
                    help="the filter bank the source ran with: auto (flash-stu-2's saved 'phi' tensor, else "
                    "its filter_path file; the paper code saves none, so it needs one of the others), a file "
                    "(.npy, .pt, .safetensors; e.g. SpectraLDS's models/spectral_filters.npy) or 'eigh' "
-                   "(recomputed here as the reference does; its eigenvector signs may differ from the source "
-                   "machine's)")
+                   "(recomputed here as the reference does, by dense eigh: minutes at seq_len 8192; its "
+                   "eigenvector signs may differ from the source machine's)")
     p.add_argument("--tokenizer", default=None, help=_TOKENIZER_HELP)
     p.add_argument("--norm-eps", type=float, default=None,
                    help="RMSNorm epsilon (None: the machine epsilon of the source's torch_dtype, which "

@@ -61,6 +61,7 @@ def test_import_model_bad_inputs_are_one_line(cli_env, capsys, tmp_path):
     src = fs2_source(tmp_path / "src")
     base = ["import-model", str(src), "--out", "m.ckpt"]
     assert "--format" in one_line_error(capsys, [*base, "--format", "x"])
+    assert "no field 'dim'" in one_line_error(capsys, [*base, "--format", "spectralds-paper"])
     err = one_line_error(capsys, ["import-model", str(src / "model.safetensors"), "--out",
                                   str(src / "model.safetensors")])
     assert "source's own file" in err
