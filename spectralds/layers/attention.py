@@ -110,7 +110,7 @@ class SlidingWindowAttention(SequenceLayer):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
         self.softcap, self.dropout = softcap, dropout
-        self._slopes: dict[torch.device, torch.Tensor] = {}  # float64 per device, made outside CUDA graphs
+        self._slopes: dict[tuple, torch.Tensor] = {}  # float64 per device, made before any CUDA graph
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.o_proj = nn.Linear(dim, dim, bias=bias)
 
@@ -125,10 +125,11 @@ class SlidingWindowAttention(SequenceLayer):
         """(heads,) ALiBi slopes on like's device, in its dtype or float32 at least; None without ALiBi."""
         if self.positions != "alibi":
             return None
-        if like.device not in self._slopes:
+        key = (like.device, self.alibi_slope_scale)  # a plain attribute: a change makes new slopes
+        if key not in self._slopes:
             slopes = alibi_slopes(self.num_heads, self.alibi_slope_scale)
-            self._slopes[like.device] = torch.tensor(slopes, dtype=torch.float64, device=like.device)
-        return at_least_float32(self._slopes[like.device], like.dtype)
+            self._slopes[key] = torch.tensor(slopes, dtype=torch.float64, device=like.device)
+        return at_least_float32(self._slopes[key], like.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._sequence(x)[0]  # training builds no KV cache
@@ -216,7 +217,8 @@ class SlidingWindowAttention(SequenceLayer):
             scores = self.softcap * torch.tanh(scores / self.softcap)
         return scores if slopes is None else scores + alibi_bias(slopes.to(scores.dtype), lag)
 
-    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None):
+    def _flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor | None
+              ) -> torch.Tensor:
         """FlexAttention with a cached causal (windowed) block mask; compiled on CUDA (eager is unfused)."""
         global _compiled_flex
         T, window, cap = q.shape[2], self.window_size, self.softcap
