@@ -364,3 +364,15 @@ def test_sharded_directory_and_filter_path_file(tmp_path):
     (src / "filters.pt").unlink()
     with pytest.raises(UserError, match="filters.pt"):
         import_flash_stu(src)
+
+
+def test_fs2_filter_file_wins_over_the_saved_phi(tmp_path):
+    """flash-stu-2's layers use the bank of its filter_path file; a different saved `phi` is named."""
+    cfg = fs2_config(use_attn=False, filter_path="filters.pt")
+    file_bank = hankel_bank(64, 6, False)
+    saved = torch.linalg.qr(torch.randn(64, 6, generator=torch.Generator().manual_seed(2), dtype=F64))[0]
+    path, sd, _ = source(tmp_path, cfg, bank=saved)
+    torch.save({"phi": file_bank}, path / "filters.pt")
+    imported = import_flash_stu(path)
+    assert imported.match.ours and "differs" in imported.match.origin
+    assert rel(ours(imported), reference_logits(cfg, sd, file_bank, TOKENS)) < 1e-10

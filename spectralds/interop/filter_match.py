@@ -85,21 +85,26 @@ def _read_bank(path: Path) -> torch.Tensor:
 
 
 def source_bank(source: Source, arch: SourceArch, filters: str | os.PathLike) -> tuple[torch.Tensor, str]:
-    """(bank, where it came from). filters: "auto" (the source's own: flash-stu-2's `phi` tensor, else
-    its filter_path file), "eigh" (recomputed as the reference does) or a file (.npy, .pt, .safetensors)."""
+    """(bank, where it came from). filters: "auto" (the source's own: flash-stu-2's filter_path file when
+    it is there, which its layers use, else its saved `phi` tensor), "eigh" (recomputed as the reference
+    does) or a file (.npy, .pt, .safetensors)."""
     if str(filters) == "eigh":
         solver = "numpy" if arch.format == "flash-stu-2" else "torch"
         bank = reference_eigh_bank(arch.seq_len, arch.num_filters, arch.hankel_L, solver)
         return bank, f"{solver}.linalg.eigh on this machine"
     if str(filters) != "auto":
         bank, origin = _read_bank(Path(filters)), str(filters)
+    elif arch.filter_path is not None and (_filter_file(source, arch).is_file() or "phi" not in source):
+        path = _filter_file(source, arch)
+        bank, origin = _read_bank(path), f"filter_path {path}"
+        if "phi" in source:  # flash-stu-2's layers use the file's bank, whatever it saved as `phi`
+            saved = source.get("phi").to(torch.float64)
+            if saved.shape != bank.shape or not torch.equal(saved, bank.to(torch.float64)):
+                origin += " (the saved 'phi' differs from it; flash-stu-2's layers use the file's bank)"
     elif "phi" in source:
         bank, origin = source.get("phi"), "the source's 'phi' tensor"
-    elif arch.filter_path is not None:
-        path = Path(arch.filter_path)
-        base = source.path if source.path.is_dir() else source.path.parent
-        path = path if path.is_absolute() or path.is_file() else base / path
-        bank, origin = _read_bank(path), f"filter_path {path}"
+        if arch.filter_path is not None:
+            origin += f" (its filter_path {arch.filter_path} is not there)"
     else:
         raise UserError("the source holds no filter bank (the paper code never saves one): pass --filters "
                         "FILE (the bank it ran with, e.g. SpectraLDS's models/spectral_filters.npy) or "
@@ -111,6 +116,13 @@ def source_bank(source: Source, arch: SourceArch, filters: str | os.PathLike) ->
     if not bool(bank.isfinite().all()):
         raise UserError(f"the filter bank from {origin} holds NaN or Inf")
     return bank, origin
+
+
+def _filter_file(source: Source, arch: SourceArch) -> Path:
+    """The config's filter_path, read relative to the source when it is not a file from here."""
+    path = Path(arch.filter_path)
+    base = source.path if source.path.is_dir() else source.path.parent
+    return path if path.is_absolute() or path.is_file() else base / path
 
 
 def match_filters(bank: torch.Tensor, hankel_L: bool, origin: str) -> FilterMatch:
