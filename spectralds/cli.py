@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                         "fit one diagonal LDS to the spectral filters"),
     "import-fit": ("spectralds.cli_fits:import_fit_main",
                    "convert a released Flash STU 2 / SpectraLDS fit to ours, measured"),
+    "import-model": ("spectralds.cli_models:import_model_main",
+                     "a flash-stu-2 / SpectraLDS paper checkpoint as ours"),
     "distill": ("spectralds.cli_distill:distill_main",
                 "distill a checkpoint's STU layers to LDS (optionally pruned), no training"),
     "eval": ("spectralds.cli_eval:eval_main",
