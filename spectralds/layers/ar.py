@@ -98,8 +98,7 @@ class AutoRegressive(nn.Module):
 
 def make_ar(dim: int, dim_out: int, ar_order: int) -> AutoRegressive | None:
     """The AR module of a layer, or None for ar_order=0 (no parameters: checkpoint keys unchanged)."""
-    if isinstance(ar_order, bool) or not isinstance(ar_order, int) or ar_order < 0:
-        raise UserError(f"ar_order must be a non-negative integer, got {ar_order!r}")
+    check_int("ar_order", ar_order, minimum=0)
     return AutoRegressive(dim, dim_out, ar_order) if ar_order else None
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectralds.errors import UserError, UserTypeError, check_choice, check_int
+from spectralds.errors import UserError, UserTypeError, check_choice
 
 # The decoding algorithms of convolutional layers (STU, STU-T); see `SequenceLayer.decode_method`.
 DECODE_METHODS = ("futurefill", "naive")
@@ -46,12 +46,6 @@ def build_layer(name: str, **kwargs: Any) -> nn.Module:
     layer = _REGISTRY[name](**kwargs)
     layer.build_spec = {"name": name, **kwargs}  # see SequenceLayer.build_spec
     return layer
-
-
-def check_positive_int(name: str, value: Any, optional: bool = False) -> None:
-    """Kept for `spectralds.models.lm`: `spectralds.errors.check_int` (>= 1), None allowed if optional."""
-    if not (optional and value is None):
-        check_int(name, value)
 
 
 def layer_spec(layer: nn.Module) -> dict[str, Any] | None:

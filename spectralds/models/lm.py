@@ -17,9 +17,9 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from spectralds.errors import UserError, UserTypeError, check_bool, check_float
+from spectralds.errors import UserError, UserTypeError, check_bool, check_float, check_int
 from spectralds.layers.blocks import Block, RMSNorm
-from spectralds.layers.registry import SequenceLayer, check_positive_int, check_start
+from spectralds.layers.registry import SequenceLayer, check_start
 from spectralds.models.common import (
     SpectralModule,
     build_mixers,
@@ -32,9 +32,8 @@ from spectralds.models.common import (
 def _check_config(vocab_size, dim, num_layers, layer_pattern, seq_len, mlp_ratio, layer_kwargs) -> None:
     """Clear errors for malformed arguments, before any of them reaches a torch constructor."""
     for name, value in (("vocab_size", vocab_size), ("dim", dim), ("seq_len", seq_len)):
-        check_positive_int(name, value)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
-        raise UserError(f"num_layers must be a non-negative integer, got {num_layers!r}")
+        check_int(name, value)
+    check_int("num_layers", num_layers, minimum=0)
     names_ok = isinstance(layer_pattern, Sequence) and not isinstance(layer_pattern, str)
     if layer_pattern is not None and not (names_ok and all(isinstance(n, str) for n in layer_pattern)):
         raise UserTypeError(f"layer_pattern must be a list of layer names, got {layer_pattern!r}")
