@@ -49,7 +49,7 @@ import torch
 from safetensors.torch import load, save
 
 from spectralds.errors import UserError, UserTypeError, check_choice, check_int
-from spectralds.io import cache_dir, tensor_hash, write_cache  # cache_dir: also re-exported here
+from spectralds.io import cache_dir, tensor_hash, write_cache
 
 VARIANTS = ("hankel", "hankel_L", "tensor")
 EIGEN_SOLVERS = ("auto", "eigh", "lanczos")

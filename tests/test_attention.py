@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from spectralds.layers import attention
-from spectralds.layers.attention import SlidingWindowAttention, rope
+from spectralds.layers.attention import SlidingWindowAttention
+from spectralds.layers.positions import rope
 from spectralds.layers.registry import build_layer
 
 

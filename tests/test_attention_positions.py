@@ -10,7 +10,8 @@ from test_decode_batched import prompts, rel, static_decode
 from spectralds.errors import UserError
 from spectralds.generate import generate, prefill_prompts
 from spectralds.layers import attention
-from spectralds.layers.attention import RingKVCache, SlidingWindowAttention, merge_caches
+from spectralds.layers.attention import SlidingWindowAttention
+from spectralds.layers.kv_cache import RingKVCache, merge_caches
 from spectralds.layers.positions import alibi_slopes
 from spectralds.models import LanguageModel
 

@@ -15,7 +15,7 @@ from spectralds.generate import (
     set_decode_method,
     static_states,
 )
-from spectralds.layers.attention import KVCache, RingKVCache
+from spectralds.layers.kv_cache import KVCache, RingKVCache
 from spectralds.models import LanguageModel
 
 LENGTHS = (3, 9, 1, 6)  # the window (4) is shorter than some prompts and longer than others

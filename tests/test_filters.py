@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from spectralds import filters
 from spectralds.filters import hankel_eigenvalues, hankel_matrix, spectral_filters, tensor_filters
+from spectralds.io import cache_dir
 
 EPS = torch.finfo(torch.float64).eps
 
@@ -189,7 +190,7 @@ def test_tensor_filters_follow_the_vandermonde_factorization():
 
 def test_cache_hit_miss_and_corrupt_file(monkeypatch):
     path = filters._cache_path(200, 8, "hankel", "auto")
-    assert str(path).startswith(str(filters.cache_dir())) and not path.exists()
+    assert str(path).startswith(str(cache_dir())) and not path.exists()
     first = spectral_filters(200, 8, dtype=torch.float32)
     assert path.exists() and first.dtype == torch.float32
     assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
@@ -214,7 +215,7 @@ def test_cache_hit_miss_and_corrupt_file(monkeypatch):
 
 def test_use_cache_false_writes_nothing():
     spectral_filters(50, 4, use_cache=False)
-    assert not filters.cache_dir().exists() or not any(filters.cache_dir().iterdir())
+    assert not cache_dir().exists() or not any(cache_dir().iterdir())
 
 
 @pytest.mark.parametrize(

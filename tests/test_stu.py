@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from spectralds.filters import spectral_filters
 from spectralds.layers import futurefill, stu
 from spectralds.layers.registry import build_layer
-from spectralds.layers.stu import STU, STUTensordot, alternating
+from spectralds.layers.stu import STU, STUTensordot
 from spectralds.ops import fft_conv
+from spectralds.ops.fft_conv import alternating
 
 F64 = torch.float64
 LAYERS = [STU, STUTensordot]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spectralds.layers import build_layer
-from spectralds.layers.attention import window_mask
+from spectralds.layers.attention_masks import window_mask
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

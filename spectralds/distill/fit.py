@@ -49,13 +49,13 @@ from spectralds.distill.measure import (
     relative_mse,
     target_filters,
 )
-from spectralds.distill.varpro import (  # noqa: F401 - re-exported: _fit_varpro for tests
+from spectralds.distill.varpro import (
     F64,
     TIE,
     _cost,
-    _fit_varpro,
     _powers,
     _single_thread,
+    fit_varpro,
     hankel_singular_values,
 )
 from spectralds.errors import UserError, check_choice, check_int
@@ -144,7 +144,7 @@ def fit_filters(
                 # Continuation: also start from the fit with one pole (two states) fewer. For an odd
                 # state_dim the mirrored fit of state_dim - 1 states only seeds the joint one.
                 n, even = state_dim // 2, state_dim % 2 == 0
-                fits = _fit_varpro(phi, n, n - 1 if even else 0, on_step=stage("mirrored fit"))
+                fits = fit_varpro(phi, n, n - 1 if even else 0, on_step=stage("mirrored fit"))
                 candidates += [_mirrored(*system) for _, system in fits] if even else []
                 mirrored_poles = min(fits, key=lambda f: _cost(phi, f[0]))[0]
             bar.update()
@@ -152,7 +152,7 @@ def fit_filters(
                 # The mirrored fit's poles (a, -a) are a joint start of its cost: the joint fit's
                 # continuation, at a fraction of the cost of a second joint fit with fewer states.
                 seeds = () if mirrored_poles is None else (torch.cat([mirrored_poles, -mirrored_poles]),)
-                fits = _fit_varpro(targets, state_dim, seeds=seeds, on_step=stage("joint fit"))
+                fits = fit_varpro(targets, state_dim, seeds=seeds, on_step=stage("joint fit"))
                 candidates += [system for _, system in fits]
             bar.update()
             # One error decides, the float64 one the fit reports: within a layout (the Hankel start or the

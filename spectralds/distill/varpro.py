@@ -195,7 +195,7 @@ def _farthest(x: torch.Tensor, pool: torch.Tensor, count: int) -> torch.Tensor:
     return pool[gaps.argsort(descending=True)[:count]]
 
 
-def _fit_varpro(
+def fit_varpro(
     Y: torch.Tensor, n: int, smaller: int = 0, seeds: tuple[torch.Tensor, ...] = (), on_step=None
 ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
     """Refined poles x (n,) and their float32-rounded system (a, B, C) for the columns of Y, one per start.

@@ -320,5 +320,4 @@ class STUTensordot(SpectralConv):
         return self._kernel(self.seq_len, compute_dtype(self.M_inputs.dtype))
 
 
-__all__ = ["DECODE_METHODS", "STU", "ConvDecodeState", "STUTensordot", "SpectralConv", "alternating",
-           "fft_size"]
+__all__ = ["STU", "STUTensordot", "SpectralConv"]
