@@ -169,7 +169,7 @@ needs_flex = pytest.mark.skipif(attention.flex_attention is None, reason="torch 
 def test_flex_kernel_matches_reference_on_cpu(window, softcap):
     """FlexAttention's block mask and soft-cap score_mod, against the reference (RoPE included). CPU: no
     backward in torch 2.13, so forward only."""
-    layer = make(window_size=window, softcap=softcap, kernel="flex")
+    layer = make(window_size=window, softcap=softcap, backend="flex")
     x = torch.randn(2, 37, 16, dtype=torch.float64)
     with torch.no_grad():
         y = layer(x)
@@ -182,8 +182,8 @@ def test_flex_kernel_matches_reference_on_cpu(window, softcap):
 def test_sdpa_and_math_kernels_agree_forward_and_backward(window):
     x = torch.randn(2, 21, 16, dtype=torch.float64, requires_grad=True)
     results = []
-    for kernel in ("sdpa", "math"):
-        layer = make(window_size=window, kernel=kernel)
+    for backend in ("sdpa", "math"):
+        layer = make(window_size=window, backend=backend)
         y = layer(x)
         results.append([y, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])])
     assert torch.allclose(results[0][0], reference_attention(layer, x.detach()), atol=1e-12)
@@ -193,25 +193,25 @@ def test_sdpa_and_math_kernels_agree_forward_and_backward(window):
 
 def test_auto_kernel_choice_and_forced_kernel_errors():
     x = torch.randn(1, 8, 16, dtype=torch.float64)
-    assert make(window_size=4)._kernel_for(x, 0.0) == "sdpa"  # CPU: FlexAttention has no backward here
-    assert make(softcap=3.0)._kernel_for(x, 0.0) == "math"
-    with pytest.raises(ValueError, match="kernel"):
-        SlidingWindowAttention(16, num_heads=2, kernel="xformers")
+    assert make(window_size=4)._backend_for(x, 0.0) == "sdpa"  # CPU: FlexAttention has no backward here
+    assert make(softcap=3.0)._backend_for(x, 0.0) == "math"
+    with pytest.raises(ValueError, match="backend"):
+        SlidingWindowAttention(16, num_heads=2, backend="xformers")
     with pytest.raises(ValueError, match="soft cap"):
-        make(softcap=3.0, kernel="sdpa")(x)
+        make(softcap=3.0, backend="sdpa")(x)
     if attention.flash_attn_func is None:
         with pytest.raises(ValueError, match="flash-attn"):
-            make(kernel="flash")(x)
+            make(backend="flash")(x)
     if attention.flex_attention is not None:
         with pytest.raises(ValueError, match="backward on CPU"):
-            make(window_size=4, kernel="flex")(x.requires_grad_())
+            make(window_size=4, backend="flex")(x.requires_grad_())
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or attention.flex_attention is None, reason="needs CUDA")
 @pytest.mark.parametrize("window, softcap", [(None, None), (64, None), (64, 30.0)])
 def test_flex_attention_matches_sdpa_on_gpu(window, softcap):
-    layers = [make(dim=128, heads=2, window_size=window, softcap=softcap, kernel=k).float().cuda()
+    layers = [make(dim=128, heads=2, window_size=window, softcap=softcap, backend=k).float().cuda()
               for k in ("flex", "math")]
     x = torch.randn(2, 300, 128, device="cuda", requires_grad=True)
     out = []
@@ -233,3 +233,15 @@ def test_banded_sdpa_is_the_windowed_mask(T, window):
     for a, b in zip(torch.autograd.grad((out * w).sum(), [q, k, v]),
                     torch.autograd.grad((ref * w).sum(), [q, k, v]), strict=True):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_renamed_backend_argument_still_builds_with_a_warning():
+    """Checkpoints and configs written when the attention backend was called `kernel` still load."""
+    from spectralds.errors import UserError
+    from spectralds.layers import build_layer
+
+    with pytest.warns(FutureWarning, match="'kernel' is now called 'backend'"):
+        layer = build_layer("attn", dim=16, num_heads=2, kernel="math")
+    assert layer.backend == "math" and layer.build_spec["backend"] == "math"
+    with pytest.raises(UserError, match="both 'kernel' and its new name 'backend'"):
+        build_layer("attn", dim=16, num_heads=2, kernel="math", backend="sdpa")

@@ -1,4 +1,4 @@
-"""Attention positions: RoPE, none, ALiBi (after the soft cap), exact in every kernel and decoding path."""
+"""Attention positions: RoPE, none, ALiBi (after the soft cap), exact in every backend and decoding path."""
 
 import math
 import warnings
@@ -58,18 +58,18 @@ def test_alibi_slopes_are_the_papers():
     assert alibi_slopes(1) == [2.0**-8]
 
 
-KERNELS = ["math", "sdpa"] + (["flex"] if attention.flex_attention is not None else [])
+BACKENDS = ["math", "sdpa"] + (["flex"] if attention.flex_attention is not None else [])
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("positions, scale", [("alibi", 1.0), ("alibi", 0.25), ("none", 1.0)])
 @pytest.mark.parametrize("window", [None, 1, 4, 5])  # 4, 5: T = 23 > 2 window takes the banded SDPA path
 @pytest.mark.parametrize("softcap", [None, 2.0])
-def test_every_kernel_matches_the_plain_reference(kernel, positions, scale, window, softcap):
-    if kernel == "sdpa" and softcap is not None:
+def test_every_backend_matches_the_plain_reference(backend, positions, scale, window, softcap):
+    if backend == "sdpa" and softcap is not None:
         pytest.skip("SDPA has no soft cap")
-    layer = make(positions, window_size=window, softcap=softcap, kernel=kernel, alibi_slope_scale=scale)
+    layer = make(positions, window_size=window, softcap=softcap, backend=backend, alibi_slope_scale=scale)
     x = torch.randn(2, 23, 24, dtype=F64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-11, atol=1e-11)
@@ -88,8 +88,8 @@ def test_the_bias_enters_after_the_soft_cap():
 def test_sdpa_and_math_agree_in_backward(window):
     x = torch.randn(2, 21, 24, dtype=F64, requires_grad=True)
     grads = []
-    for kernel in ("sdpa", "math"):
-        layer = make(window_size=window, kernel=kernel, alibi_slope_scale=0.25)
+    for backend in ("sdpa", "math"):
+        layer = make(window_size=window, backend=backend, alibi_slope_scale=0.25)
         grads.append(torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()]))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -226,7 +226,7 @@ def test_bad_positions_are_one_line_user_errors(kwargs, message):
 )
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_flash_attention_alibi_matches_math_on_gpu(softcap):
-    layers = [make("alibi", dim=128, heads=4, window_size=64, softcap=softcap, kernel=k,
+    layers = [make("alibi", dim=128, heads=4, window_size=64, softcap=softcap, backend=k,
                    alibi_slope_scale=0.25).float().cuda() for k in ("math", "flash")]
     x = torch.randn(2, 300, 128, device="cuda")
     with torch.no_grad():
@@ -239,7 +239,7 @@ def test_flash_attention_alibi_matches_math_on_gpu(softcap):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or attention.flex_attention is None, reason="needs CUDA")
 def test_flex_alibi_matches_math_on_gpu():
-    layers = [make("alibi", dim=128, heads=4, window_size=64, softcap=30.0, kernel=k,
+    layers = [make("alibi", dim=128, heads=4, window_size=64, softcap=30.0, backend=k,
                    alibi_slope_scale=0.25).float().cuda() for k in ("math", "flex")]
     x = torch.randn(2, 300, 128, device="cuda", requires_grad=True)
     out = []

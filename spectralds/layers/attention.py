@@ -3,7 +3,7 @@
 Token t attends to tokens t - window + 1 .. t (all earlier ones when window_size is None). `positions`:
 "rope" rotates queries and keys by their position, "alibi" adds -slope_h (t - s) to each score after the
 soft cap (as flash-attn does), "none" leaves order to the causal mask; scores depend on positions only
-through t - s (see `spectralds.layers.positions`). Training kernels (`kernel`, "auto" picks by device
+through t - s (see `spectralds.layers.positions`). Training backends (`backend`, "auto" picks by device
 and availability): flash-attn on CUDA fp16/bf16 when installed; else on CUDA FlexAttention (compiled;
 its block mask skips blocks outside the window, soft cap and ALiBi are a score_mod); else PyTorch SDPA
 (is_causal for full attention, an explicit mask for a window or ALiBi), or plain math when a soft cap
@@ -35,7 +35,7 @@ except ImportError:  # optional dependency: spectralds[gpu]
     flash_attn_func = None
 from spectralds.layers.attention_masks import banded_sdpa, flex_attention, flex_masks, score_mask, window_mask
 
-KERNELS = ("auto", "flash", "flex", "sdpa", "math")
+BACKENDS = ("auto", "flash", "flex", "sdpa", "math")
 _compiled_flex = None  # flex_attention is only fused under torch.compile: compiled once per process
 
 
@@ -56,7 +56,7 @@ class SlidingWindowAttention(SequenceLayer):
         softcap: float | None = None,
         dropout: float = 0.0,
         bias: bool = False,
-        kernel: str = "auto",
+        backend: str = "auto",
         positions: str = "rope",
         alibi_slope_scale: float = 1.0,
     ) -> None:
@@ -77,7 +77,7 @@ class SlidingWindowAttention(SequenceLayer):
         if softcap is not None:
             check_float("softcap", softcap, minimum=0, strict=True)
         check_float("dropout", dropout, minimum=0, maximum=1)
-        self.kernel = check_choice("kernel", kernel, KERNELS)
+        self.backend = check_choice("backend", backend, BACKENDS)
         self._block_masks: dict[tuple, object] = {}  # FlexAttention: (block mask, score_mod), see _flex
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.seq_len, self.rope_theta = window_size, seq_len, rope_theta
@@ -145,20 +145,20 @@ class SlidingWindowAttention(SequenceLayer):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None = None
     ) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        kernel = self._kernel_for(q, p)
-        if start is not None and kernel in ("flash", "flex"):  # a per-row padding mask: SDPA or math
-            kernel = "sdpa" if self.softcap is None else "math"
+        backend = self._backend_for(q, p)
+        if start is not None and backend in ("flash", "flex"):  # a per-row padding mask: SDPA or math
+            backend = "sdpa" if self.softcap is None else "math"
         slopes = self.alibi_slopes(q)
-        if kernel == "flash":  # flash-attn adds the ALiBi bias after its soft cap, in float32
+        if backend == "flash":  # flash-attn adds the ALiBi bias after its soft cap, in float32
             window = (-1, -1) if self.window_size is None else (self.window_size - 1, 0)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, T, heads, hd)
             alibi = None if slopes is None else slopes.float()
             y = flash_attn_func(q, k, v, dropout_p=p, causal=True, window_size=window,
                                 softcap=self.softcap or 0.0, alibi_slopes=alibi)
             return y.transpose(1, 2)
-        if kernel == "flex":
+        if backend == "flex":
             return self._flex(q, k, v, slopes)
-        plain = kernel == "sdpa" and start is None  # no per-row padding mask
+        plain = backend == "sdpa" and start is None  # no per-row padding mask
         if plain and self.window_size is None and slopes is None:  # no mask tensor: CUDA's flash backend
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         if plain and self.window_size is not None and q.shape[2] > 2 * self.window_size:
@@ -167,34 +167,34 @@ class SlidingWindowAttention(SequenceLayer):
         if start is not None:  # (B, 1, T, T): real queries see real keys; padded ones only padding
             pad = padding_mask(start, q.shape[2])
             mask = mask & (~pad[:, None, None, :] | pad[:, None, :, None])
-        if kernel == "sdpa":
+        if backend == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=score_mask(lag, mask, slopes, q.dtype),
                                                   dropout_p=p)
         scores = self._capped_scores(q, k, slopes, lag)
         weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(-1), p)
         return weights.to(v.dtype) @ v
 
-    def _kernel_for(self, q: torch.Tensor, dropout: float) -> str:
-        """The kernel `self.kernel` asks for, checked; "auto": the fastest one that applies."""
-        kernel = check_choice("kernel", self.kernel, KERNELS)
+    def _backend_for(self, q: torch.Tensor, dropout: float) -> str:
+        """The backend `self.backend` asks for, checked; "auto": the fastest one that applies."""
+        backend = check_choice("backend", self.backend, BACKENDS)
         half = q.dtype in (torch.float16, torch.bfloat16)
-        if kernel == "auto":
+        if backend == "auto":
             if flash_attn_func is not None and q.is_cuda and half:
                 return "flash"
-            # FlexAttention's GPU kernels want a power-of-two head size of at least 16.
+            # FlexAttention's GPU code wants a power-of-two head size of at least 16.
             hd = self.head_dim
             if flex_attention is not None and q.is_cuda and not dropout and hd >= 16 and not hd & (hd - 1):
                 return "flex"
             return "math" if self.softcap is not None else "sdpa"
-        if kernel == "flash" and (flash_attn_func is None or not q.is_cuda or not half):
-            raise UserError("kernel='flash' needs flash-attn installed, a CUDA device and fp16/bf16 inputs")
-        if kernel == "flex" and (flex_attention is None or dropout):
-            raise UserError("kernel='flex' needs torch.nn.attention.flex_attention and no attention dropout")
-        if kernel == "flex" and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
-            raise UserError("kernel='flex' has no backward on CPU in this torch; use 'sdpa' to train there")
-        if kernel == "sdpa" and self.softcap is not None:
-            raise UserError("kernel='sdpa' has no logit soft cap; use 'math', 'flex' or 'auto'")
-        return kernel
+        if backend == "flash" and (flash_attn_func is None or not q.is_cuda or not half):
+            raise UserError("backend='flash' needs flash-attn installed, a CUDA device and fp16/bf16 inputs")
+        if backend == "flex" and (flex_attention is None or dropout):
+            raise UserError("backend='flex' needs torch.nn.attention.flex_attention and no attention dropout")
+        if backend == "flex" and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+            raise UserError("backend='flex' has no backward on CPU in this torch; use 'sdpa' to train there")
+        if backend == "sdpa" and self.softcap is not None:
+            raise UserError("backend='sdpa' has no logit soft cap; use 'math', 'flex' or 'auto'")
+        return backend
 
     def _capped_scores(
         self, q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor | None, lag: torch.Tensor | None

@@ -7,6 +7,7 @@ serializable; `build_layer` turns a name into a module. Other projects add layer
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,9 +44,27 @@ def build_layer(name: str, **kwargs: Any) -> nn.Module:
         raise UserTypeError(f"a layer name must be a string, got {name!r}")
     if name not in _REGISTRY:
         raise UserError(f"unknown layer {name!r}; registered layers: {', '.join(available_layers())}")
+    kwargs = _renamed_arguments(name, kwargs)
     layer = _REGISTRY[name](**kwargs)
     layer.build_spec = {"name": name, **kwargs}  # see SequenceLayer.build_spec
     return layer
+
+
+# Layer arguments renamed since checkpoints were first written: (layer, old name) -> new name. Old
+# checkpoints (their layer specs and hparams) and configs still build, with a warning naming the new one.
+RENAMED_ARGUMENTS = {("attn", "kernel"): "backend"}
+
+
+def _renamed_arguments(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    renamed = dict(kwargs)
+    for (layer, old), new in RENAMED_ARGUMENTS.items():
+        if layer == name and old in renamed:
+            if new in renamed:
+                raise UserError(f"layer {name!r} got both {old!r} and its new name {new!r}; keep {new!r}")
+            warnings.warn(f"layer {name!r}: the argument {old!r} is now called {new!r}", FutureWarning,
+                          stacklevel=3)
+            renamed[new] = renamed.pop(old)
+    return renamed
 
 
 def layer_spec(layer: nn.Module) -> dict[str, Any] | None:
