@@ -1,7 +1,7 @@
 """The CPU path choices are pinned: for a grid of shapes, the STU's arrangement and the LDS's sequence path
-on CPU equal the choices the layers made before the cost models moved to `spectralds.ops.costs`
-(captured from main at 8a613d4 into tests/assets/data/path_choices.json by `python -m
-tests.test_path_choices`, then never regenerated: a change of a CPU choice must be deliberate)."""
+on CPU equal the choices the layers made before the cost models moved to `spectralds.ops.costs`.
+tests/assets/data/path_choices.json holds them, {"stu": stu_choices(), "lds": lds_choices()} as computed
+once on main at 8a613d4 (the code before the move); a change of a CPU choice must be deliberate."""
 
 from __future__ import annotations
 
@@ -65,6 +65,3 @@ def test_the_lds_path_on_cpu_is_unchanged():
     assert len(now) == len(before) and set(before) == {"k", "p", "s", "c"}
     assert now == before, _differences(now, before, LDS_LAYERS, LDS_SHAPES)[:10]
 
-
-if __name__ == "__main__":  # the one-time capture (see the module docstring)
-    CHOICES.write_text(json.dumps({"stu": stu_choices(), "lds": lds_choices()}) + "\n")

@@ -21,7 +21,9 @@ Choose: the path of a layer for a shape on a device type, when its `conv_path` i
   CPU weights (matmul vs FFT speed of one thread) have no meaning on a GPU, and no GPU timing has been
   made to fit others; FLOPs are the device-neutral first guess, and memory is the other limit there.
   The one GPU measurement at hand (tools/results/h100/stu_path_*.json: STU dim 512, K 24, batch 8, L 1k-8k,
-  bf16) agrees: "kernel" (a third of the FLOPs) ran within 3-15% of "project" at 1/4-1/30 of its memory.
+  bf16): this rule takes "kernel" there (a third of the counted FLOPs; "project"'s spectra, 1.5-12 GiB,
+  are past the bound), which ran 3-17% slower than "project" at 1/4-1/30 of its peak memory. FLOPs alone
+  misjudge the memory-bound kernel path; no other GPU shape has been measured to fit a better rule.
 """
 
 from __future__ import annotations
@@ -144,7 +146,6 @@ def conv_path_property(layer: str, choices: tuple[str, ...]) -> property:
         self._conv_path = check_choice(f"{layer} conv_path", path, choices)
 
     return property(get, set_, doc=f"The {layer}'s sequence path, one of {choices} (auto: chosen per shape).")
-
 
 
 def stu_arrangement(
