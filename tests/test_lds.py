@@ -371,9 +371,11 @@ def test_auto_path_follows_the_cost_estimates():
         assert tensordot._sequence_path(8, 8192, backward=True) == "conv"  # as a training step's
     layer.conv_path = "conv"
     assert layer._sequence_path(1, 1024) in ("kernel", "project")
-    layer.conv_path = "fft"
     with pytest.raises(UserError, match="conv_path"):
-        layer(torch.randn(1, 8, 64))
+        layer.conv_path = "fft"
+    with pytest.raises(UserError, match="conv_path"):
+        make_lds(8, conv_path="fft")
+    assert layer.conv_path == "conv" and layer.spec()["conv_path"] == "conv"
 
 
 def test_fixed_response_spectrum_is_cached_and_follows_the_system(monkeypatch):
@@ -402,8 +404,7 @@ def test_fixed_response_spectrum_is_cached_and_follows_the_system(monkeypatch):
 
 
 def test_learnable_conv_path_trains_like_the_scan():
-    layers = [learnable_lds(3, mode=mode) for mode in ("exact", "exact")]
-    layers[0].conv_path, layers[1].conv_path = "scan", "kernel"
+    layers = [learnable_lds(3, conv_path=path) for path in ("scan", "kernel")]
     x = torch.randn(2, 40, 3, dtype=F64)
     for layer in layers:
         opt = torch.optim.SGD(layer.parameters(), lr=0.1)
@@ -416,8 +417,7 @@ def test_learnable_conv_path_trains_like_the_scan():
 
 
 def test_conv_path_ignores_autocast():
-    layer = fitted_lds(2, dtype=torch.float32)
-    layer.conv_path = "kernel"
+    layer = fitted_lds(2, dtype=torch.float32, conv_path="kernel")
     x = torch.randn(1, 50, 2)
     expected = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -187,9 +187,10 @@ def test_the_ridge_keeps_a_refit_float32_scan_accurate(monkeypatch, ridge):
     monkeypatch.setattr(P, "RIDGE", ridge)
     system = fit_filters(256, 24, 64, progress=False)
     torch.manual_seed(0)
-    layer = make_lds(6, seq_len=256, num_filters=24, state_dim=64, mode="tensordot", learnable=False)
+    # the scan's float32 tables (prefill and decoding still recur in float32)
+    layer = make_lds(6, seq_len=256, num_filters=24, state_dim=64, mode="tensordot", learnable=False,
+                     conv_path="scan")
     layer.set_system(system.A, system.B, system.C)
-    layer.conv_path = "scan"  # the scan's float32 tables (prefill and decoding still recur in float32)
     x = torch.randn(8, 256, 6)
     unpruned = _float32_error(layer, x)
     P.prune_lds_layers(nn.ModuleList([layer]), 0.25, "uniform")

@@ -38,7 +38,7 @@ def make(cls, dim=3, seq_len=40, num_filters=4, dim_out=None, variant="hankel", 
 def force_path(layer, kernel_path: bool | None):
     """Pin the STU sequence arrangement (kernel or project); None keeps the automatic choice."""
     if isinstance(layer, STU) and kernel_path is not None:
-        layer._kernel_path_is_cheaper = lambda *args: kernel_path
+        layer.conv_path = "kernel" if kernel_path else "project"
     return layer
 
 

@@ -39,8 +39,7 @@ def tiny(cls, **kw):
 
 @pytest.mark.parametrize("path", ["kernel", "project", "auto"])
 def test_stu_reports_the_arrangement_it_takes(path):
-    layer = tiny(STU)
-    layer.conv_path = path
+    layer = tiny(STU, conv_path=path)
     chosen = path if path != "auto" else layer._arrangement(B, T, T)
     expected = {"kernel": stu_kernel(), "project": stu_project()}[chosen]
     assert layer.forward_flops(B, T) == pytest.approx(expected)
@@ -50,8 +49,7 @@ def test_stu_reports_the_arrangement_it_takes(path):
 def test_stu_auto_picks_by_the_layer_estimate():
     layer = tiny(STU)
     for batch in (1, 64):
-        arrangement = "kernel" if layer._kernel_path_is_cheaper(batch, T, T) else "project"
-        layer.conv_path = arrangement
+        layer.conv_path = layer._arrangement(batch, T, T)  # the same weights, pinned
         pinned = layer.forward_flops(batch, T)
         layer.conv_path = "auto"
         assert layer.forward_flops(batch, T) == pinned
@@ -71,9 +69,8 @@ def test_ar_terms_are_counted_by_the_generic_rule():
 
 def lds(mode: str, learnable: bool, path: str) -> LDS:
     torch.manual_seed(0)
-    layer = make_lds(DIM, 16, num_filters=K, state_dim=H, mode=mode, learnable=learnable, chunk_size=CHUNK)
-    layer.conv_path = path
-    return layer
+    return make_lds(DIM, 16, num_filters=K, state_dim=H, mode=mode, learnable=learnable, chunk_size=CHUNK,
+                    conv_path=path)
 
 
 def scan(channels: int, F: int, groups: int) -> float:

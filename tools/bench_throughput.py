@@ -52,7 +52,7 @@ from spectralds.layers import build_layer
 from spectralds.layers.attention import SlidingWindowAttention
 from spectralds.layers.lds import LDS
 from spectralds.layers.stu import STU
-from spectralds.ops.lds_conv import CONV_PATHS
+from spectralds.ops.costs import LDS_PATHS, STU_PATHS, attention_flops
 
 LAYER_CONFIGS = ("stu", "stu_t", "lds", "lds-t", "lds-fit", "lds-fit-t", "attn", "attn-window")
 REPLACES = {"lds": "stu", "lds-fit": "stu", "lds-t": "stu_t", "lds-fit-t": "stu_t"}  # for the "vs" column
@@ -128,13 +128,6 @@ def training_step(module: torch.nn.Module, config: str, seq_len: int, args, devi
     return step
 
 
-def attended_pairs(seq_len: int, window: int | None) -> int:
-    """Query-key pairs of causal attention: sum over t of min(t + 1, window)."""
-    if window is None or window >= seq_len:
-        return seq_len * (seq_len + 1) // 2
-    return window * (window + 1) // 2 + (seq_len - window) * window
-
-
 def step_flops(step: Callable[[], None], module: torch.nn.Module, batch: int, seq_len: int) -> int:
     """FLOPs of one training step: counted matmuls plus analytic attention products (module docstring)."""
     counter = FlopCounterMode(display=False)
@@ -143,8 +136,8 @@ def step_flops(step: Callable[[], None], module: torch.nn.Module, batch: int, se
     counts = counter.get_flop_counts().get("Global", {})
     # Counted attention kernels assume a dense T x T score matrix: replace them by the exact pair count.
     counted_attention = sum(v for op, v in counts.items() if "attention" in str(op))
-    attention = sum(
-        12 * batch * m.dim * attended_pairs(seq_len, m.window_size)
+    attention = sum(  # forward and a backward of twice its FLOPs
+        3 * attention_flops(batch, seq_len, m.dim, m.window_size)
         for m in module.modules() if isinstance(m, SlidingWindowAttention)
     )
     return counter.get_total_flops() - counted_attention + attention
@@ -267,9 +260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="states of the learnable lds* configs (default: --lds-fit-states)")
     parser.add_argument("--vocab-size", type=int, default=256)
     parser.add_argument("--mlp-ratio", type=float, default=4.0, help="SwiGLU hidden size / dim of the models")
-    parser.add_argument("--stu-path", choices=["auto", "kernel", "project"], default="auto",
+    parser.add_argument("--stu-path", choices=list(STU_PATHS), default="auto",
                         help="pin the STU's sequence arrangement (spectralds.layers.stu.STU.conv_path)")
-    parser.add_argument("--lds-path", choices=list(CONV_PATHS), default="auto",
+    parser.add_argument("--lds-path", choices=list(LDS_PATHS), default="auto",
                         help="pin the LDS's training path (spectralds.layers.lds.LDS.conv_path)")
     parser.add_argument("--lds-fit-states", type=int, default=None,
                         help="states of the lds-fit* systems (default 48; 8 with --quick)")

@@ -28,6 +28,7 @@ from spectralds.errors import UserError, check_choice, check_float, check_int
 from spectralds.layers.kv_cache import KVCache, RingKVCache, grown, merge_caches
 from spectralds.layers.positions import POSITIONS, alibi_bias, alibi_slopes, at_least_float32, lags, rope
 from spectralds.layers.registry import SequenceLayer, check_start, padding_mask, register_layer
+from spectralds.ops.costs import attention_flops
 
 try:
     from flash_attn import flash_attn_func
@@ -108,9 +109,7 @@ class SlidingWindowAttention(SequenceLayer):
 
     def forward_flops(self, batch: int, seq_len: int) -> float:
         """QK^T and AV over the keys each query sees (qkv / o_proj are Linear submodules, counted apart)."""
-        w = min(self.window_size or seq_len, seq_len)
-        seen = w * (w + 1) // 2 + (seq_len - w) * w  # sum over t of min(t + 1, w)
-        return 2 * 2 * batch * self.dim * seen
+        return attention_flops(batch, seq_len, self.dim, self.window_size)
 
     def _sequence(
         self, x: torch.Tensor, start: torch.Tensor | None = None

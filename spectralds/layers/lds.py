@@ -23,7 +23,7 @@ from torch import nn
 from spectralds.errors import UserError
 from spectralds.layers.lds_system import LDS
 from spectralds.layers.registry import register_layer
-from spectralds.ops.lds_conv import depthwise_conv, exact_conv, scan_flops, scan_forward_flops
+from spectralds.ops.lds_conv import depthwise_conv, exact_conv
 from spectralds.ops.lds_scan import table_dtype
 
 
@@ -77,16 +77,6 @@ class LDSExact(LDS):
     def _conv(self, z: torch.Tensor, T: int, n: int, dtype: torch.dtype, path: str) -> torch.Tensor:
         m = self.stacked_projection().to(dtype)  # M may have been cast
         return exact_conv(z, self._response_spectrum(T, n, dtype, stacked=False), m, n, path)
-
-    def _scan_cost(self, batch: int, T: int, backward: bool) -> float:
-        cols = 2 * self.num_filters  # one readout for all channels, then the projection per token
-        readout = 2 * cols * self.dim * self.dim_out
-        return scan_flops(batch, T, self.dim, self.state_dim, self.chunk_size, cols, readout, shared=True,
-                          backward=backward)
-
-    def _scan_flops(self, batch: int, T: int) -> float:
-        cols, proj = 2 * self.num_filters, 2 * batch * T * self.dim * self.dim_out  # proj: per filter
-        return scan_forward_flops(batch, T, self.dim, self.state_dim, self.chunk_size, cols, 1) + cols * proj
 
     def state_maps(self, C: torch.Tensor) -> torch.Tensor:
         """(h, dim_out, dim) float64: W_j, the map from state j's copies (one per input channel) to the
@@ -149,15 +139,6 @@ class LDSTensordot(LDS):
         # the FFT is linear: mix the cached 2K response spectra into one kernel per channel
         mixed = self._response_spectrum(T, n, dtype, stacked=True) @ self.stacked_projection().to(dtype)
         return depthwise_conv(z, torch.complex(*mixed.chunk(2)), n)
-
-    def _scan_cost(self, batch: int, T: int, backward: bool) -> float:
-        return scan_flops(batch, T, self.dim_out, self.state_dim, self.chunk_size, 1, 0, shared=False,
-                          backward=backward)
-
-    def _scan_flops(self, batch: int, T: int) -> float:
-        h, proj = self.state_dim, 2 * batch * T * self.dim * self.dim_out  # proj: x @ M_inputs
-        fold = 2 * h * 2 * self.num_filters * self.dim_out  # M_filters folded into C (`_scan_readout`)
-        return scan_forward_flops(batch, T, self.dim_out, h, self.chunk_size, 1, self.dim_out) + proj + fold
 
     def state_maps(self, C: torch.Tensor) -> torch.Tensor:
         """(h, dim_out, dim) float64: W_j = diag(v_j) M_inputs^T with v_j = C[j] @ M_filters, the map

@@ -1,55 +1,48 @@
 """How an LDS layer's training forward runs: the chunked scan or a convolution with its impulse response.
 
-A mixin of `spectralds.layers.lds_system.LDS` (kept apart to keep that module short): the path choice by
-the cost estimates of `spectralds.ops.lds_conv` and the cached response spectrum of a fixed (fitted)
-system. The convolution itself is the layer's `_conv` (exact: `exact_conv`, tensordot: `depthwise_conv`).
-The scan's costs are the layer's too (`_scan_cost`: the estimate the path is chosen by; `_scan_flops`:
-what telemetry reports). It uses the layer's `depthwise`, system(), run_dtype and `_spectra`.
+A mixin of `spectralds.layers.lds_system.LDS` (kept apart to keep that module short): the path, pinned
+by the `conv_path` argument or chosen per shape and device by `spectralds.ops.costs.lds_path`, its FLOPs
+(`ops.costs.lds_flops`) and the cached response spectrum of a fixed (fitted) system. The convolution
+itself is the layer's `_conv` (exact: `exact_conv`, tensordot: `depthwise_conv`). It uses the layer's
+`depthwise`, system(), run_dtype and `_spectra`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from spectralds.errors import check_choice
+from spectralds.ops.costs import LDS_PATHS, LDSShape, conv_path_property, lds_flops, lds_path
 from spectralds.ops.fft_conv import fft_size, no_autocast
-from spectralds.ops.lds_conv import CONV_PATHS, conv_flops, lds_conv_forward_flops, response_spectrum
+from spectralds.ops.lds_conv import response_spectrum
 from spectralds.ops.lds_scan import table_dtype
 
 
 class ConvolutionPaths:
-    """The sequence paths of an LDS: `conv_path` picks one, "auto" by estimated cost."""
+    """The sequence paths of an LDS: `conv_path` pins one, "auto" chooses by estimated cost."""
 
-    # "auto": the cheapest of the scan and the convolution arrangements by `ops.lds_conv`'s estimates;
-    # "scan", "conv" (the cheaper arrangement), "kernel" / "project" (exact mode) pin one.
-    conv_path: str = "auto"
+    # "auto": the cheapest of the scan and the convolution arrangements (`ops.costs.lds_path`); "scan",
+    # "conv" (the cheaper arrangement), "kernel" / "project" (exact mode) pin one.
+    conv_path = conv_path_property("LDS", LDS_PATHS)
     # False: the 2K features of every channel are read out by one shared readout (exact); True: each
     # channel has its own readout, a single column (tensordot), as in `layers.stu.SpectralConv`.
     depthwise: bool = False
 
+    def cost_shape(self) -> LDSShape:
+        """What the layer's costs depend on besides the input shape (`ops.costs`)."""
+        cols = 2 * self.num_filters
+        return LDSShape(self.dim, self.dim_out, cols, self.state_dim, self.chunk_size, not self.depthwise,
+                        self.learnable)
+
     def _sequence_path(self, batch: int, T: int, backward: bool | None = None) -> str:
-        """The path for this shape; `backward` (default: whether grad is enabled) picks the estimates of a
-        training step or of a forward alone (inference, prefill)."""
-        path = check_choice("LDS conv_path", self.conv_path, CONV_PATHS)
-        if path in ("kernel", "project"):
-            return "conv" if self.depthwise else path
-        if path == "scan":
-            return path
-        cols, exact = 2 * self.num_filters, not self.depthwise
-        costs = conv_flops(batch, T, self.dim, self.dim_out, cols, self.state_dim, exact, self.learnable)
-        best = min(costs, key=costs.get)
+        """The path for this shape on the layer's device; `backward` (default: whether grad is enabled)
+        picks the estimates of a training step or of a forward alone (inference, prefill)."""
         backward = torch.is_grad_enabled() if backward is None else backward
-        return best if path == "conv" or costs[best] <= self._scan_cost(batch, T, backward) else "scan"
+        return lds_path(self.B.device.type, self.cost_shape(), self.conv_path, batch, T, backward)
 
     def forward_flops(self, batch: int, seq_len: int) -> float:
-        """Forward FLOPs of the path a training step's `forward` takes (the layer's `_scan_flops`, or
-        `ops.lds_conv.lds_conv_forward_flops`)."""
+        """Forward FLOPs of the path a training step's `forward` takes (`ops.costs.lds_flops`)."""
         path = self._sequence_path(batch, seq_len, backward=True)
-        if path == "scan":
-            return self._scan_flops(batch, seq_len)
-        cols, exact = 2 * self.num_filters, not self.depthwise
-        args = (batch, seq_len, self.dim, self.dim_out, cols, self.state_dim, exact, self.learnable, path)
-        return lds_conv_forward_flops(*args)
+        return lds_flops(self.cost_shape(), batch, seq_len, path)
 
     def _convolve(self, x: torch.Tensor, path: str) -> torch.Tensor:
         """`forward` as a causal convolution with the impulse response (ops.lds_conv, the layer's `_conv`),

@@ -16,8 +16,7 @@ response, see `lds_paths`) and decoding. A subclass says how its projections wra
   _inputs(x): the system's input u for a layer input x; `_scan_readout(dtype)`: the C the scan reads
   out with; `_read_scan(U)`: the layer's output from the scan's; `_step_readout(C)` and
   `_read_state(state, C)` the same for one decoding step; `_conv_inputs(x)`, `_conv(...)`: the
-  convolution path, `_scan_cost` and `_scan_flops`: the scan's costs (`lds_paths`); `depthwise`:
-  whether each channel has its own readout.
+  convolution path; `depthwise`: whether each channel has its own readout.
 """
 
 from __future__ import annotations
@@ -48,6 +47,8 @@ class LDS(ConvolutionPaths, SequenceLayer):
             is a float64 buffer set by `set_system` (zeros until then).
         dtype: run dtype of the scan and dtype of the parameters: float32 or float64 (or their names).
         chunk_size: c, the chunk length of the scan.
+        conv_path: the training forward's path: "auto" (chosen per shape and device, `ops.costs.lds_path`),
+            "scan", "conv" (the cheaper convolution), "kernel" / "project" (exact mode's convolutions).
     """
 
     mode: str = ""  # the registry's "mode" of the subclass ("exact" / "tensordot"), kept in `spec()`
@@ -65,8 +66,10 @@ class LDS(ConvolutionPaths, SequenceLayer):
         learnable: bool = True,
         dtype: torch.dtype | str = torch.float32,
         chunk_size: int = 64,
+        conv_path: str = "auto",
     ) -> None:
         super().__init__()
+        self.conv_path = conv_path
         for name, value in (("dim", dim), ("num_filters", num_filters), ("state_dim", state_dim),
                             ("chunk_size", chunk_size)):
             check_int(name, value)
@@ -110,7 +113,9 @@ class LDS(ConvolutionPaths, SequenceLayer):
         return self.B.shape[0]
 
     def spec(self) -> dict:
-        """`build_layer` arguments rebuilding this layer as it is now (after pruning or a fit)."""
+        """`build_layer` arguments rebuilding this layer as it is now (after pruning or a fit); `conv_path`
+        is listed when pinned, so the specs of "auto" layers, checkpoints from before it included, stay."""
+        pinned = {"conv_path": self.conv_path} if self.conv_path != "auto" else {}
         return {
             "name": "lds",
             "dim": self.dim,
@@ -122,6 +127,7 @@ class LDS(ConvolutionPaths, SequenceLayer):
             "learnable": self.learnable,
             "dtype": str(self.run_dtype).removeprefix("torch."),
             "chunk_size": self.chunk_size,
+            **pinned,
         }
 
     def system(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,11 +25,10 @@ from spectralds.layers.ar import ar_init_state, ar_merge_states, ar_prefill, ar_
 from spectralds.layers.filter_bank import FilterBankLayer, cached_filters, check_bank
 from spectralds.layers.futurefill import ConvDecodeState
 from spectralds.layers.registry import DECODE_METHODS, register_layer
+from spectralds.ops.costs import STU_PATHS, conv_flops, conv_path_property, stu_arrangement
 from spectralds.ops.fft_conv import (
     alternating,
-    arrangement_flops,
     compute_dtype,
-    conv_forward_flops,
     fft_size,
     filter_spectra,
     filter_sum,
@@ -178,12 +177,13 @@ class SpectralConv(FilterBankLayer):
         return y if self.ar is None else self.ar(x, y)
 
     def forward_flops(self, batch: int, seq_len: int) -> float:
-        """Forward FLOPs of the arrangement `forward` takes (`ops.fft_conv.conv_forward_flops`); the AR
-        terms' weights, a submodule's, are left to telemetry's generic rule."""
+        """Forward FLOPs of the arrangement `forward` takes (`ops.costs.conv_flops`); the AR terms'
+        weights, a submodule's, are left to telemetry's generic rule."""
         cols, arrangement = 2 * self.num_filters, self._arrangement(batch, seq_len, seq_len)
-        return conv_forward_flops(batch, seq_len, seq_len, cols, self.dim, self.dim_out, arrangement)
+        return conv_flops(batch, seq_len, seq_len, cols, self.dim, self.dim_out, arrangement)
 
     def _arrangement(self, batch: int, steps: int, length: int) -> str:
+        """The arrangement for inputs at `steps` positions and outputs at `length`, on the layer's device."""
         return "depthwise"  # STU-T's one path; the STU overrides it
 
     def _sequence_conv(self, x: torch.Tensor, length: int) -> torch.Tensor:
@@ -237,7 +237,8 @@ class STU(SpectralConv):
 
     Init: M_phi_plus, M_phi_minus ~ normal(0, std = (num_filters * dim) ** -0.5).
 
-    Sequences take whichever of two exact arrangements costs fewer flops for the shape at hand:
+    Sequences take one of two exact arrangements: `conv_path` ("kernel" / "project") pins one, "auto"
+    (default) takes the cheaper for the shape and device at hand (`ops.costs.stu_arrangement`):
     * kernel: the per-frequency (dim, dim_out) kernel W(f) = sum_k S_k(f) M_k is built from the K filter
       spectra (`ops.kernel_mix`: a chunk of frequencies at a time, rebuilt in backward), then each input
       spectrum is multiplied by W(f). Its cost does not grow with the batch; usually the faster one.
@@ -245,8 +246,22 @@ class STU(SpectralConv):
       over filters in frequency space (`ops.filter_sum`) and dim_out inverse FFTs. Cheaper for batch 1-2.
     """
 
-    # "auto" picks by the flop estimate below; "kernel" / "project" pin one (benchmarks, GPU tuning).
-    conv_path: str = "auto"
+    conv_path = conv_path_property("STU", STU_PATHS)
+
+    def __init__(self, *args: Any, conv_path: str = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv_path = conv_path
+
+    def spec(self) -> dict[str, Any] | None:
+        """The `build_layer` arguments (None: not built by it), with `conv_path` as it is now (listed when
+        pinned, so the specs of "auto" layers, checkpoints from before it included, stay as they were)."""
+        if self.build_spec is None:
+            return None
+        spec = {k: v for k, v in self.build_spec.items() if k != "conv_path"}
+        return spec if self.conv_path == "auto" else {**spec, "conv_path": self.conv_path}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", conv_path={self.conv_path!r}" if self.conv_path != "auto" else "")
 
     def _init_projections(self) -> None:
         std = (self.num_filters * self.dim) ** -0.5
@@ -260,15 +275,9 @@ class STU(SpectralConv):
     def _encoder_weight(self) -> torch.Tensor:  # (dim, 2K * dim_out)
         return self._stacked_M().permute(1, 0, 2).reshape(self.dim, -1)
 
-    def _kernel_path_is_cheaper(self, batch: int, steps: int, length: int) -> bool:
-        if self.conv_path != "auto":
-            return self.conv_path == "kernel"
-        cols = 2 * self.num_filters
-        kernel, project = arrangement_flops(batch, steps, length, cols, self.dim, self.dim_out)
-        return kernel < project
-
     def _arrangement(self, batch: int, steps: int, length: int) -> str:
-        return "kernel" if self._kernel_path_is_cheaper(batch, steps, length) else "project"
+        shape = (batch, steps, length, 2 * self.num_filters, self.dim, self.dim_out)
+        return stu_arrangement(self.phi.device.type, self.conv_path, *shape)
 
     def _sequence_conv(self, x: torch.Tensor, length: int) -> torch.Tensor:
         batch, steps, _ = x.shape

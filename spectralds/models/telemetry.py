@@ -20,8 +20,8 @@ def forward_flops(module: nn.Module, batch: int, seq_len: int) -> float:
     Every sequence layer whose `SequenceLayer.forward_flops` knows its cost reports the path it takes
     for that shape: the STU's chosen arrangement ("kernel" or "project"), STU-T's projection, kernel mix,
     FFTs and products, the LDS scan or convolution (with a learnable system's rebuilt response), attention's
-    QK^T and AV over the keys each query sees. FFTs count 2.5 n log2 n per real FFT of length n
-    (`spectralds.ops.fft_conv.fft_flops`; conventions in `ops.fft_conv.conv_forward_flops`). Every other
+    QK^T and AV over the keys each query sees, all counted by `spectralds.ops.costs` in one convention
+    (2 per real multiply-add, FFTs 2.5 n log2 n per real FFT of length n; see that module). Every other
     weight with 2 or more dimensions (linear layers, the attention projections, AR terms, a layer that
     reports None) counts 2 FLOPs (multiply + add) per token per element, except embedding tables (a
     lookup; a tied head counts once, as a linear layer). A parameter its layer reports is never counted

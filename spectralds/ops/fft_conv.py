@@ -13,8 +13,6 @@ tests/test_ops.py compares every op's forward and backward with its reference in
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 # kernel_mix builds the per-frequency kernels W(f) this many bytes at a time (bounds peak memory).
@@ -204,47 +202,6 @@ def causal_conv_ref(z: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     for s in range(min(T, kernel.shape[-1])):
         y[..., s:] += kernel[..., s, None] * z[..., : T - s]
     return y
-
-
-def arrangement_flops(
-    batch: int, steps: int, length: int, cols: int, dim: int, dim_out: int
-) -> tuple[float, float]:
-    """Forward flop estimates of the two exact arrangements of a 2K-filter convolution mixed by M
-    (STU, fitted LDS): ("kernel": build W(f), then a matmul per frequency; "project": x @ M, then one
-    FFT per filter and output channel). Inputs at `steps` positions, outputs at `length`."""
-    n = fft_size(steps + length - 1)
-    freqs, dd = n // 2 + 1, dim * dim_out
-    kernel = 2 * freqs * cols * dd + 4 * batch * freqs * dd  # build W(f), then B matmuls per f
-    project = batch * (steps * cols * dd + cols * dim_out * (fft_flops(n) + 4 * freqs))
-    return kernel, project
-
-
-def conv_forward_flops(
-    batch: int, steps: int, length: int, cols: int, dim: int, dim_out: int, arrangement: str
-) -> float:
-    """Forward FLOPs of a spectral convolution as telemetry counts them (`arrangement_flops` is only a
-    relative estimate to choose by): "kernel" / "project" (STU, a fitted exact LDS) or "depthwise" (STU-T:
-    x @ M_inputs, the per-channel kernel spectra mixed from the cached filter spectra, one product each).
-
-    Counting convention: 2 FLOPs per real multiply-add, 8 per complex multiply-add, 6 per complex product,
-    and `fft_flops(n)` = 2.5 n log2 n per real FFT or inverse FFT of length n. The fixed filter spectra
-    are cached, so not counted; elementwise casts and copies are not counted."""
-    n = fft_size(steps + length - 1)
-    freqs, dd, fft = n // 2 + 1, dim * dim_out, fft_flops(n)
-    if arrangement == "kernel":  # W(f) = S_re M + i S_im M, (B, dim) @ W(f) per f; dim FFTs in, dim_out out
-        return 4 * freqs * cols * dd + 8 * batch * freqs * dd + batch * (dim + dim_out) * fft
-    if arrangement == "project":  # x @ M, an FFT per (filter, channel), filter_sum, dim_out inverse FFTs
-        return batch * (2 * steps * cols * dd + cols * dim_out * (fft + 8 * freqs) + dim_out * fft)
-    if arrangement == "depthwise":
-        mix = 4 * freqs * cols * dim_out  # [S_re; S_im] (2 F, 2K) @ (2K, dim_out)
-        return mix + batch * (2 * steps * dd + dim_out * (2 * fft + 6 * freqs))
-    raise ValueError(f"unknown arrangement {arrangement!r}")
-
-
-def fft_flops(n: int) -> float:
-    """The usual estimate of one length-n real FFT (or inverse): 2.5 n log2 n (half a complex FFT's
-    5 n log2 n). Every FFT FLOP count in spectralds (path choices, telemetry) uses it."""
-    return 2.5 * n * math.log2(n)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

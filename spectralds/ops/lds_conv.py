@@ -7,8 +7,6 @@ the system's impulse response G[t, f] = sum_j C[j, f] B[j] A[j]^t (lag 0 include
   response_spectrum(A, B, C, length, n)   rfft of G's columns zero-padded to n, (n // 2 + 1, F)
   exact_conv(x, spectrum, m, n, path)     sum_k (G_k * x) m[k]: the STU's two exact arrangements
   depthwise_conv(z, spectrum, n)          one kernel per channel (tensordot mode), z time-last
-  scan_flops / conv_flops                 forward cost estimates the layer picks its path by
-  scan_forward_flops, lds_conv_forward_flops   the FLOPs telemetry reports (see conv_forward_flops)
 
 A fitted system is fixed, so its spectrum is computed once per FFT length (the layer caches it); a
 learnable one is rebuilt every step, O(length h F) for G plus F FFTs, and gets its gradient through
@@ -19,28 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from spectralds.ops.fft_conv import (
-    arrangement_flops,
-    conv_forward_flops,
-    fft_flops,
-    fft_size,
-    filter_sum,
-    kernel_mix,
-    real_fft,
-)
+from spectralds.ops.fft_conv import filter_sum, kernel_mix, real_fft
 
-CONV_PATHS = ("auto", "scan", "conv", "kernel", "project")
-# Time per estimated flop of the scan relative to the FFT convolutions, measured on CPU (one thread,
-# dim 64, K 24, h 48-80, L 1k-4k, fwd+bwd). With one readout shared by all channels (exact mode) the
-# scan is one large matmul and runs ~4x more flops per second than the memory-bound FFT paths; with a
-# readout per channel (tensordot) it is many small matmuls plus table building, ~2.5x fewer.
-SCAN_WEIGHT_SHARED = 0.25
-SCAN_WEIGHT_PER_CHANNEL = 2.5
-# Forward only (inference, prefill): without a backward through its tables, the per-channel scan runs
-# about as many flops per second as the convolution, plus a fixed ~1.3 ms for its tables at dim 64
-# (measured, one thread, h 48: it wins at 4k-8k for batch 1, the convolution at 256-1k and at batch 8).
-SCAN_WEIGHT_PER_CHANNEL_FORWARD = 1.0
-SCAN_TABLES_FORWARD = 12e6
 # `split_response`: float32 from the lag where the terms' bound is at most this many times the response.
 CANCELLATION = 4.0
 SYNC_FREE_HEAD = 1024  # lags always computed in float64 without host reads (fitted terms: x0.4 at 1000)
@@ -172,62 +150,3 @@ def depthwise_conv(z: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Ten
     with its own kernel, spectrum (n // 2 + 1, ch)."""
     y = torch.fft.irfft(real_fft(z, n) * spectrum.T, n=n)
     return y[..., : z.shape[-1]].transpose(1, 2)
-
-
-def scan_flops(
-    batch: int, T: int, ch: int, h: int, chunk: int, F: int, project: int = 0, shared: bool = True,
-    backward: bool = True,
-) -> float:
-    """The chunked scan: a (chunk + h, chunk F) matmul per chunk and channel, then `project` flops per
-    token (the exact readout), weighted by SCAN_WEIGHT_SHARED or SCAN_WEIGHT_PER_CHANNEL (`shared`: one
-    readout C for all channels); `backward=False` (no gradient taken): the forward-only weights."""
-    flops = 2 * batch * T * ch * (chunk + h) * F + batch * T * project
-    if shared:
-        return SCAN_WEIGHT_SHARED * flops
-    if backward:
-        return SCAN_WEIGHT_PER_CHANNEL * flops
-    return SCAN_WEIGHT_PER_CHANNEL_FORWARD * flops + SCAN_TABLES_FORWARD * ch / 64
-
-
-def conv_flops(
-    batch: int, T: int, dim: int, dim_out: int, cols: int, h: int, exact: bool, learnable: bool
-) -> dict[str, float]:
-    """Estimated forward flops of each convolution arrangement ("kernel", "project" for the exact mode,
-    "conv" for tensordot), including the response spectrum when it is rebuilt (learnable)."""
-    n = fft_size(2 * T - 1)
-    freqs = n // 2 + 1
-    if exact:
-        response = (2 * T * h * cols + cols * fft_flops(n)) if learnable else 0.0
-        kernel, project = arrangement_flops(batch, T, T, cols, dim, dim_out)
-        return {"kernel": kernel + response, "project": project + response}
-    # tensordot: a learnable system's folded response, one column per channel; a fixed one's cached
-    # spectrum mixed by M_filters
-    extra = 2 * T * h * dim_out + dim_out * fft_flops(n) if learnable else 4 * freqs * cols * dim_out
-    return {"conv": batch * dim_out * (2 * fft_flops(n) + 6 * freqs) + extra}
-
-
-def scan_forward_flops(batch: int, T: int, ch: int, h: int, chunk: int, F: int, groups: int) -> float:
-    """FLOPs of `LDS.scan` (2 per multiply-add, unweighted): its tables for `groups` readouts, each chunk's
-    final state, the log-depth combine of chunk ends and the (chunk + h, chunk F) matmul per chunk and
-    channel. Readouts and projections around it are the caller's."""
-    n = -(-T // chunk)  # chunks, after left padding
-    combined = sum(n - (1 << i) for i in range(max(n - 1, 0).bit_length()))  # ends updated per doubling
-    tables = 3 * groups * chunk * h * F  # the Toeplitz kernel (a matmul) and the state response (a product)
-    return tables + 2 * batch * ch * h * (n * chunk + combined) + 2 * batch * ch * n * chunk * (chunk + h) * F
-
-
-def lds_conv_forward_flops(
-    batch: int, T: int, dim: int, dim_out: int, cols: int, h: int, exact: bool, learnable: bool, path: str
-) -> float:
-    """FLOPs of the LDS convolution path `path` ("kernel" / "project" exact, "conv" tensordot): the STU's
-    arrangements (`conv_forward_flops`) plus, for a learnable system, the response G = (A^t B) @ C and its
-    FFTs rebuilt every step (a fitted system's spectrum is cached: not counted)."""
-    n = fft_size(2 * T - 1)
-    if exact:
-        response = T * h + 2 * T * h * cols + cols * fft_flops(n) if learnable else 0.0
-        return conv_forward_flops(batch, T, T, cols, dim, dim_out, path) + response
-    depthwise = conv_forward_flops(batch, T, T, cols, dim, dim_out, "depthwise")  # mixes a cached spectrum
-    if not learnable:
-        return depthwise
-    mix, fold = 4 * (n // 2 + 1) * cols * dim_out, 2 * h * cols * dim_out  # fold M_filters into C instead
-    return depthwise - mix + fold + T * h + 2 * T * h * dim_out + dim_out * fft_flops(n)
