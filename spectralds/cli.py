@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from spectralds.cli_errors import check_config_files, parser_problem
 from spectralds.cli_eval import eval_main
+from spectralds.cli_export import export_main
 from spectralds.cli_fits import distill_filters_main, import_fit_main
 from spectralds.cli_generate import generate_main
 from spectralds.compat import parse_written, subcommand_parser
@@ -281,6 +282,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "distill-filters": (distill_filters_main, "fit one diagonal LDS to the spectral filters"),
     "import-fit": (import_fit_main, "convert a released Flash STU 2 / SpectraLDS fit to ours, measured"),
     "eval": (eval_main, "lm-evaluation-harness tasks on several checkpoints, side by side"),
+    "export": (export_main, "write a checkpoint as a transformers directory (or Flash STU 2's format)"),
 }
 
 
