@@ -45,6 +45,13 @@ def check_float(
     return float(value)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """True or False (not 0/1, not a string: a YAML typo would otherwise pass as truthy)."""
+    if not isinstance(value, bool):
+        raise UserTypeError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     choices = tuple(choices)
     if value not in choices:

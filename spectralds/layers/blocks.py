@@ -1,4 +1,4 @@
-"""Pre-norm residual block (sequence mixer + MLP) and its parts: RMSNorm and SwiGLU."""
+"""Pre-norm residual block (sequence mixer + MLP) and its parts: RMSNorm and the gated MLP (SwiGLU)."""
 
 from __future__ import annotations
 
@@ -8,32 +8,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectralds.errors import check_bool, check_choice, check_float
+
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in at least float32."""
+    """x / rms(x) * weight, computed in at least float32.
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    eps=None: the machine epsilon of the input's dtype, as `torch.nn.RMSNorm(eps=None)` has it (1.2e-7 in
+    float32, 7.8e-3 in bfloat16), so a model trained that way (Flash STU's references) is reproduced.
+    """
+
+    def __init__(self, dim: int, eps: float | None = 1e-6) -> None:
         super().__init__()
+        if eps is not None:
+            check_float("norm_eps", eps, minimum=0.0)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
         return (h * self.weight).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x). SiLU gating (the Flash STU reference falls back to GELU-tanh gating)."""
+    """w2(act(w1 x) * w3 x): w1 the gate, w3 the up and w2 the down projection.
 
-    def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
+    activation "silu" (SwiGLU, the default) or "gelu_tanh" (GELU with its tanh approximation, the gate
+    of the Flash STU references).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, activation: str = "silu") -> None:
         super().__init__()
+        self.activation = check_choice("mlp_activation", activation, MLP_ACTIVATIONS)
+        check_bool("mlp_bias", bias)
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate = self.w1(x)
+        gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
+        return self.w2(gate * self.w3(x))
 
 
 class Block(nn.Module):
@@ -50,15 +69,19 @@ class Block(nn.Module):
         dim: int,
         mixer: nn.Module,
         mlp_hidden: int | None = None,
-        norm_eps: float = 1e-6,
+        norm_eps: float | None = 1e-6,
         dropout: float = 0.0,
         prenorm: bool = True,
+        mlp_activation: str = "silu",
+        mlp_bias: bool = False,
     ) -> None:
         super().__init__()
+        check_choice("mlp_activation", mlp_activation, MLP_ACTIVATIONS)  # checked with or without an MLP
+        check_bool("mlp_bias", mlp_bias)
         self.norm1 = RMSNorm(dim, norm_eps) if prenorm else nn.Identity()
         self.mixer = mixer
         self.norm2 = RMSNorm(dim, norm_eps) if mlp_hidden else None
-        self.mlp = SwiGLU(dim, mlp_hidden) if mlp_hidden else None
+        self.mlp = SwiGLU(dim, mlp_hidden, mlp_bias, mlp_activation) if mlp_hidden else None
         self.dropout = nn.Dropout(dropout)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:

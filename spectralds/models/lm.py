@@ -17,7 +17,7 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from spectralds.errors import UserError, UserTypeError, check_float
+from spectralds.errors import UserError, UserTypeError, check_bool, check_float
 from spectralds.layers.blocks import Block, RMSNorm
 from spectralds.layers.registry import check_positive_int
 from spectralds.models.common import (
@@ -50,6 +50,10 @@ def _check_config(vocab_size, dim, num_layers, layer_pattern, seq_len, mlp_ratio
 class LanguageModel(SpectralModule):
     """Decoder-only LM: embedding -> pre-norm blocks (mixer + SwiGLU MLP) -> RMSNorm -> tied head.
 
+    Architecture options (defaults: this project's own): mlp_activation "silu" or "gelu_tanh" (the gate
+    of the Flash STU references), mlp_bias / head_bias (biases on the MLP's and the head's linears),
+    norm_eps None (each RMSNorm takes the machine epsilon of its input's dtype, as torch.nn.RMSNorm does).
+
     compile: torch.compile each block's forward in place (`nn.Module.compile`: parameter names, and so
     checkpoints, are unchanged; decoding's prefill/step stay eager). The first step pays the compile.
     """
@@ -66,7 +70,10 @@ class LanguageModel(SpectralModule):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         tie_embeddings: bool = True,
-        norm_eps: float = 1e-6,
+        norm_eps: float | None = 1e-6,
+        mlp_activation: str = "silu",
+        mlp_bias: bool = False,
+        head_bias: bool = False,
         nonfinite_loss: str = "stop",
         compile: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
@@ -85,9 +92,13 @@ class LanguageModel(SpectralModule):
         self.dropout = nn.Dropout(dropout)
         mixers = build_mixers(num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs)
         hidden = int(mlp_ratio * dim) if mlp_ratio else None
-        self.blocks = nn.ModuleList(Block(dim, m, hidden, norm_eps, dropout) for m in mixers)
+        self.blocks = nn.ModuleList(
+            Block(dim, m, hidden, norm_eps, dropout, mlp_activation=mlp_activation, mlp_bias=mlp_bias)
+            for m in mixers
+        )
         self.norm = RMSNorm(dim, norm_eps)
-        self.head = nn.Linear(dim, vocab_size, bias=False)
+        # The bias is the head's own parameter, also when its weight is tied to the embedding.
+        self.head = nn.Linear(dim, vocab_size, bias=check_bool("head_bias", head_bias))
         self._init_weights(num_layers)
         if tie_embeddings:
             self.head.weight = self.embed.weight
