@@ -28,7 +28,6 @@ _TRAINING_ARGS = ("optimizer", "lr_scheduler", "nonfinite_loss", "compile")
 _CODE = {
     "configuration_spectralds.py": ("SpectralDSConfig", "spectralds.interop.hf_config"),
     "modeling_spectralds.py": ("SpectralDSForCausalLM", "spectralds.interop.hf_model"),
-    "tokenization_spectralds.py": ("SpectralDSTokenizer", "spectralds.interop.hf_tokenizer"),
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_spectralds.SpectralDSConfig",
@@ -76,7 +75,7 @@ def build_hf_model(model: torch.nn.Module):
 def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Tokenizer) -> Path:
     """Write the transformers directory `out_dir` (which must not exist, or be empty), all or nothing."""
     require_transformers()
-    from spectralds.interop.hf_tokenizer import save_hf_tokenizer
+    from spectralds.interop.hf_tokenizer import save_hf_tokenizer, write_code_file
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -93,9 +92,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike, tokenizer: Tok
         hf.save_pretrained(str(staging))
         save_hf_tokenizer(tokenizer, staging, max_length=model.seq_len)
         for name, (cls, module) in _CODE.items():
-            text = (f'"""spectralds {__version__}: the class lives in the installed spectralds package '
-                    f'(pip install "spectralds[hf]")."""\n\nfrom {module} import {cls}  # noqa: F401\n')
-            (staging / name).write_text(text, encoding="utf-8")
+            write_code_file(staging, name, cls, module)
         for path in staging.iterdir():  # save_pretrained writes some files 0600: permissions from the umask
             path.chmod(0o666 & ~_umask())
         os.replace(staging, out)

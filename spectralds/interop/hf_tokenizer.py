@@ -15,7 +15,10 @@ separator), so lm-eval's `hf` backend scores with the same prefix and pads with 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
+from spectralds import __version__
 from spectralds.data.corpus import DOC_SEPARATOR
 from spectralds.data.tokenizers import BPETokenizer, ByteTokenizer, TiktokenTokenizer, Tokenizer
 from spectralds.errors import UserError
@@ -54,11 +57,26 @@ def backend_tokenizer(tokenizer: Tokenizer):
     if isinstance(tokenizer, TiktokenTokenizer):
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
-        backend = TikTokenConverter(vocab_file=str(tokenizer.path), pattern=tokenizer.pattern).converted()
+        pattern = oniguruma_pattern(tokenizer.pattern)
+        backend = TikTokenConverter(vocab_file=str(tokenizer.path), pattern=pattern).converted()
         _add_specials(backend, tokenizer.special_tokens)
         return backend
     raise UserError(f"no Hugging Face form for tokenizer {type(tokenizer).__name__}: "
                     "byte, BPE (tokenizer.json) and tiktoken tokenizers can be exported")
+
+
+# One atom (a \p{..} class, a [...] set, an escape or a character) with a possessive interval X{n,m}+.
+_POSSESSIVE_INTERVAL = re.compile(r"(\\[pP]\{\w+\}|\[(?:\\.|[^\]])*\]|\\.|[^\\()])(\{\d+(?:,\d*)?\})\+")
+
+
+def oniguruma_pattern(pattern: str) -> str:
+    """tiktoken's regex (Rust fancy-regex) for the `tokenizers` library (Oniguruma, Ruby syntax), where
+    `X{n,m}+` is not possessive but a repetition of X{n,m} ("12345" would be one piece, not "123", "45"):
+    written as the atomic group (?>X{n,m}) instead. ?+, *+ and ++ mean the same in both."""
+    converted = _POSSESSIVE_INTERVAL.sub(r"(?>\1\2)", pattern)
+    if re.search(r"\{\d+(?:,\d*)?\}\+", converted):
+        raise UserError(f"cannot convert the tiktoken pattern {pattern!r}: a possessive interval on a group")
+    return converted
 
 
 def _add_specials(backend, specials: dict[str, int]) -> None:
@@ -72,8 +90,17 @@ def _add_specials(backend, specials: dict[str, int]) -> None:
         backend.add_special_tokens([AddedToken(text, normalized=False, special=True)])
 
 
+def write_code_file(directory: str | os.PathLike, name: str, cls: str, module: str) -> None:
+    """A code file of an exported directory: one import of `cls` from the installed spectralds, so the
+    directory's code is versioned with the package (trust_remote_code loads it)."""
+    text = (f'"""spectralds {__version__}: the class lives in the installed spectralds package '
+            f'(pip install "spectralds[hf]")."""\n\nfrom {module} import {cls}  # noqa: F401\n')
+    (Path(directory) / name).write_text(text, encoding="utf-8")
+
+
 def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, max_length: int) -> None:
-    """Write tokenizer.json, tokenizer_config.json (and transformers' companions) into out_dir."""
+    """Write tokenizer.json, tokenizer_config.json (and transformers' companions) and the tokenizer's
+    code file into out_dir."""
     backend = backend_tokenizer(tokenizer)
     prefix = backend.id_to_token(tokenizer.encode(DOC_SEPARATOR)[-1])
     fast = SpectralDSTokenizer(
@@ -82,3 +109,4 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, max_leng
     )
     fast._auto_map = {"AutoTokenizer": AUTO_TOKENIZER}  # what save_pretrained writes as auto_map
     fast.save_pretrained(str(out_dir))
+    write_code_file(out_dir, "tokenization_spectralds.py", "SpectralDSTokenizer", __name__)
