@@ -1,4 +1,8 @@
-"""Autoregressive generation over any model with `prefill` / `step` (STU, attention, LDS alike).
+"""Autoregressive generation over any `DecodingModel` (STU, attention, LDS alike).
+
+It knows no concrete layer: batching prompts of different lengths (one left-padded prefill, or
+`merge_prefills`) and fixed-shape states for CUDA graphs (`static_states`) go through the
+`SequenceLayer` protocol of each of the model's `decoding_layers()`.
 
 `decode_loop` is the one loop that drives `step`; `generate` samples through it, and the decode timings
 (`spectralds.callbacks.report`, tools/bench_decode.py) time it.
@@ -8,16 +12,30 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from spectralds.errors import UserError
-from spectralds.layers import futurefill
-from spectralds.layers.ar import ARDecodeState
-from spectralds.layers.attention import KVCache, merge_caches
-from spectralds.layers.futurefill import ConvDecodeState
 from spectralds.layers.registry import DECODE_METHODS, SequenceLayer
+
+
+@runtime_checkable
+class DecodingModel(Protocol):
+    """What `generate` decodes: token ids in, logits out (LanguageModel, or a wrapper delegating to one).
+
+    `prefill(idx, start=None)` -> (logits of the last position, states) takes `start` for left-padded
+    prompts (see `SequenceLayer`); `step(token, states)` -> (logits, states); `decoding_layers()` lists
+    the SequenceLayer behind each state, in the order of the states (what batches and graphs them).
+    """
+
+    seq_len: int
+
+    def prefill(self, idx: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, list]: ...
+
+    def step(self, token: torch.Tensor, states: list) -> tuple[torch.Tensor, list]: ...
+
+    def decoding_layers(self) -> list[SequenceLayer]: ...
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
@@ -31,31 +49,36 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def _mixers(model) -> list:
-    """The sequence layer behind each decoding state: a LanguageModel's mixers, or the model itself."""
-    blocks = getattr(model, "blocks", None)
-    return [block.mixer for block in blocks] if blocks is not None else [model]
+def _layers(model) -> list[SequenceLayer]:
+    """The SequenceLayer behind each decoding state: the model's `decoding_layers()`, or a bare layer."""
+    if isinstance(model, SequenceLayer):
+        return [model]
+    if not isinstance(model, DecodingModel):
+        raise UserError(f"{type(model).__name__} does not list its decoding layers (decoding_layers()), "
+                        "so its states cannot be batched or graphed")
+    return list(model.decoding_layers())
+
+
+def _per_layer(model, states) -> tuple[list[SequenceLayer], list[Any]]:
+    """The layers and their states, aligned (a bare layer's one state is not a list)."""
+    layers = _layers(model)
+    states = [states] if isinstance(model, SequenceLayer) else list(states)
+    if len(layers) != len(states):
+        raise UserError(f"{type(model).__name__}.decoding_layers() lists {len(layers)} layers but its "
+                        f"decoding has {len(states)} states")
+    return layers, states
 
 
 def static_states(model, states):
-    """`states` with every layer's state in fixed shapes (an LDS tensor, a window's `RingKVCache`), for
-    a step recorded as a CUDA graph; a clear error naming the layer that cannot have one."""
-    single = not isinstance(states, list)
-    converted = []
-    for mixer, state in zip(_mixers(model), [states] if single else states, strict=True):
-        if not isinstance(state, torch.Tensor):
-            if not hasattr(mixer, "static_state"):
-                raise UserError(
-                    f"CUDA-graph decoding needs fixed-size states (LDS layers, sliding-window attention); "
-                    f"{type(mixer).__name__}'s cache grows with the position and its update (a sum over "
-                    "the history, FutureFill's dyadic schedule) changes shape every token"
-                )
-            try:
-                state = mixer.static_state(state)
-            except UserError as err:
-                raise UserError(f"CUDA-graph decoding needs fixed-size states: {err}") from err
-        converted.append(state)
-    return converted[0] if single else converted
+    """`states` with every layer's state in fixed shapes (`SequenceLayer.static_state`: an LDS tensor, a
+    window's `RingKVCache`), for a step recorded as a CUDA graph; a clear error naming the layer that
+    cannot have one."""
+    layers, per_layer = _per_layer(model, states)
+    try:
+        converted = [layer.static_state(state) for layer, state in zip(layers, per_layer, strict=True)]
+    except UserError as err:
+        raise UserError(f"CUDA-graph decoding needs fixed-size states: {err}") from err
+    return converted[0] if isinstance(model, SequenceLayer) else converted
 
 
 def _leaves(states) -> list[torch.Tensor]:
@@ -73,9 +96,9 @@ def _clone(states):
     if dataclasses.is_dataclass(states):
         return dataclasses.replace(states, **{f.name: _clone(getattr(states, f.name))
                                               for f in dataclasses.fields(states)})
-    if isinstance(states, tuple) and hasattr(states, "_fields"):  # a NamedTuple cache
+    if isinstance(states, tuple) and type(states) is not tuple:  # a NamedTuple cache
         return type(states)(*(_clone(s) for s in states))
-    return type(states)(_clone(s) for s in states)
+    return type(states)(_clone(s) for s in states) if isinstance(states, (list, tuple)) else states
 
 
 def graphable(model, states) -> bool:
@@ -156,35 +179,32 @@ def graphed_step(model) -> StepFn:
     return step
 
 
-def merge_states(per_prompt: list[list[Any]], model) -> list[Any]:
-    """Per-block states of prompts prefilled one by one -> one batched state per block, the prompts
-    right-aligned at the longest (see `merge_caches`, `futurefill.merge_states`)."""
-    return [_merge(mixer, list(states))
-            for mixer, states in zip(_mixers(model), zip(*per_prompt, strict=True), strict=True)]
+def merge_prefills(model, per_prefill: list[Any]) -> Any:
+    """The states of several prefills (each a list of per-layer states, or a bare layer's state) -> one
+    batched state, every prompt right-aligned at the longest (`SequenceLayer.merge_states`)."""
+    if isinstance(model, SequenceLayer):
+        return model.merge_states(list(per_prefill))
+    layers = _layers(model)
+    columns = zip(*(_per_layer(model, states)[1] for states in per_prefill), strict=True)
+    return [layer.merge_states(list(states)) for layer, states in zip(layers, columns, strict=True)]
 
 
-def _merge(mixer, states: list[Any]) -> Any:
-    first = states[0]
-    if isinstance(first, torch.Tensor):  # an LDS state: the same at any position, zeros before
-        return torch.cat(states)
-    if isinstance(first, KVCache):
-        return merge_caches(states, mixer.window_size)
-    if isinstance(first, ConvDecodeState):
-        return futurefill.merge_states(states)
-    if isinstance(first, ARDecodeState):  # each history holds its own prompt's last steps, zeros before
-        inner = _merge(mixer, [s.inner for s in states])
-        inputs, outputs = (torch.cat([getattr(s, name) for s in states]) for name in ("inputs", "outputs"))
-        return ARDecodeState(inner, inputs, outputs)
-    raise UserError(f"{type(mixer).__name__} cannot decode prompts of different lengths in one batch")
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """1-D prompts -> (batch, longest) ids, each right-aligned after zeros, and `start` (each row's first
+    real token; None when all have one length)."""
+    lengths = torch.tensor([p.numel() for p in prompts])
+    idx = torch.zeros(len(prompts), int(lengths.max()), dtype=prompts[0].dtype, device=prompts[0].device)
+    for row, prompt in zip(idx, prompts, strict=True):
+        row[len(row) - prompt.numel() :] = prompt
+    start = lengths.max() - lengths
+    return idx, (start.to(idx.device) if start.any() else None)
 
 
 def prefill_prompts(model, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[Any]]:
-    """Prefill prompts of any lengths as one batch: one prefill when they share a length, else each
-    alone (exactly its own prefill) and the states merged, every layer then stepping all together."""
-    if len({p.numel() for p in prompts}) == 1:
-        return model.prefill(torch.stack(prompts))
-    prefills = [model.prefill(p[None]) for p in prompts]
-    return torch.cat([logits for logits, _ in prefills]), merge_states([s for _, s in prefills], model)
+    """Prefill prompts of any lengths as one left-padded batch (`DecodingModel.prefill`'s `start`): each
+    row's logits and state are those of its prompt alone, and every layer then steps all together."""
+    idx, start = left_pad(prompts)
+    return model.prefill(idx) if start is None else model.prefill(idx, start=start)
 
 
 @torch.inference_mode()

@@ -70,17 +70,18 @@ def test_batched_prompts_decode_as_each_alone(pattern, window, decode):
             singles = [model.step(token[i : i + 1], s) for i, (_, s) in enumerate(singles)]
 
 
-def test_prompts_of_one_length_take_one_prefill():
+def test_prompts_take_one_prefill():
     model = tiny_lm(("stu", "attn"))
     calls = []
     original = model.prefill
-    model.prefill = lambda idx: calls.append(idx.shape) or original(idx)
+    model.prefill = lambda idx, start=None: calls.append((idx.shape, start)) or original(idx, start)
     batch = prompts((5, 5, 5))
     out = generate(model, batch, 3)
-    assert calls == [(3, 5)] and torch.equal(torch.stack(out), generate(model, torch.stack(batch), 3))
+    assert calls == [((3, 5), None)] and torch.equal(torch.stack(out), generate(model, torch.stack(batch), 3))
     del calls[:]
     generate(model, prompts((5, 2)), 3)
-    assert calls == [(1, 5), (1, 2)]  # different lengths: each prompt's own prefill
+    [(shape, start)] = calls  # different lengths: one prefill, left-padded to the longest
+    assert shape == (2, 5) and start.tolist() == [0, 3]
 
 
 def test_bad_prompt_lists_are_clear_errors():

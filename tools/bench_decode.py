@@ -48,8 +48,8 @@ from _bench_common import (
     write_json,
 )
 
-from spectralds.generate import GraphedStep, decode_loop, merge_states, set_decode_method
-from spectralds.layers import DECODE_METHODS, build_layer
+from spectralds.generate import GraphedStep, decode_loop, merge_prefills, set_decode_method
+from spectralds.layers import DECODE_METHODS, SequenceLayer, build_layer
 from spectralds.layers.attention import KVCache, SlidingWindowAttention
 
 METHODS = ("stu-naive", "stu-futurefill", "lds", "attn-full", "attn-window")
@@ -135,9 +135,9 @@ def synthetic_state(module: torch.nn.Module, batch: int, prompt_len: int):
         return KVCache(torch.randn(shape, device=p.device, dtype=p.dtype),
                        torch.randn(shape, device=p.device, dtype=p.dtype), prompt_len)
 
-    if hasattr(module, "blocks"):  # a LanguageModel: one cache per block
-        return [cache(block.mixer) for block in module.blocks]
-    return cache(module)
+    if isinstance(module, SequenceLayer):
+        return cache(module)
+    return [cache(layer) for layer in module.decoding_layers()]  # a LanguageModel: one cache per block
 
 
 def prefill(module, prompt: torch.Tensor, args: argparse.Namespace):
@@ -147,7 +147,7 @@ def prefill(module, prompt: torch.Tensor, args: argparse.Namespace):
     if len(chunks) == 1:
         return module.prefill(prompt)[1]
     states = [module.prefill(chunk)[1] for chunk in chunks]
-    return merge_states(states, module) if args.model else merge_states([[s] for s in states], module)[0]
+    return merge_prefills(module, states)
 
 
 @torch.inference_mode()

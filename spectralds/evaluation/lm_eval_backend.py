@@ -8,7 +8,6 @@ lm-eval does the rest (task loading, few-shot contexts, metrics); this class onl
 
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from spectralds.data.corpus import DOC_SEPARATOR
 from spectralds.data.tokenizers import Tokenizer
 from spectralds.errors import UserError, check_choice, check_int, first_line
 from spectralds.generate import generate, set_decode_method
+from spectralds.layers.registry import SequenceLayer
 
 GEN_CHUNK = 32  # tokens generated between checks for a stop sequence
 
@@ -196,7 +196,7 @@ class SpectraLDSLM(TemplateLM):
 
     # ---- generation ---------------------------------------------------------------------------
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """spectralds.generate.generate over same-length prompts in one batch, stopped at `until`."""
+        """spectralds.generate.generate over each batch of prompts (any lengths), stopped at `until`."""
         generator = torch.Generator(device=self._device).manual_seed(self.seed)
         encoded = [(context, self.tok_encode(context), dict(kwargs)) for context, kwargs in
                    (r.args for r in requests)]
@@ -214,14 +214,10 @@ class SpectraLDSLM(TemplateLM):
             temperature = (given or 1.0) if do_sample else 0.0
             top_k = kwargs.get("top_k")
             # Prompts are left-truncated so prompt + generation fits the model's context.
-            prompts = [ids[-(self.max_length - max_new) :] or [self._prefix] for _, ids, _ in batch]
-            texts = {}
-            for _, same in itertools.groupby(sorted(range(len(batch)), key=lambda i: len(prompts[i])),
-                                             key=lambda i: len(prompts[i])):
-                same = list(same)
-                outs = self._generate(torch.tensor([prompts[i] for i in same]), max_new, until,
-                                      temperature, int(top_k) if top_k else None, generator)
-                texts.update(zip(same, outs, strict=True))
+            keep = self.max_length - max_new
+            prompts = [torch.tensor(ids[-keep:] or [self._prefix]) for _, ids, _ in batch]
+            texts = self._generate(prompts, max_new, until, temperature, int(top_k) if top_k else None,
+                                   generator)
             for i, (context, _, _) in enumerate(batch):
                 results.append(texts[i])
                 self.cache_hook.add_partial("generate_until", (context, kwargs), texts[i])
@@ -231,23 +227,23 @@ class SpectraLDSLM(TemplateLM):
 
     @torch.inference_mode()
     def _generate(
-        self, prompt: torch.Tensor, max_new: int, until: list[str], temperature: float,
+        self, prompts: list[torch.Tensor], max_new: int, until: list[str], temperature: float,
         top_k: int | None, generator: torch.Generator,
     ) -> list[str]:
-        """Generate in chunks, stopping once every row has produced a stop sequence (or max_new tokens).
+        """Generate for prompts of any lengths as one batch (`generate` pads them on the left), in chunks,
+        stopping once every row has produced a stop sequence (or max_new tokens).
 
         Chunking only saves work: tokens after a stop sequence never influence the ones before it.
         """
-        tokens = prompt.to(self._device)
-        start = tokens.shape[1]
+        rows = [p.to(self._device) for p in prompts]
+        lengths, done = [len(p) for p in prompts], 0
         model = _DecodableOnly(self.model, self.tok.vocab_size)
-        while tokens.shape[1] - start < max_new:
-            step = min(GEN_CHUNK, max_new - (tokens.shape[1] - start))
-            tokens = generate(model, tokens, step, temperature, top_k, generator)
-            texts = [self.tok_decode(row[start:].tolist()) for row in tokens]
+        while done < max_new:
+            step = min(GEN_CHUNK, max_new - done)
+            rows, done = generate(model, rows, step, temperature, top_k, generator), done + step
+            texts = [self.tok_decode(row[n:].tolist()) for row, n in zip(rows, lengths, strict=True)]
             if all(any(stop in text for stop in until) for text in texts):
                 break
-        texts = [self.tok_decode(row[start:].tolist()) for row in tokens]
         return [_cut(text, until) for text in texts]
 
 
@@ -264,9 +260,12 @@ class _DecodableOnly:
             logits[..., self.vocab_size :] = float("-inf")
         return logits
 
-    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        logits, states = self.model.prefill(tokens)
+    def prefill(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        logits, states = self.model.prefill(tokens) if start is None else self.model.prefill(tokens, start)
         return self._mask(logits), states
+
+    def decoding_layers(self) -> list[SequenceLayer]:  # what generate batches and graphs the states by
+        return self.model.decoding_layers()
 
     def step(self, token: torch.Tensor, states: Any) -> tuple[torch.Tensor, Any]:
         logits, states = self.model.step(token, states)

@@ -190,6 +190,15 @@ def ar_step(
     return y.to(x_t.dtype), ARDecodeState(inner_state, inputs, outputs)
 
 
+def ar_merge_states(states: list[ARDecodeState], inner: Callable[[list[Any]], Any]) -> ARDecodeState:
+    """Merged AR states (`SequenceLayer.merge_states`): `inner` merges the plain layer's states; each
+    history holds its own prompt's last steps with zeros before, which zero inputs would leave."""
+    if not all(isinstance(s, ARDecodeState) for s in states):
+        raise UserError("a layer with AR terms merges ARDecodeStates only")
+    inputs, outputs = (torch.cat([getattr(s, name) for s in states]) for name in ("inputs", "outputs"))
+    return ARDecodeState(inner([s.inner for s in states]), inputs, outputs)
+
+
 def ar_init_state(layer: nn.Module, inner_state: Any, batch: int, device: Any, dtype: Any) -> ARDecodeState:
     hist_dtype = torch.promote_types(dtype or torch.float32, torch.float32)
     return ARDecodeState(inner_state, *layer.ar.init_history(batch, device, hist_dtype))
@@ -208,14 +217,14 @@ class LDSWithAR(LDS):
     def spec(self) -> dict:
         return {**super().spec(), "name": "lds_ar", "ar_order": self.ar.order}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         if self.ar is None:  # inside `spectral_only`: the plain LDS
             return super().forward(x)
         with spectral_only(self):  # the LDS picks its own path (scan or convolution) for s
             s = super().forward(x)
         return self.ar(x.to(self.run_dtype), s.to(self.run_dtype)).to(x.dtype)
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         if self.ar is None:  # inside `spectral_only`: the plain LDS
             return super().prefill(x)
         s, state = super().prefill(x)
@@ -233,6 +242,9 @@ class LDSWithAR(LDS):
         if self.ar is None:  # inside `spectral_only`
             return super().step(x_t, state)
         return ar_step(self, x_t, state, self.step)
+
+    def merge_states(self, states: list[ARDecodeState]) -> ARDecodeState:
+        return ar_merge_states(states, super().merge_states)
 
     def static_state(self, state: Any) -> ARDecodeState:
         """The state as it is: the LDS tensor and the AR history already have fixed shapes (CUDA graphs)."""

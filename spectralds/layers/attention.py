@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectralds.errors import UserError, check_choice, check_float, check_int
-from spectralds.layers.registry import SequenceLayer, register_layer
+from spectralds.layers.registry import SequenceLayer, check_start, padding_mask, register_layer
 
 try:
     from flash_attn import flash_attn_func
@@ -157,8 +157,8 @@ class SlidingWindowAttention(SequenceLayer):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._sequence(x)[0]  # training builds no KV cache
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        return self._sequence(x, start)[0]  # training builds no KV cache
 
     def forward_flops(self, batch: int, seq_len: int) -> float:
         """QK^T and AV over the keys each query sees (qkv / o_proj are Linear submodules, counted apart)."""
@@ -166,30 +166,42 @@ class SlidingWindowAttention(SequenceLayer):
         seen = w * (w + 1) // 2 + (seq_len - w) * w  # sum over t of min(t + 1, w)
         return 2 * 2 * batch * self.dim * seen
 
-    def _sequence(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Outputs (B, T, dim) and the rotated keys and values (B, heads, T, head_dim)."""
+    def _sequence(
+        self, x: torch.Tensor, start: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Outputs (B, T, dim) and the rotated keys and values (B, heads, T, head_dim). start: left
+        padding, row b rotated by t - start[b] and its keys before start[b] masked from real queries."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise UserError(f"attention expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
         T = x.shape[1]
         if self.seq_len is not None and T > self.seq_len:
             raise UserError(f"sequence length {T} exceeds the attention seq_len {self.seq_len}")
-        q, k, v = self._qkv(x, torch.arange(T, device=x.device))
-        y = self._attend(q, k, v)  # (B, heads, T, head_dim)
+        positions = torch.arange(T, device=x.device)
+        if start is not None:
+            check_start(start, x.shape[0], T)
+            positions = (positions - start[:, None])[:, None]  # (B, 1, T): each row from its first token
+        q, k, v = self._qkv(x, positions)
+        y = self._attend(q, k, v, start)  # (B, heads, T, head_dim)
         return self.o_proj(y.transpose(1, 2).flatten(2)), k, v
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
-        """Outputs for a prompt and a cache holding its last `window_size` keys and values."""
-        y, k, v = self._sequence(x)
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Outputs for a prompt and a cache holding its last `window_size` keys and values (and `start`,
+        so later steps keep each row's own positions and masks)."""
+        y, k, v = self._sequence(x, start)
         T = x.shape[1]
         keep = T if self.window_size is None else min(T, self.window_size)
         # Kept entries are copied (no view pinning the whole prompt's keys) and rolled into ring order.
         shift = 0 if self.window_size is None else (T - keep) % self.window_size
         k, v = (t[:, :, T - keep :].roll(shift, dims=2) for t in (k, v))
-        return y, KVCache(k, v, T)
+        return y, KVCache(k, v, T, start)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None = None
+    ) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         kernel = self._kernel_for(q, p)
+        if start is not None and kernel in ("flash", "flex"):  # a per-row padding mask: SDPA or math
+            kernel = "sdpa" if self.softcap is None else "math"
         if kernel == "flash":
             window = (-1, -1) if self.window_size is None else (self.window_size - 1, 0)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, T, heads, hd)
@@ -199,11 +211,14 @@ class SlidingWindowAttention(SequenceLayer):
             return y.transpose(1, 2)
         if kernel == "flex":
             return self._flex(q, k, v)
-        if kernel == "sdpa" and self.window_size is None:  # no mask tensor: lets CUDA use its flash backend
+        if kernel == "sdpa" and self.window_size is None and start is None:  # no mask: CUDA's flash backend
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        if kernel == "sdpa" and q.shape[2] > 2 * self.window_size:
+        if kernel == "sdpa" and start is None and q.shape[2] > 2 * self.window_size:
             return banded_sdpa(q, k, v, self.window_size, p)
         mask = window_mask(q.shape[2], self.window_size, q.device)
+        if start is not None:  # (B, 1, T, T): real queries see real keys; padded ones only padding
+            pad = padding_mask(start, q.shape[2])
+            mask = mask & (~pad[:, None, None, :] | pad[:, None, :, None])
         if kernel == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         scores = _at_least_float32(q @ k.transpose(-1, -2)) * self.head_dim**-0.5
@@ -313,6 +328,10 @@ class SlidingWindowAttention(SequenceLayer):
             scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
         return scores.softmax(-1).to(values.dtype) @ values
 
+    def merge_states(self, states: list[KVCache]) -> KVCache:
+        """The caches of prompts prefilled apart, right-aligned at the longest (`merge_caches`)."""
+        return merge_caches(states, self.window_size)
+
     def static_state(self, state: KVCache | RingKVCache) -> RingKVCache:
         """The same cache as a `RingKVCache` (fixed shapes), for a step recorded as a CUDA graph."""
         if isinstance(state, RingKVCache):
@@ -331,18 +350,18 @@ class SlidingWindowAttention(SequenceLayer):
 
 
 def merge_caches(caches: list[KVCache], window_size: int | None) -> KVCache:
-    """One cache for prompts of different lengths, each cache fresh from its own prefill.
+    """One cache for prompts of different lengths, each cache from its own prefill (left-padded or not).
 
     The prompts are right-aligned at the longest, P: a prompt of length T becomes P - T padding slots
     (masked, `KVCache.start`) then its own entries, so one slot index serves the whole batch. Each
     sequence keeps its own RoPE positions, so its outputs are those of its prefill decoded alone.
     """
+    if any(isinstance(c, RingKVCache) for c in caches):
+        raise UserError("merge_caches takes caches from a prefill, not fixed-shape (CUDA-graph) ones")
     longest = max(c.pos for c in caches)
     capacity = longest if window_size is None else min(longest, window_size)
     ks, vs, starts = [], [], []
     for cache in caches:
-        if cache.start is not None:
-            raise UserError("merge_caches takes caches fresh from a prefill, not already merged ones")
         shift, kept = longest - cache.pos, cache.entries(window_size)
         positions = torch.arange(cache.pos - kept, cache.pos, device=cache.k.device)
         old = positions if window_size is None else positions % window_size
@@ -351,7 +370,8 @@ def merge_caches(caches: list[KVCache], window_size: int | None) -> KVCache:
             merged = source.new_zeros(*source.shape[:2], capacity, source.shape[3])
             merged[:, :, new] = source[:, :, old]
             out.append(merged)
-        starts.append(torch.full((cache.k.shape[0],), shift, dtype=torch.long, device=cache.k.device))
+        own = 0 if cache.start is None else cache.start.to(cache.k.device)  # a left-padded prefill's
+        starts.append(torch.full((cache.k.shape[0],), shift, dtype=torch.long, device=cache.k.device) + own)
     start = torch.cat(starts)  # all zero (prompts of one length): the plain step, nothing to mask
     return KVCache(torch.cat(ks), torch.cat(vs), longest, start if start.any() else None)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectralds.errors import check_bool, check_choice, check_float
+from spectralds.layers.registry import padding_mask
 
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -87,8 +88,15 @@ class Block(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.mlp is None else x + self.dropout(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mlp(x + self.dropout(self.mixer(self.norm1(x))))
+    def _mixer_input(self, x: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+        """norm1(x), zero at left-padded positions (before start[b]): what the mixers' `start` assumes."""
+        h = self.norm1(x)
+        return h if start is None else h.masked_fill(padding_mask(start, x.shape[1])[..., None], 0)
+
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        if start is None:  # a mixer that takes no `start` still works unpadded
+            return self._mlp(x + self.dropout(self.mixer(self.norm1(x))))
+        return self._mlp(x + self.dropout(self.mixer(self._mixer_input(x, start), start=start)))
 
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -100,7 +108,11 @@ class Block(nn.Module):
         y_t, state = self.mixer.step(self.norm1(x_t), state)
         return self._mlp(x_t + self.dropout(y_t)), state
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """A prompt (batch, seq, dim) through the block; returns outputs and the mixer's state."""
-        y, state = self.mixer.prefill(self.norm1(x))
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """A prompt (batch, seq, dim) through the block; returns outputs and the mixer's state.
+        start: left padding (see `SequenceLayer`)."""
+        if start is None:
+            y, state = self.mixer.prefill(self.norm1(x))
+        else:
+            y, state = self.mixer.prefill(self._mixer_input(x, start), start=start)
         return self._mlp(x + self.dropout(y)), state

@@ -208,12 +208,13 @@ class LDS(ConvolutionPaths, SequenceLayer):
 
     # ---- sequences ----------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        # `start` (left padding) needs nothing: time-invariant from a zero state, on zeroed padding.
         self._check_input(x)
         path = self._sequence_path(x.shape[0], x.shape[1])
         return self._scan_prefill(x)[0] if path == "scan" else self._convolve(x, path)
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Outputs for a whole prompt and the state after it, by the path `forward` takes (no step
         loop): the scan, or the convolution plus the final state as one matmul (`_final_state`)."""
         self._check_input(x)
@@ -321,6 +322,12 @@ class LDS(ConvolutionPaths, SequenceLayer):
         else:
             y = (state * C).sum(-1)  # C: (d_out, h), M_filters folded in
         return y.to(x_t.dtype), state
+
+    def merge_states(self, states: list[torch.Tensor]) -> torch.Tensor:  # zeros before a prompt add nothing
+        return torch.cat(states)
+
+    def static_state(self, state: torch.Tensor) -> torch.Tensor:  # (batch, channels, h) at any position
+        return state
 
     def _step_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A, B and C (exact) or the folded per-channel readout (tensordot), in the run dtype.

@@ -94,7 +94,14 @@ class SequenceLayer(nn.Module):
 
     Decoding: `state = layer.init_state(batch, device, dtype)`, or `y, state = layer.prefill(x)` for a
     prompt, then `y_t, state = layer.step(x_t, state)` one token at a time (x_t: (batch, dim)). A state
-    is whatever the layer needs (a tensor, a cache); `forward` never builds one.
+    is whatever the layer needs (a tensor, a cache); `forward` never builds one. Two more methods let
+    `spectralds.generate` batch and graph any layer without knowing its state: `merge_states` (prompts
+    prefilled apart -> one batched state) and `static_state` (fixed shapes for a CUDA graph).
+
+    Left padding: `forward(x, start)` and `prefill(x, start)` take `start`, None or a (batch,) long
+    tensor, the index of each row's first real token. The caller zeroes x before start[b] (`padding_mask`),
+    so a layer that is time-invariant from a zero state (convolutions, LDS, AR terms) ignores it; a layer
+    that is not (attention) must keep its real positions equal to each row's unpadded run.
 
     A layer with several exact decoding algorithms lists them in `decode_methods` (a subset of
     DECODE_METHODS) and uses `decode_method`; `set_decode_method` changes it. Layers with one way to
@@ -113,7 +120,7 @@ class SequenceLayer(nn.Module):
         check_choice("decode method", method, self.decode_methods)
         self.decode_method = method
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, D)
         raise NotImplementedError
 
     def forward_flops(self, batch: int, seq_len: int) -> float | None:
@@ -130,10 +137,11 @@ class SequenceLayer(nn.Module):
     def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """Run a prompt and return its outputs and the state after it.
 
-        This default steps token by token (always correct); layers override it with a fast path.
+        This default steps token by token (correct for a layer time-invariant from its zero state, the
+        padded inputs being zeros); layers override it with a fast path.
         """
         state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         ys = []
@@ -141,3 +149,33 @@ class SequenceLayer(nn.Module):
             y_t, state = self.step(x[:, t], state)
             ys.append(y_t)
         return torch.stack(ys, dim=1), state
+
+    def merge_states(self, states: list[Any]) -> Any:
+        """States of prompts prefilled apart (each fresh from `prefill`, any batch) -> one state for their
+        concatenated batch, every prompt right-aligned at the longest as if preceded by zero inputs."""
+        raise UserError(f"{type(self).__name__} cannot merge the states of separately prefilled prompts "
+                        "(it defines no merge_states)")
+
+    def static_state(self, state: Any) -> Any:
+        """`state` with fixed shapes that a step updates in place, for a step recorded as a CUDA graph;
+        a one-line UserError naming the reason where the state cannot have them."""
+        raise UserError(f"{type(self).__name__}'s decoding state grows with the position (it defines no "
+                        "static_state), and a recorded graph replays fixed shapes")
+
+
+def check_start(start: torch.Tensor | None, batch: int, length: int) -> None:
+    """`start` is None or (batch,) integers in [0, length): every row keeps at least one real token."""
+    if start is None:
+        return
+    if not isinstance(start, torch.Tensor) or start.shape != (batch,) or start.is_floating_point():
+        shape = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
+        raise UserError(f"start must be a ({batch},) integer tensor (each row's first real token), "
+                        f"got {shape}")
+    if batch and (start.min() < 0 or start.max() >= length):
+        raise UserError(f"start must lie in [0, {length}) so every row keeps a real token, "
+                        f"got {start.tolist()}")
+
+
+def padding_mask(start: torch.Tensor, length: int) -> torch.Tensor:
+    """(batch, length) boolean, True at the padded positions t < start[b]."""
+    return torch.arange(length, device=start.device) < start[:, None]

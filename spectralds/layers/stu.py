@@ -15,6 +15,7 @@ paper's autoregressive terms (`spectralds.layers.ar`).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from spectralds.errors import UserError, check_int
 from spectralds.filters import spectral_filters
 from spectralds.io import cache_dir
 from spectralds.layers import futurefill
-from spectralds.layers.ar import ar_init_state, ar_prefill, ar_step, make_ar
+from spectralds.layers.ar import ar_init_state, ar_merge_states, ar_prefill, ar_step, make_ar
 from spectralds.layers.futurefill import ConvDecodeState
 from spectralds.layers.registry import DECODE_METHODS, SequenceLayer, register_layer
 from spectralds.ops.fft_conv import (
@@ -194,7 +195,8 @@ class SpectralConv(SequenceLayer):
                 "(the length of its filters)"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        # `start` (left padding) needs nothing: a convolution (and the AR terms) on zeroed padding.
         self._check_input(x)
         if x.shape[1] == 0:
             return x.new_zeros(x.shape[0], 0, self.dim_out)
@@ -236,13 +238,17 @@ class SpectralConv(SequenceLayer):
         state = futurefill.init_state(self, batch_size, device, dtype)
         return state if self.ar is None else ar_init_state(self, state, batch_size, device, dtype)
 
-    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, ConvDecodeState]:
+    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass."""
         return futurefill.prefill(self, x) if self.ar is None else ar_prefill(self, x, self.prefill)
 
     def step(self, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
         """One token x_t (B, dim) -> (y_t (B, dim_out), state), as `forward` would give it."""
         return futurefill.step(self, x_t, state) if self.ar is None else ar_step(self, x_t, state, self.step)
+
+    def merge_states(self, states: list) -> ConvDecodeState:  # right-aligned: futurefill.merge_states
+        merge = futurefill.merge_states
+        return merge(states) if self.ar is None else ar_merge_states(states, merge)
 
 
 @register_layer("stu")

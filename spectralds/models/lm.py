@@ -19,7 +19,7 @@ from torch import nn
 
 from spectralds.errors import UserError, UserTypeError, check_bool, check_float
 from spectralds.layers.blocks import Block, RMSNorm
-from spectralds.layers.registry import check_positive_int
+from spectralds.layers.registry import SequenceLayer, check_positive_int, check_start
 from spectralds.models.common import (
     SpectralModule,
     build_mixers,
@@ -132,22 +132,37 @@ class LanguageModel(SpectralModule):
             )
 
     # ---- forward / decoding -------------------------------------------------------------
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, T, vocab). start: None, or (batch,) each row's first real token (left padding):
+        real positions then equal each row's unpadded run, whatever the padded tokens are."""
         if idx.shape[1] > self.seq_len:
             raise UserError(f"input of {idx.shape[1]} tokens exceeds the model's seq_len {self.seq_len}")
+        start = self._start(idx, start)
         x = self.dropout(self.embed(idx))
         for block in self.blocks:
-            x = block(x)
+            x = block(x) if start is None else block(x, start)
         return self.head(self.norm(x))
 
-    def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
-        """Logits of the last prompt position and the per-block decoding states."""
+    def prefill(self, idx: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any]]:
+        """Logits of the last prompt position and the per-block decoding states (aligned with
+        `decoding_layers()`); start: left padding, as in `forward`."""
+        start = self._start(idx, start)
         x = self.embed(idx)
         states = []
         for block in self.blocks:
-            x, state = block.prefill(x)
+            x, state = block.prefill(x, start)
             states.append(state)
         return self.head(self.norm(x[:, -1])), states
+
+    def _start(self, idx: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor | None:
+        if idx.dim() != 2:
+            raise UserError(f"token ids must be (batch, tokens), got shape {tuple(idx.shape)}")
+        check_start(start, idx.shape[0], idx.shape[1])
+        return None if start is None else start.to(idx.device)
+
+    def decoding_layers(self) -> list[SequenceLayer]:
+        """The sequence layer behind each decoding state, in the order `prefill` / `step` use them."""
+        return [block.mixer for block in self.blocks]
 
     def step(self, token: torch.Tensor, states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         x = self.embed(token)
