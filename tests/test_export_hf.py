@@ -195,3 +195,21 @@ def test_export_refuses_a_non_empty_directory_and_leaves_nothing_behind(tmp_path
     assert "not an empty directory" in err
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "m.ckpt"]  # no staging directory left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["spectralds", "transformers"])
+def test_importing_spectralds_registers_the_auto_classes(exported, tmp_path, first):
+    """No trust_remote_code: `import spectralds` (before or after transformers) registers the classes,
+    without importing transformers itself."""
+    directory = exported[1]["stu"]["dir"]
+    imports = ["import spectralds, sys", "assert 'transformers' not in sys.modules",
+               "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    if first == "transformers":
+        imports = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "import spectralds"]
+    code = "\n".join([*imports, f"m = AutoModelForCausalLM.from_pretrained({directory!r})",
+                      f"t = AutoTokenizer.from_pretrained({directory!r})",
+                      "assert type(m).__module__ == 'spectralds.interop.hf_model', type(m)",
+                      "assert type(t).__name__ == 'SpectralDSTokenizer', type(t)"])
+    (tmp_path / "load.py").write_text(code)
+    fresh_process(tmp_path / "load.py", hf_home=tmp_path / "hf_home")

@@ -17,11 +17,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spectralds import __version__
-from spectralds.data.corpus import DOC_SEPARATOR
-from spectralds.data.tokenizers import BPETokenizer, ByteTokenizer, TiktokenTokenizer, Tokenizer
 from spectralds.errors import UserError
+
+if TYPE_CHECKING:  # spectralds.data is imported where used: registering the classes stays light
+    from spectralds.data.tokenizers import Tokenizer
 
 try:  # the class below needs transformers; without it only `require_transformers` is reached
     from transformers import PreTrainedTokenizerFast
@@ -43,6 +45,8 @@ def backend_tokenizer(tokenizer: Tokenizer):
     """A `tokenizers.Tokenizer` encoding and decoding exactly as `tokenizer` does."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
+
+    from spectralds.data.tokenizers import BPETokenizer, ByteTokenizer, TiktokenTokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
         from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -101,6 +105,8 @@ def write_code_file(directory: str | os.PathLike, name: str, cls: str, module: s
 def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, max_length: int) -> None:
     """Write tokenizer.json, tokenizer_config.json (and transformers' companions) and the tokenizer's
     code file into out_dir."""
+    from spectralds.data.corpus import DOC_SEPARATOR
+
     backend = backend_tokenizer(tokenizer)
     prefix = backend.id_to_token(tokenizer.encode(DOC_SEPARATOR)[-1])
     fast = SpectralDSTokenizer(
