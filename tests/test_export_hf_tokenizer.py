@@ -35,7 +35,10 @@ def roundtrip(tokenizer, directory: Path):
         assert hf.decode(ids) == tokenizer.decode(ids) == text
         assert hf.decode(ids, skip_special_tokens=True) == text  # no id of ours is skipped
     # bos = eos = the token our lm-eval backend puts before an empty context (the separator's last)
-    assert hf.bos_token_id == hf.eos_token_id == tokenizer.encode("\n\n")[-1]
+    assert hf.bos_token_id == hf.eos_token_id == hf.pad_token_id == tokenizer.encode("\n\n")[-1]
+    batch = hf(TEXTS[:2], add_special_tokens=False, padding=True)  # left padding, the one our models take
+    short = len(tokenizer.encode(TEXTS[0]))
+    assert batch["attention_mask"][0] == [0] * (len(batch["input_ids"][0]) - short) + [1] * short
     assert hf.model_max_length == 64
     return hf
 

@@ -110,8 +110,9 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike, max_leng
     backend = backend_tokenizer(tokenizer)
     prefix = backend.id_to_token(tokenizer.encode(DOC_SEPARATOR)[-1])
     fast = SpectralDSTokenizer(
-        tokenizer_object=backend, bos_token=prefix, eos_token=prefix, model_max_length=max_length,
-        split_special_tokens=True, clean_up_tokenization_spaces=False,
+        tokenizer_object=backend, bos_token=prefix, eos_token=prefix, pad_token=prefix,
+        model_max_length=max_length, split_special_tokens=True, clean_up_tokenization_spaces=False,
+        padding_side="left",  # the only padding our models take (HF's `start`, see hf_model)
     )
     fast._auto_map = {"AutoTokenizer": AUTO_TOKENIZER}  # what save_pretrained writes as auto_map
     fast.save_pretrained(str(out_dir))
