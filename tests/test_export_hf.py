@@ -217,3 +217,20 @@ def test_importing_spectralds_registers_the_auto_classes(exported, tmp_path, fir
                       "assert type(t).__name__ == 'SpectralDSTokenizer', type(t)"])
     (tmp_path / "load.py").write_text(code)
     fresh_process(tmp_path / "load.py", hf_home=tmp_path / "hf_home")
+
+
+def test_what_spectralds_models_cannot_do_is_a_one_line_error():
+    from spectralds.interop.hf_export import build_hf_model
+
+    hf = build_hf_model(make_model("lds"))
+    prompt = torch.randint(0, 256, (2, 5))
+    with pytest.raises(UserError, match="beam search"):
+        hf.generate(prompt, num_beams=2, max_new_tokens=3, do_sample=False)
+    with pytest.raises(UserError, match="left padding"):  # right padding
+        hf.generate(prompt, attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]), max_new_tokens=3)
+    with pytest.raises(UserError, match="inputs_embeds"):
+        hf(None, inputs_embeds=torch.zeros(2, 5, 16))
+    with pytest.raises(UserError, match="output_hidden_states"):
+        hf(prompt, output_hidden_states=True)
+    with pytest.raises(UserError, match="exceed the model's context"):
+        hf.generate(prompt, max_new_tokens=SEQ, do_sample=False)

@@ -130,6 +130,9 @@ class SpectralDSForCausalLM(PreTrainedModel, GenerationMixin):
 
         use_cache None (a plain scoring call, lm-eval's) builds no states: they would only cost time.
         """
+        for name in ("inputs_embeds", "output_attentions", "output_hidden_states"):
+            if unused.get(name) is not None and unused[name] is not False:
+                raise UserError(f"{name} is not supported by spectralds models: give input_ids")
         if cache is not None:
             logits, cache = self._decode(input_ids, attention_mask, cache)
         else:
@@ -148,6 +151,9 @@ class SpectralDSForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def _reorder_cache(self, cache: SpectralDSCache, beam_idx: torch.Tensor) -> SpectralDSCache:
+        raise UserError("beam search is not supported by spectralds models: use greedy or sampling")
 
     def _decode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: SpectralDSCache
