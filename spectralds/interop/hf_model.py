@@ -79,6 +79,10 @@ class SpectralDSForCausalLM(PreTrainedModel, GenerationMixin):
         with torch.device("cpu"):
             self.lm = LanguageModel(**kwargs)
             restore_layers(self.lm, config.layer_specs)
+        # transformers builds under the dtype it loads in (its default dtype meanwhile); layers that make
+        # their parameters in their own run dtype (LDS) are cast like the rest, as `model.to(dtype)` did
+        # to the exported model (an LDS keeps its float64 system; filters stay at least float32).
+        self.lm.to(torch.get_default_dtype())
         self._fixed_buffers = {
             name: buffer.detach().clone()
             for name, buffer in self.lm.named_buffers()
