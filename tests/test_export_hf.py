@@ -2,7 +2,6 @@
 `AutoModelForCausalLM` and gives our logits, our generations (greedy and seeded sampling, decoding from
 the model's own states), and left-padded rows equal to their unpadded runs; one-line errors."""
 
-import inspect
 import os
 import subprocess
 import sys
@@ -24,8 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SEQ, NEW, SEED, TEMPERATURE, TOP_K = 48, 12, 3, 0.8, 20
 PADDED_LENGTHS = (6, 2, 4)
 KINDS = ("stu", "stu_t", "lds", "hybrid", "pruned", "ar", "hybrid64", "lds_bf16")
-# `start` (left padding) comes with the decoding protocol; until it is in LanguageModel, skip those checks.
-HAS_START = "start" in inspect.signature(LanguageModel.prefill).parameters
 
 
 def make_model(kind: str) -> LanguageModel:
@@ -154,7 +151,6 @@ def test_lds_cache_is_constant_size(exported, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_START, reason="needs LanguageModel.prefill(start=...) from the protocol branch")
 @pytest.mark.parametrize("kind", KINDS)
 def test_left_padded_rows_equal_their_unpadded_runs(exported, kind):
     models, _, results, prompts = exported

@@ -59,10 +59,6 @@ def padding_start(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return start if bool(start.any()) else None
 
 
-def _padding_kwargs(start: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    return {} if start is None else {"start": start}
-
-
 class SpectralDSForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = SpectralDSConfig
     base_model_prefix = "lm"
@@ -140,13 +136,13 @@ class SpectralDSForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             logits, cache = self._decode(input_ids, attention_mask, cache)
         else:
-            kwargs = _padding_kwargs(padding_start(attention_mask))
+            start = padding_start(attention_mask)
             if use_cache and logits_to_keep == 1:  # generate's prefill: the last position is all it reads
-                last, states = self.lm.prefill(input_ids, **kwargs)
+                last, states = self.lm.prefill(input_ids, start=start)
                 logits = last[:, None]
             else:
-                logits = self.lm(input_ids, **kwargs)
-                states = self.lm.prefill(input_ids, **kwargs)[1] if use_cache else None
+                logits = self.lm(input_ids, start=start)
+                states = self.lm.prefill(input_ids, start=start)[1] if use_cache else None
             cache = None if states is None else SpectralDSCache(states, input_ids.shape[1])
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
