@@ -11,6 +11,7 @@ It knows no concrete layer: batching prompts of different lengths (one left-padd
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -204,7 +205,12 @@ def prefill_prompts(model, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, l
     """Prefill prompts of any lengths as one left-padded batch (`DecodingModel.prefill`'s `start`): each
     row's logits and state are those of its prompt alone, and every layer then steps all together."""
     idx, start = left_pad(prompts)
-    return model.prefill(idx) if start is None else model.prefill(idx, start=start)
+    if start is None:
+        return model.prefill(idx)
+    if "start" not in inspect.signature(model.prefill).parameters:
+        raise UserError(f"{type(model).__name__}.prefill(idx) takes no `start` (left padding), so it cannot "
+                        "prefill prompts of different lengths as one batch: give prompts of one length")
+    return model.prefill(idx, start=start)
 
 
 @torch.inference_mode()

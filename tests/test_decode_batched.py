@@ -10,6 +10,7 @@ from spectralds.generate import (
     _leaves,
     generate,
     graphable,
+    merge_prefills,
     prefill_prompts,
     set_decode_method,
     static_states,
@@ -63,6 +64,23 @@ def test_batched_prompts_decode_as_each_alone(pattern, window, decode):
         logits, states = prefill_prompts(model, batch)
         singles = [model.prefill(p[None]) for p in batch]
         for _ in range(10):
+            expected = torch.cat([lg for lg, _ in singles])
+            assert rel(logits, expected) < 1e-5
+            token = expected.argmax(-1)
+            logits, states = model.step(token, states)
+            singles = [model.step(token[i : i + 1], s) for i, (_, s) in enumerate(singles)]
+
+
+@pytest.mark.parametrize("pattern, window, decode", CASES)
+def test_merged_prefills_decode_as_each_alone(pattern, window, decode):
+    """`merge_prefills` (each layer's `merge_states`): two left-padded batches prefilled apart, then one."""
+    model = tiny_lm(pattern, window, decode)
+    batch = prompts()
+    with torch.inference_mode():
+        parts = [prefill_prompts(model, batch[:2]), prefill_prompts(model, batch[2:])]
+        logits, states = torch.cat([lg for lg, _ in parts]), merge_prefills(model, [s for _, s in parts])
+        singles = [model.prefill(p[None]) for p in batch]
+        for _ in range(8):
             expected = torch.cat([lg for lg, _ in singles])
             assert rel(logits, expected) < 1e-5
             token = expected.argmax(-1)

@@ -4,7 +4,7 @@ positions equal its unpadded run in forward, prefill and the steps after it; pad
 import pytest
 import torch
 
-from spectralds.generate import generate, left_pad, prefill_prompts
+from spectralds.generate import generate, left_pad, merge_prefills, prefill_prompts
 from spectralds.layers import build_layer
 from spectralds.models import LanguageModel
 
@@ -109,10 +109,11 @@ def hybrid_lm() -> LanguageModel:
     model = LanguageModel(
         vocab_size=32, dim=16, num_layers=5, layer_pattern=["stu", "attn", "lds", "stu_t", "lds_ar"],
         seq_len=40, num_filters=3, mlp_ratio=2.0,
-        layer_kwargs={"attn": {"num_heads": 2, "window_size": 4},
+        layer_kwargs={"attn": {"num_heads": 2, "window_size": 4}, "stu": {"ar_order": 2},
                       "lds": {"state_dim": 8, "chunk_size": 4, "dtype": "float64"},
                       "lds_ar": {"state_dim": 8, "ar_order": 2, "dtype": "float64"}},
     ).double().eval()
+    with_ar(model.blocks[0].mixer)
     with_ar(model.blocks[4].mixer)
     return model
 
@@ -164,7 +165,8 @@ def test_greedy_generation_from_a_padded_prefill_is_each_prompt_alone():
 
 
 BAD_STARTS = [(torch.tensor([0, 9, 1]), r"\[0, 9\)"), (torch.tensor([0, 1]), r"\(3,\)"),
-              (torch.tensor([0.0, 1.0, 2.0]), "integer"), ([0, 1, 2], "list")]
+              (torch.tensor([0.0, 1.0, 2.0]), "integer"), (torch.tensor([True, False, True]), "integer"),
+              ([0, 1, 2], "list")]
 
 
 @pytest.mark.parametrize("start, match", BAD_STARTS)
@@ -174,3 +176,19 @@ def test_bad_start_is_one_line(start, match):
         model(torch.zeros(3, 9, dtype=torch.long), start=start)
     with pytest.raises(ValueError, match=match):
         model.prefill(torch.zeros(3, 9, dtype=torch.long), start=start)
+
+
+def test_merged_prefills_equal_the_padded_prefill():
+    """Prompts prefilled one by one and merged (`merge_prefills`, every layer's `merge_states`) decode as
+    their one left-padded prefill does."""
+    model = hybrid_lm()
+    prompts = token_prompts()
+    with torch.inference_mode():
+        logits, states = prefill_prompts(model, prompts)
+        singles = [model.prefill(p[None]) for p in prompts]
+        merged_logits = torch.cat([lg for lg, _ in singles])
+        merged = merge_prefills(model, [s for _, s in singles])
+        for _ in range(6):
+            torch.testing.assert_close(merged_logits, logits, rtol=1e-9, atol=1e-10)
+            token = logits.argmax(-1)
+            (logits, states), (merged_logits, merged) = model.step(token, states), model.step(token, merged)

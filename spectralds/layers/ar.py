@@ -190,9 +190,11 @@ def ar_step(
     return y.to(x_t.dtype), ARDecodeState(inner_state, inputs, outputs)
 
 
-def ar_merge_states(states: list[ARDecodeState], inner: Callable[[list[Any]], Any]) -> ARDecodeState:
-    """Merged AR states (`SequenceLayer.merge_states`): `inner` merges the plain layer's states; each
+def ar_merge_states(layer: nn.Module, states: list[Any], inner: Callable[[list[Any]], Any]) -> Any:
+    """Merged states (`SequenceLayer.merge_states`): `inner` merges the plain layer's states; each AR
     history holds its own prompt's last steps with zeros before, which zero inputs would leave."""
+    if layer.ar is None:
+        return inner(states)
     if not all(isinstance(s, ARDecodeState) for s in states):
         raise UserError("a layer with AR terms merges ARDecodeStates only")
     inputs, outputs = (torch.cat([getattr(s, name) for s in states]) for name in ("inputs", "outputs"))
@@ -244,7 +246,7 @@ class LDSWithAR(LDS):
         return ar_step(self, x_t, state, self.step)
 
     def merge_states(self, states: list[ARDecodeState]) -> ARDecodeState:
-        return ar_merge_states(states, super().merge_states)
+        return ar_merge_states(self, states, super().merge_states)
 
     def static_state(self, state: Any) -> ARDecodeState:
         """The state as it is: the LDS tensor and the AR history already have fixed shapes (CUDA graphs)."""

@@ -11,21 +11,21 @@ takes it on CPU; "flex" forces it (tests compare it with SDPA there, without gra
 Decoding keeps a KV cache of at most `window_size` entries, stored after rotation. It is preallocated
 and written in place (a ring buffer for a window, a buffer that doubles for full attention), so a step
 does not copy the cache; after rotation the order of the cached entries does not matter to attention.
-Prompts of different lengths share one cache (`merge_caches`): each is right-aligned at the longest,
-its padding slots masked and its queries rotated by its own position. `static_state` turns a window's
+Prompts of different lengths share one cache, from a left-padded prefill (`start`) or merged
+(`merge_caches`): each is right-aligned at the longest, its padding masked and its queries and keys
+rotated by its own position. `static_state` turns a window's
 cache into a `RingKVCache`, whose every field (the position too) is a fixed-shape tensor: a step on it
 can be recorded once as a CUDA graph.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spectralds.errors import UserError, check_choice, check_float, check_int
+from spectralds.layers.kv_cache import KVCache, RingKVCache, grown, merge_caches
 from spectralds.layers.registry import SequenceLayer, check_start, padding_mask, register_layer
 
 try:
@@ -39,33 +39,6 @@ except ImportError:  # torch without FlexAttention
 
 KERNELS = ("auto", "flash", "flex", "sdpa", "math")
 _compiled_flex = None  # flex_attention is only fused under torch.compile: compiled once per process
-
-
-class KVCache(NamedTuple):
-    """k, v: (batch, heads, capacity, head_dim), already rotated; the first `entries` slots are valid
-    and, with a window, position p lives in slot p % window_size. pos: position of the next token.
-
-    start: None, or per sequence (batch,) the position of its first token when prompts of different
-    lengths were right-aligned (`merge_caches`): sequence b is at position pos - start[b], and slots
-    holding positions before start[b] are padding, never attended to.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: int
-    start: torch.Tensor | None = None
-
-    def entries(self, window_size: int | None) -> int:
-        return self.pos if window_size is None else min(self.pos, window_size)
-
-
-class RingKVCache(NamedTuple):
-    """A window's cache in fixed shapes: k, v (batch, heads, window, head_dim), position p of sequence b
-    in slot p % window; pos (batch,) int64, each sequence's next position, on the cache's device."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -293,7 +266,7 @@ class SlidingWindowAttention(SequenceLayer):
         if slot >= cache_k.shape[2]:  # full: double the capacity (at most the window)
             capacity = max(16, 2 * cache_k.shape[2])
             capacity = capacity if self.window_size is None else min(capacity, self.window_size)
-            cache_k, cache_v = (_grown(t, capacity) for t in (cache_k, cache_v))
+            cache_k, cache_v = (grown(t, capacity) for t in (cache_k, cache_v))
         cache_k[:, :, slot], cache_v[:, :, slot] = k[:, :, 0], v[:, :, 0]
         valid = min(n + 1, cache_k.shape[2])
         mask = None
@@ -345,38 +318,5 @@ class SlidingWindowAttention(SequenceLayer):
         # Sequence b's position p sits in slot (p + start[b]) % window (aligned); the ring wants p % window.
         source = (torch.arange(window, device=state.k.device) + start[:, None]) % window  # (B, window)
         index = source[:, None, :, None].expand(batch, self.num_heads, window, self.head_dim)
-        k, v = (_grown(t, window).gather(2, index) for t in (state.k, state.v))
+        k, v = (grown(t, window).gather(2, index) for t in (state.k, state.v))
         return RingKVCache(k, v, state.pos - start)
-
-
-def merge_caches(caches: list[KVCache], window_size: int | None) -> KVCache:
-    """One cache for prompts of different lengths, each cache from its own prefill (left-padded or not).
-
-    The prompts are right-aligned at the longest, P: a prompt of length T becomes P - T padding slots
-    (masked, `KVCache.start`) then its own entries, so one slot index serves the whole batch. Each
-    sequence keeps its own RoPE positions, so its outputs are those of its prefill decoded alone.
-    """
-    if any(isinstance(c, RingKVCache) for c in caches):
-        raise UserError("merge_caches takes caches from a prefill, not fixed-shape (CUDA-graph) ones")
-    longest = max(c.pos for c in caches)
-    capacity = longest if window_size is None else min(longest, window_size)
-    ks, vs, starts = [], [], []
-    for cache in caches:
-        shift, kept = longest - cache.pos, cache.entries(window_size)
-        positions = torch.arange(cache.pos - kept, cache.pos, device=cache.k.device)
-        old = positions if window_size is None else positions % window_size
-        new = positions + shift if window_size is None else (positions + shift) % window_size
-        for source, out in ((cache.k, ks), (cache.v, vs)):
-            merged = source.new_zeros(*source.shape[:2], capacity, source.shape[3])
-            merged[:, :, new] = source[:, :, old]
-            out.append(merged)
-        own = 0 if cache.start is None else cache.start.to(cache.k.device)  # a left-padded prefill's
-        starts.append(torch.full((cache.k.shape[0],), shift, dtype=torch.long, device=cache.k.device) + own)
-    start = torch.cat(starts)  # all zero (prompts of one length): the plain step, nothing to mask
-    return KVCache(torch.cat(ks), torch.cat(vs), longest, start if start.any() else None)
-
-
-def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    out = t.new_zeros(*t.shape[:2], capacity, t.shape[3])
-    out[:, :, : t.shape[2]] = t
-    return out

@@ -167,10 +167,11 @@ def check_start(start: torch.Tensor | None, batch: int, length: int) -> None:
     """`start` is None or (batch,) integers in [0, length): every row keeps at least one real token."""
     if start is None:
         return
-    if not isinstance(start, torch.Tensor) or start.shape != (batch,) or start.is_floating_point():
-        shape = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
+    integer = isinstance(start, torch.Tensor) and start.dtype in (torch.int64, torch.int32, torch.int16)
+    if not integer or start.shape != (batch,):
+        got = f"{tuple(start.shape)} {start.dtype}" if torch.is_tensor(start) else type(start).__name__
         raise UserError(f"start must be a ({batch},) integer tensor (each row's first real token), "
-                        f"got {shape}")
+                        f"got {got}")
     if batch and (start.min() < 0 or start.max() >= length):
         raise UserError(f"start must lie in [0, {length}) so every row keeps a real token, "
                         f"got {start.tolist()}")

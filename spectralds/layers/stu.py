@@ -196,7 +196,6 @@ class SpectralConv(SequenceLayer):
             )
 
     def forward(self, x: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-        # `start` (left padding) needs nothing: a convolution (and the AR terms) on zeroed padding.
         self._check_input(x)
         if x.shape[1] == 0:
             return x.new_zeros(x.shape[0], 0, self.dim_out)
@@ -239,16 +238,15 @@ class SpectralConv(SequenceLayer):
         return state if self.ar is None else ar_init_state(self, state, batch_size, device, dtype)
 
     def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass."""
+        """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass (`start`: unused)."""
         return futurefill.prefill(self, x) if self.ar is None else ar_prefill(self, x, self.prefill)
 
     def step(self, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
         """One token x_t (B, dim) -> (y_t (B, dim_out), state), as `forward` would give it."""
         return futurefill.step(self, x_t, state) if self.ar is None else ar_step(self, x_t, state, self.step)
 
-    def merge_states(self, states: list) -> ConvDecodeState:  # right-aligned: futurefill.merge_states
-        merge = futurefill.merge_states
-        return merge(states) if self.ar is None else ar_merge_states(states, merge)
+    def merge_states(self, states: list) -> Any:  # right-aligned (futurefill.merge_states), AR alongside
+        return ar_merge_states(self, states, futurefill.merge_states)
 
 
 @register_layer("stu")
