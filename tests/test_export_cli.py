@@ -1,6 +1,8 @@
 """`spectralds export --format flash-stu-2`: the command hands the model to the importer's
 `export_flash_stu2` (skipped where spectralds.interop.flash_stu is not part of the package)."""
 
+import sys
+
 import pytest
 import torch
 from cli_helpers import one_line_error, run_cli
@@ -33,4 +35,12 @@ def test_export_arguments_are_checked(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path / "m.ckpt")
     assert "--format" in one_line_error(capsys, ["export", "--ckpt", ckpt, "--format", "onnx", "--out", "d"])
     assert "does not exist" in one_line_error(
-        capsys, ["export", "--ckpt", str(tmp_path / "none.ckpt"), "--format", "hf", "--out", "d"])
+        capsys, ["export", "--ckpt", str(tmp_path / "none.ckpt"), "--format", "flash-stu-2", "--out", "d"])
+
+
+def test_without_transformers_export_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    ckpt = _checkpoint(tmp_path / "m.ckpt")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    err = one_line_error(capsys, ["export", "--ckpt", ckpt, "--format", "hf", "--out", str(tmp_path / "d")])
+    assert "transformers" in err and "pip install 'spectralds[hf]'" in err
+    assert not (tmp_path / "d").exists()

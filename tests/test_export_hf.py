@@ -180,15 +180,6 @@ def test_masks_other_than_left_padding_are_refused():
         padding_start(torch.tensor([[0, 0], [1, 1]]))
 
 
-def test_without_transformers_export_says_how_to_install_it(tmp_path, capsys, monkeypatch):
-    ckpt = save_checkpoint(make_model("stu"), tmp_path / "m.ckpt")
-    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
-    err = one_line_error(capsys, ["export", "--ckpt", str(ckpt), "--format", "hf", "--out",
-                                  str(tmp_path / "d")])
-    assert "transformers" in err and "pip install 'spectralds[hf]'" in err
-    assert not (tmp_path / "d").exists()
-
-
 def test_export_refuses_a_non_empty_directory_and_leaves_nothing_behind(tmp_path, capsys):
     ckpt = save_checkpoint(make_model("stu"), tmp_path / "m.ckpt")
     (tmp_path / "d").mkdir()
