@@ -53,7 +53,7 @@ def distill_main(argv: list[str]) -> None:
     check_float("--max-fit-error", a.max_fit_error, minimum=0.0, strict=True)
     if a.prune is not None:
         check_ratio("--prune", a.prune)
-    check_output_path(a.out)
+    check_output_path(a.out, make_parents=True)
     if _same_file(a.out, a.ckpt):
         raise UserError(f"refusing to write {a.out}: it is the input checkpoint --ckpt")
 

@@ -64,7 +64,7 @@ def _labels(ckpts: list[str], given: list[str] | None) -> list[str]:
 def eval_main(argv: list[str]) -> None:
     a = _parser().parse_args(argv)
     if a.output is not None:
-        check_output_path(a.output)  # before the evaluation, not after it
+        check_output_path(a.output, make_parents=True)  # before the evaluation, not after it
     if a.limit is not None and a.limit >= 1:
         a.limit = int(a.limit)
     from contextlib import nullcontext

@@ -23,7 +23,7 @@ def import_fit_main(argv: list[str]) -> None:
     p.add_argument("--variant", default="hankel", help="filter family")
     p.add_argument("--out", required=True, help="output .safetensors file")
     a = p.parse_args(argv)
-    check_output_path(a.out)  # before the work, not after it
+    check_output_path(a.out, make_parents=True)  # before the work, not after it
     fit, order, flipped = import_released(a.file, a.seq_len, a.num_filters, a.variant)
     save_fit(fit, a.out)
     print(
@@ -45,7 +45,7 @@ def distill_filters_main(argv: list[str]) -> None:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    check_output_path(a.out)  # before the fit, not after it
+    check_output_path(a.out, make_parents=True)  # before the fit, not after it
     kwargs = {"method": a.method} if a.method else {}
     fit = fit_filters(
         a.seq_len, a.num_filters, a.state_dim, variant=a.variant, progress=not a.no_progress, **kwargs

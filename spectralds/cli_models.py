@@ -69,7 +69,7 @@ def import_model_main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     if a.norm_eps is not None:
         check_float("--norm-eps", a.norm_eps, minimum=0.0)
-    out = check_output_path(a.out)  # before any work
+    out = check_output_path(a.out, make_parents=True)  # before any work
     with Source(a.source, a.config) as src:  # the output must not be one of the source's files
         inputs = {f.resolve() for f in src.files} | {src.config_path.resolve()}
         vocab_size = src.config.get("vocab_size")

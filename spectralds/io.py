@@ -37,9 +37,15 @@ def check_output_path(path: str | os.PathLike, make_parents: bool = False) -> Pa
         raise UserError(f"refusing to write {path}: it exists and is {kind}")
     parent = path.parent
     if not parent.is_dir():
-        if make_parents and not parent.exists():
-            return path
-        raise UserError(f"cannot write {path}: directory {parent} does not exist")
+        ancestor = next(p for p in parent.parents if p.exists()) if not parent.exists() else parent
+        if not ancestor.is_dir():
+            raise UserError(f"cannot write {path}: {ancestor} is not a directory")
+        if not make_parents:
+            raise UserError(f"cannot write {path}: directory {parent} does not exist")
+        try:  # now, so a folder that cannot be made is refused before the work, not after it
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: cannot create directory {parent} ({e.strerror})") from e
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write {path}: directory {parent} is not writable")
     return path
@@ -67,7 +73,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[IO[bytes]], No
     FileWriteError (a UserError and an OSError, naming the path) when the write itself fails (a full disk).
     """
     path = check_output_path(path, make_parents=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden and not *.ckpt/*.safetensors: a leftover after a hard kill is never taken for a result.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:

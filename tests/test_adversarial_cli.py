@@ -215,6 +215,11 @@ def fifo(tmp_path: Path) -> str:
     return str(path)
 
 
+def under_a_file(tmp_path) -> str:
+    (tmp_path / "f").write_text("")
+    return str(tmp_path / "f" / "such" / "lds.safetensors")
+
+
 @pytest.mark.parametrize(
     "out, expected",
     [
@@ -222,10 +227,21 @@ def fifo(tmp_path: Path) -> str:
         (lambda tmp: "/dev/null", "not a regular file"),
         (lambda tmp: str(tmp), "is a directory"),
         (fifo, "not a regular file"),
-        (lambda tmp: str(tmp / "no" / "such" / "lds.safetensors"), "does not exist"),
+        (under_a_file, "not a directory"),
+        (lambda tmp: "/proc/no/such/lds.safetensors", "cannot create directory"),
     ],
-    ids=["empty", "dev-null", "directory", "fifo", "missing-dir"],
+    ids=["empty", "dev-null", "directory", "fifo", "under-a-file", "uncreatable-dir"],
 )
 def test_distill_filters_refuses_bad_outputs(out, expected, capsys, tmp_path):
     args = ["distill-filters", "--seq-len", "64", "--num-filters", "4", "--state-dim", "8", "--no-progress"]
     fails(capsys, tmp_path, [*args, "--out", out(tmp_path)], expected)
+
+
+def test_output_folders_are_created(capsys, tmp_path):
+    """An output path in folders that do not exist yet is written there (the folders made first)."""
+    from cli_helpers import run_cli
+
+    out = tmp_path / "new" / "dir" / "lds.safetensors"
+    args = ["distill-filters", "--seq-len", "64", "--num-filters", "4", "--state-dim", "8", "--no-progress"]
+    assert run_cli([*args, "--out", str(out)]) == 0
+    assert out.is_file()

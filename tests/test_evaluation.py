@@ -212,7 +212,7 @@ def test_both_entry_points_give_the_same_table(checkpoints, cli_env, tmp_path, c
         ("not_ours", "is not a Lightning checkpoint"),
         ("not_an_lm", "not a language model"),
         ("missing", "does not exist"),
-        ("bad_output_dir", "does not exist"),
+        ("bad_output_dir", "is not a directory"),
     ],
 )
 def test_bad_input_is_one_line(case, expected, checkpoints, cli_env, tmp_path, capsys):
@@ -231,7 +231,8 @@ def test_bad_input_is_one_line(case, expected, checkpoints, cli_env, tmp_path, c
     elif case == "missing":
         ckpt = str(tmp_path / "nowhere.ckpt")
     elif case == "bad_output_dir":
-        extra = ["--output", str(tmp_path / "no" / "such" / "dir" / "r.json")]
+        (tmp_path / "a_file").write_text("")
+        extra = ["--output", str(tmp_path / "a_file" / "dir" / "r.json")]
     err = one_line_error(capsys, ["eval", "--ckpt", ckpt, "--tasks", tasks, "--include-path", str(TASKS_DIR),
                                   "--offline", *extra])
     assert expected in err

@@ -73,7 +73,8 @@ def test_import_model_bad_inputs_are_one_line(cli_env, capsys, tmp_path):
     (src / "config.json").write_text(json.dumps({**cfg, "vocab_size": 300}))
     assert "--tokenizer" in one_line_error(capsys, ["import-model", str(src), "--out", "m.ckpt"])
     assert "does not exist" in one_line_error(capsys, ["import-model", "nowhere", "--out", "m.ckpt"])
-    assert "directory" in one_line_error(capsys, [*base[:2], "--out", str(tmp_path / "no" / "m")])
+    (tmp_path / "a_file").write_text("")
+    assert "not a directory" in one_line_error(capsys, [*base[:2], "--out", str(tmp_path / "a_file" / "m")])
 
 
 def test_paper_source_without_filters_names_the_option(cli_env, capsys, tmp_path):
