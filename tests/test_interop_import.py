@@ -121,7 +121,7 @@ def test_row_stu_t_shares_m_filters_between_branches(tmp_path):
     assert torch.equal(plus, minus)
     # the kernel of a shared projection: 2 phi_proj at even lags, 0 at odd ones
     model = build_model(imported, F64, "cpu")
-    kernel = model.blocks[0].mixer.kernel()
+    kernel = model.blocks[0].mixer.channel_filters()
     assert kernel[1::2].abs().max() < 1e-12 * kernel.abs().max()
 
 

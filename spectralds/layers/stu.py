@@ -324,7 +324,7 @@ class STUTensordot(SpectralConv):
     def _bank_weight(self, dtype: torch.dtype) -> torch.Tensor:  # (2K, dim_out)
         return torch.cat([self.M_filters_plus, self.M_filters_minus]).to(dtype)
 
-    def kernel(self) -> torch.Tensor:
+    def channel_filters(self) -> torch.Tensor:
         """The per-channel kernel (seq_len, dim_out): phi @ M_filters_plus + alt(phi) @ M_filters_minus."""
         return self._kernel(self.seq_len, compute_dtype(self.M_inputs.dtype))
 
