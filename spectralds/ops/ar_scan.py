@@ -14,7 +14,7 @@ non-recursive part, so z_t = sum_{s<=t} [v_s, 0..0] @ P^(t-s). `ar_scan` compute
 recursion's matrix impulse response P^k[:d, :d]; the states at chunk ends are carried by a log-depth
 doubling scan with P^chunk; each chunk adds the response to the state it inherits. No loop over time,
 exact up to float rounding, differentiable by autograd; cost O(B T d^2 (chunk + 2p)) plus
-O(B (T / chunk) (p d)^2 log T). Checked against `ar_ref` (values and gradients) in tests/test_ar.py.
+O(B (T / chunk) (p d)^2 log T). Checked against `ar_ref` (values and gradients) in tests/layers/test_ar.py.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ fast op (custom autograd)                      reference (plain PyTorch; autogra
 and the whole convolution they compose to: causal_conv_ref, a direct O(T^2) sum over lags.
 
 The references stay in the library (not only in tests) so any new fast path can be checked against them;
-tests/test_ops.py compares every op's forward and backward with its reference in float64.
+tests/ops/test_ops.py compares every op's forward and backward with its reference in float64.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ the system's impulse response G[t, f] = sum_j C[j, f] B[j] A[j]^t (lag 0 include
 
 A fitted system is fixed, so its spectrum is computed once per FFT length (the layer caches it); a
 learnable one is rebuilt every step, O(length h F) for G plus F FFTs, and gets its gradient through
-`real_fft`, `filter_sum` and `kernel_mix`. Checked against the chunked scan in tests/test_lds.py.
+`real_fft`, `filter_sum` and `kernel_mix`. Checked against the chunked scan in tests/layers/test_lds.py.
 """
 
 from __future__ import annotations

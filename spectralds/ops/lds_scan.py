@@ -15,7 +15,7 @@ reference `impulse_response_ref`.)
 response; the states at chunk ends are combined by a log-depth scan over chunks; each chunk adds the
 response to the state it inherits. Its tables are built in float64 (`table_dtype`) from the system and
 cast to the run dtype, so no large power is ever formed in float32. Checked against `scan_ref` in
-float64 in tests/test_ops.py. Note: TF32 matmuls (torch.set_float32_matmul_precision("high")) cut the
+float64 in tests/ops/test_ops.py. Note: TF32 matmuls (torch.set_float32_matmul_precision("high")) cut the
 float32 accuracy to ~1e-3.
 """
 

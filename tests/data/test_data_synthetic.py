@@ -141,7 +141,7 @@ def test_zero_init_out_starts_as_the_zero_predictor():
 def test_synthetic_config_validates_and_checkpoints_every_interval_across_epochs(cli_env, tmp_path):
     # 3 batches per epoch and val_check_interval 2: validation must come at steps 2, 4 and 6, and
     # last.ckpt must be step 6 (a per-epoch interval validated at steps 2 and 5 only).
-    config = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "synthetic.yaml"
     sizes = ["--data.init_args.num_train=6", "--data.init_args.batch_size=2", "--data.init_args.seq_len=16",
              "--data.init_args.num_val=2", "--data.init_args.state_dim=4", "--model.init_args.seq_len=16",
              "--model.init_args.num_filters=4", "--model.init_args.dim=8"]
@@ -157,7 +157,7 @@ def test_synthetic_lds_tool_quick_run(tmp_path, capsys):
     import json
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     import synthetic_lds
 
     out = tmp_path / "fig1.json"

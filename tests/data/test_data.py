@@ -30,7 +30,7 @@ from spectralds.data.corpus import local_files, local_pieces  # noqa: E402
 from spectralds.data.tokenizers import TIKTOKEN_PATTERNS, tiktoken_pattern_for  # noqa: E402
 from spectralds.data.windows import PackedWindows, WindowSampler  # noqa: E402
 
-CORPUS = Path(__file__).parent / "assets" / "data" / "corpus"
+CORPUS = Path(__file__).parents[1] / "assets" / "data" / "corpus"
 CORPUS_FILES = sorted(str(p) for p in CORPUS.rglob("*.txt"))
 
 

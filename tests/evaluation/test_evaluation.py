@@ -26,8 +26,8 @@ from spectralds.evaluation import evaluate_models, format_table, rows  # noqa: E
 from spectralds.evaluation.lm_eval_backend import SpectraLDSLM  # noqa: E402
 from spectralds.models import LanguageModel  # noqa: E402
 
-ASSETS = Path(__file__).parent / "assets"
-TASKS_DIR = Path(__file__).parents[1] / "spectralds" / "evaluation" / "tasks"  # shipped: configs use them
+ASSETS = Path(__file__).parents[1] / "assets"
+TASKS_DIR = Path(__file__).parents[2] / "spectralds" / "evaluation" / "tasks"  # shipped: configs use them
 TASKS = "spectralds_mc,spectralds_ppl,spectralds_gen"
 SEQ = 64
 

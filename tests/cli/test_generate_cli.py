@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import one_line_error, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "tests" / "assets" / "configs" / "tiny_lm.yaml")
 CORPUS = str(ROOT / "tests" / "assets" / "data" / "corpus")
 

@@ -21,7 +21,7 @@ from spectralds.cli import main
 from spectralds.cli_config import resolved_config
 from spectralds.models import LanguageModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [ROOT / "configs" / "quickstart.yaml", ROOT / "configs" / "quickstart" / "distill_prune.yaml"]
 
 

@@ -19,7 +19,7 @@ from spectralds.generate import generate  # noqa: E402
 from spectralds.layers import build_layer, layer_specs  # noqa: E402
 from spectralds.models import LanguageModel  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEQ, NEW, SEED, TEMPERATURE, TOP_K = 48, 12, 3, 0.8, 20
 PADDED_LENGTHS = (6, 2, 4)
 KINDS = ("stu", "stu_t", "lds", "hybrid", "pruned", "ar", "hybrid64", "lds_bf16")
@@ -82,7 +82,7 @@ def fresh_process(script: Path, *args: str, hf_home: Path) -> None:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Every kind exported with `spectralds export`, then loaded and run by transformers in one fresh
-    process (tests/hf_worker.py)."""
+    process (tests/interop/hf_worker.py)."""
     out = tmp_path_factory.mktemp("hf_export")
     models, jobs = {}, {}
     prompts, ids, mask = left_padded()
@@ -95,7 +95,7 @@ def exported(tmp_path_factory):
                       "prompt": torch.randint(0, 256, (1, 6), generator=g), "new_tokens": NEW, "seed": SEED,
                       "temperature": TEMPERATURE, "top_k": TOP_K, "padded": (ids, mask)}
     torch.save(jobs, out / "jobs.pt")
-    fresh_process(ROOT / "tests" / "hf_worker.py", str(out / "jobs.pt"), str(out / "results.pt"),
+    fresh_process(ROOT / "tests" / "interop" / "hf_worker.py", str(out / "jobs.pt"), str(out / "results.pt"),
                   hf_home=out / "hf_home")
     return models, jobs, torch.load(out / "results.pt", weights_only=False), prompts
 

@@ -1,4 +1,4 @@
-"""import_flash_stu judged by the references' math: reference-format state dicts (tests/interop_reference.py)
+"""import_flash_stu judged by the references' math: reference-format state dicts (interop_reference.py)
 against an independent float64 forward written from the facts files; one test per row of the import
 table of interop-facts.md, each also showing the row matters (leaving it out gives other logits)."""
 

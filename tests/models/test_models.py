@@ -111,7 +111,7 @@ def test_340m_configs_have_340m_parameters(variant, tmp_path, monkeypatch):
     """The paper-scale configs: 340M parameters each (Flash STU and its Transformer baseline match)."""
     from spectralds.cli_config import resolved_config
 
-    configs = Path(__file__).parents[1] / "configs"
+    configs = Path(__file__).parents[2] / "configs"
     stack = [configs / "flash_stu_340m.yaml", *([configs / "flash_stu_340m" / variant] if variant else [])]
     # Resolved as `fit` would, but with the byte tokenizer (no o200k file here): the written vocab_size
     # (200064) still wins over the tokenizer's count, as in a real run.

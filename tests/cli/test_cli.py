@@ -8,7 +8,7 @@ import pytest
 import yaml
 from cli_helpers import one_line_error, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
 SNIPPETS = sorted(glob.glob(str(ROOT / "callbacks" / "*.yaml")))
 # Override files: each applies on top of the complete config named like its folder.
@@ -115,7 +115,9 @@ def test_340m_config_without_its_tokenizer_file_is_one_line_naming_the_path_look
 
 def test_unknown_layer_name(capsys):
     err = one_line_error(capsys, ["fit", "--config", TINY, "--model.init_args.layer_pattern=[stu, mamba]"])
-    assert err == "spectralds: error: unknown layer 'mamba'; registered layers: attn, lds, lds_ar, stu, stu_t"
+    prefix = "spectralds: error: unknown layer 'mamba'; registered layers: "
+    assert err.startswith(prefix)  # other tests may have registered layers of their own
+    assert {"attn", "lds", "lds_ar", "stu", "stu_t"} <= set(err.removeprefix(prefix).split(", "))
 
 
 def test_missing_data_path(capsys):

@@ -129,7 +129,7 @@ def test_bench_scores_ours_and_released_files(ours, tmp_path):
     save_fit(ours, tmp_path / "ours.safetensors")
     A, B, C = released_layout(ours)
     torch.save({"A": A, "B": B, "C": C}, tmp_path / "theirs.pt")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "SPECTRALDS_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run(
         [sys.executable, str(root / "tools" / "bench_distill.py"), "--seq-len", str(L),

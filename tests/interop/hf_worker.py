@@ -1,4 +1,4 @@
-"""A fresh process for tests/test_export_hf.py: load exported directories with transformers alone
+"""A fresh process for tests/interop/test_export_hf.py: load exported directories with transformers alone
 (`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`, no spectralds import of ours
 before it) and record logits, generations and cache sizes. Usage: python hf_worker.py JOB.pt OUT.pt"""
 

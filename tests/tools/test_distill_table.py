@@ -15,7 +15,7 @@ import torch
 from spectralds.distill import fit_filters
 from spectralds.filters import RESOLUTION, hankel_eigenvalues, spectral_filters
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """`spectralds.ops.costs`: the CUDA path rule (fewest counted FLOPs, "project" only within its memory bound)
 and the path as a constructor argument kept in the layer spec. The CPU rule is pinned by
-tests/test_path_choices.py; the counts themselves by tests/test_telemetry.py."""
+tests/ops/test_path_choices.py; the counts themselves by tests/models/test_telemetry.py."""
 
 from __future__ import annotations
 

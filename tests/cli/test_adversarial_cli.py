@@ -11,7 +11,7 @@ from cli_helpers import one_line_error
 
 from spectralds.models import LanguageModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "tests" / "assets" / "configs" / "tiny_lm.yaml")
 CORPUS = str(ROOT / "tests" / "assets" / "data" / "corpus")
 DISTILL = str(ROOT / "callbacks" / "distill.yaml")

@@ -11,7 +11,7 @@ from cli_helpers import one_line_error, run_cli
 from spectralds.checkpoint_io import load_model
 from spectralds.layers.lds import LDS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "assets" / "configs" / "tiny_lm.yaml"
 CORPUS = str(ROOT / "tests" / "assets" / "data" / "corpus")
 SEQ_LEN = 64  # the default fit (16 states) reaches max_fit_error at L=64, K=4

@@ -238,7 +238,7 @@ def test_bad_methods_and_weights_are_refused(fit):
 
 # ---- the benchmark's summary ----------------------------------------------------------------------------
 def test_bench_names_the_winner_and_the_ties():
-    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    tools = str(Path(__file__).resolve().parents[2] / "tools")
     if tools not in sys.path:
         sys.path.insert(0, tools)
     bench = importlib.import_module("bench_prune")

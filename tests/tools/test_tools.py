@@ -17,7 +17,7 @@ from spectralds.layers import build_layer
 from spectralds.layers.attention_masks import window_mask
 from spectralds.ops.costs import attended_pairs
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 def load_tool(name: str):

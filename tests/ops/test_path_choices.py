@@ -14,7 +14,7 @@ import torch
 from spectralds.layers.lds import make_lds
 from spectralds.layers.stu import STU
 
-CHOICES = Path(__file__).parent / "assets" / "data" / "path_choices.json"
+CHOICES = Path(__file__).parents[1] / "assets" / "data" / "path_choices.json"
 CODE = {"kernel": "k", "project": "p", "scan": "s", "conv": "c"}
 
 STU_LAYERS = list(itertools.product([(16, 16), (64, 64), (256, 256), (64, 256), (512, 128)], [8, 24]))

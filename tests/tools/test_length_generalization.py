@@ -18,7 +18,7 @@ from spectralds.data import SyntheticLDSDataModule
 from spectralds.filters import spectral_filters
 from spectralds.models import SequenceRegression
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VARIANTS = sorted((REPO / "configs" / "lengthgen").glob("*.yaml"))
 
 
