@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                      "a flash-stu-2 / SpectraLDS paper checkpoint as ours"),
     "distill": ("spectralds.cli_distill:distill",
                 "distill a checkpoint's STU layers to LDS (optionally pruned), no training"),
+    "export": ("spectralds.cli_export:export",
+               "write a checkpoint as a transformers directory (or Flash STU 2's format)"),
     "eval": ("spectralds.cli_eval:evaluate",
              "lm-evaluation-harness tasks on several checkpoints, side by side"),
 }

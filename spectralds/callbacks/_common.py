@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -61,6 +63,8 @@ class OneShotLayerChange(Callback):
 
     checkpoint_name = "changed.ckpt"
     changed_model = "changed model"  # for the log line
+    results_prefix = "change"  # logged metrics: <prefix>/...
+    validate = True
 
     def __init__(self, at_step: int | None, at_epoch: int | None, save_path: str | None = None) -> None:
         if at_step is not None and at_epoch is not None:
@@ -71,6 +75,25 @@ class OneShotLayerChange(Callback):
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
         raise NotImplementedError
+
+    def validated_change(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool,
+        change: Callable[[], Any],
+        before: str, after: str,
+    ) -> tuple[dict[str, float], dict[str, float], Any]:
+        """Run `change()` between two validations (when `self.validate`), mark the change done, rebuild the
+        optimizers when training goes on, and put the validation metrics in `self.results` as
+        "<prefix>/<metric>_<before>" and "..._<after>". Returns (before, after, what change returned)."""
+        prefix = self.results_prefix
+        metrics_before = run_validation(trainer) if self.validate else {}
+        outcome = change()
+        self.done = True
+        metrics_after = run_validation(trainer) if self.validate else {}
+        if continue_training:
+            rebuild_optimizers(trainer, pl_module)
+        self.results = {f"{prefix}/{k.replace('/', '_')}_{before}": v for k, v in metrics_before.items()}
+        self.results.update({f"{prefix}/{k.replace('/', '_')}_{after}": v for k, v in metrics_after.items()})
+        return metrics_before, metrics_after, outcome
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self.done and self.at_step is not None and trainer.global_step >= self.at_step:

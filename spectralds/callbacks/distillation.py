@@ -12,8 +12,6 @@ from spectralds.callbacks._common import (
     OneShotLayerChange,
     log_figure,
     log_scalars,
-    rebuild_optimizers,
-    run_validation,
 )
 from spectralds.distill import FIT_METHODS, LDSFit, load_fit
 from spectralds.distill.convert import check_fit_matches, find_stu_layers
@@ -55,6 +53,7 @@ class STUToLDSDistillation(OneShotLayerChange):
 
     checkpoint_name = "lds.ckpt"
     changed_model = "distilled LDS model"
+    results_prefix = "distill"
 
     def __init__(
         self,
@@ -141,16 +140,11 @@ class STUToLDSDistillation(OneShotLayerChange):
         return layer_fit(stu, self.state_dim, self.method)
 
     def apply(self, trainer: L.Trainer, pl_module: L.LightningModule, continue_training: bool) -> None:
-        before = run_validation(trainer) if self.validate else {}
         # Every layer is measured against its STU and refused above max_fit_error before any swap.
-        self.reports, fits = distill_stu_layers(
-            pl_module, lambda stu: self.fit_for(trainer, stu), self.max_fit_error)
-        self.done = True
-        after = run_validation(trainer) if self.validate else {}
-        if continue_training:
-            rebuild_optimizers(trainer, pl_module)
-        self.results = {f"distill/{k.replace('/', '_')}_stu": v for k, v in before.items()}
-        self.results.update({f"distill/{k.replace('/', '_')}_lds": v for k, v in after.items()})
+        before, after, (self.reports, fits) = self.validated_change(
+            trainer, pl_module, continue_training,
+            lambda: distill_stu_layers(pl_module, lambda stu: self.fit_for(trainer, stu), self.max_fit_error),
+            before="stu", after="lds")
         self.results.update({f"distill/layer_rel_mse/{r.path}": r.rel_mse for r in self.reports})
         self.results.update(
             {f"distill/layer_filter_rel_mse/{r.path}": r.filter_rel_mse for r in self.reports})

@@ -7,7 +7,7 @@ import os
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from spectralds.callbacks._common import OneShotLayerChange, log_scalars, rebuild_optimizers, run_validation
+from spectralds.callbacks._common import OneShotLayerChange, log_scalars
 from spectralds.distill.prune import (
     DEFAULT_METHOD,
     PRUNE_METHODS,
@@ -36,6 +36,7 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
 
     checkpoint_name = "lds_pruned.ckpt"
     changed_model = "pruned LDS model"
+    results_prefix = "prune"
 
     def __init__(
         self,
@@ -67,14 +68,9 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
                 "LayerAdaptiveStatePruning found no LDS layer: distill the STU layers first "
                 "(put STUToLDSDistillation before it in the callbacks)"
             )
-        before = run_validation(trainer) if self.validate else {}
-        self.reports = prune_lds_layers(pl_module, self.ratio, self.method)
-        self.done = True
-        after = run_validation(trainer) if self.validate else {}
-        if continue_training:
-            rebuild_optimizers(trainer, pl_module)
-        self.results = {f"prune/{k.replace('/', '_')}_before": v for k, v in before.items()}
-        self.results.update({f"prune/{k.replace('/', '_')}_after": v for k, v in after.items()})
+        before, after, self.reports = self.validated_change(
+            trainer, pl_module, continue_training,
+            lambda: prune_lds_layers(pl_module, self.ratio, self.method), before="before", after="after")
         self.results.update({f"prune/states_kept/{r.path}": r.states_after for r in self.reports})
         log_scalars(trainer, self.results)
         rank_zero_info(pruning_table(self.reports, self.method, self.ratio, before, after))

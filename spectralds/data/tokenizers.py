@@ -168,6 +168,7 @@ class TiktokenTokenizer(Tokenizer):
         self.pattern = TIKTOKEN_PATTERNS.get(key, key)
         self.special_tokens = dict(special_tokens or {})
         self.name = f"tiktoken:{path.name}"
+        self.path = path  # the rank file (its Hugging Face conversion reads it again)
         self.backend = tiktoken.Encoding(
             self.name, pat_str=self.pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )

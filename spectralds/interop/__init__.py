@@ -1,5 +1,5 @@
-"""Other checkpoint formats: importing Flash STU models written by the reference implementations, and
-exporting ours to them.
+"""Other checkpoint formats: Flash STU models written by the reference implementations (import, and export
+back to flash-stu-2), and Hugging Face transformers directories (export).
 
 * `source`: reading a source (a `save_pretrained` directory, a safetensors or torch state dict) lazily,
   memory-mapped, with its `config.json`.
@@ -8,4 +8,5 @@ exporting ours to them.
 * `filter_match`: the source's spectral filter bank against ours (order and signs, measured).
 * `flash_stu`: the key mapping, `import_flash_stu` and the checkpoint it writes; `export_flash_stu2`
   (from `flash_stu_export`: a LanguageModel -> a flash-stu-2 directory, or a one-line refusal).
+* `hf_*`: a transformers directory (config, model, tokenizer) and the Auto-class registration.
 """
