@@ -5,8 +5,8 @@ argparse parser from the signature (names, types, defaults) and the docstring (i
 "Args:" is the description, each entry under "Args:" an option's help), so an option's default is
 written once, in the signature, which takes it from the library. The rules:
 
-- a parameter before ``*`` is a positional argument; a keyword-only one is ``--its-name`` (underscores
-  become dashes), required when it has no default;
+- a parameter before ``*`` is a positional argument (optional when it has a default); a keyword-only
+  one is ``--its-name`` (underscores become dashes), required when it has no default;
 - ``int``, ``float`` and ``str`` (``| None`` allowed) are argparse types; ``bool = False`` is a flag;
   ``Literal[...]`` lists the choices; ``list[X]`` or ``Sequence[X]`` is an option repeated once per value;
   ``Annotated[T, parse]`` converts the text with ``parse`` (which raises argparse.ArgumentTypeError);
@@ -68,6 +68,7 @@ def docstring_parts(function: Callable[..., Any]) -> tuple[str, dict[str, str]]:
             helps[name] = entry.group(2)
         elif name is not None and line.strip():
             helps[name] += " " + line.strip()
+
     def fill(text: str) -> str:
         return _CONSTANT.sub(lambda m: str(function.__globals__[m.group(1)]), text)
 
@@ -87,6 +88,8 @@ def _argument(name: str, parameter: inspect.Parameter, hint: Any, help_text: str
     kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%")}
     if parameter.default is not inspect.Parameter.empty:
         kwargs["default"] = parameter.default
+        if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            kwargs["nargs"] = "?"  # a positional argument that may be left out
     elif parameter.kind is inspect.Parameter.KEYWORD_ONLY:
         kwargs["required"] = True
     hint = _without_none(hint)
