@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from spectralds.cli_errors import check_config_files, parser_problem
+from spectralds.cli_signature import run_command
 from spectralds.errors import UserError, first_line, user_error_in
 
 # LightningCLI's subcommands (their options come from the Trainer and the config).
@@ -23,26 +24,27 @@ LIGHTNING_COMMANDS = {
     "test": "run one test epoch of a model (LightningCLI)",
     "predict": "run prediction over a data module (LightningCLI)",
 }
-# Our own commands: name -> ("module:function" taking the remaining arguments, one-line help). Add one
+# Our own commands: name -> ("module:function", one-line help). The function's parameters are the
+# command's options (spectralds.cli_signature builds them from its signature and docstring). Add one
 # entry here; the module is imported when its command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("spectralds.cli_generate:generate_main", "generate text from a checkpoint"),
-    "distill-filters": ("spectralds.cli_fits:distill_filters_main",
+    "generate": ("spectralds.cli_generate:generate", "generate text from a checkpoint"),
+    "distill-filters": ("spectralds.cli_fits:distill_filters",
                         "fit one diagonal LDS to the spectral filters"),
-    "import-fit": ("spectralds.cli_fits:import_fit_main",
+    "import-fit": ("spectralds.cli_fits:import_fit",
                    "convert a released Flash STU 2 / SpectraLDS fit to ours, measured"),
-    "import-model": ("spectralds.cli_models:import_model_main",
+    "import-model": ("spectralds.cli_models:import_model",
                      "a flash-stu-2 / SpectraLDS paper checkpoint as ours"),
-    "distill": ("spectralds.cli_distill:distill_main",
+    "distill": ("spectralds.cli_distill:distill",
                 "distill a checkpoint's STU layers to LDS (optionally pruned), no training"),
-    "export": ("spectralds.cli_export:export_main",
+    "export": ("spectralds.cli_export:export",
                "write a checkpoint as a transformers directory (or Flash STU 2's format)"),
-    "eval": ("spectralds.cli_eval:eval_main",
+    "eval": ("spectralds.cli_eval:evaluate",
              "lm-evaluation-harness tasks on several checkpoints, side by side"),
 }
 
 
-def command_function(name: str) -> Callable[[list[str]], None]:
+def command_function(name: str) -> Callable[..., None]:
     """The function behind a command of `COMMANDS`, its module imported now."""
     module, _, function = COMMANDS[name][0].partition(":")
     return getattr(importlib.import_module(module), function)
@@ -65,7 +67,7 @@ def run(argv: list[str], from_command_line: bool) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print_help()
     elif argv[0] in COMMANDS:
-        command_function(argv[0])(argv[1:])
+        run_command(command_function(argv[0]), f"spectralds {argv[0]}", argv[1:])
     elif not argv[0].startswith("-") and argv[0] not in LIGHTNING_COMMANDS:
         names = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
         raise UserError(f"unknown command {argv[0]!r}; commands: {names} (see `spectralds --help`)")

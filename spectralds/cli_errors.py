@@ -3,15 +3,19 @@
 jsonargparse (with ``exit_on_error=False``) raises an ArgumentError whose message nests every level
 ("Parser key "model": ... Problem with given class_path ...: Parser key "dim": Expected ...") and
 whose ``__cause__`` chain holds each level on its own; `parser_problem` walks that chain.
+
+The chain is structured (one exception per level; ImportError/AttributeError tell a class that cannot be
+imported), but each level's key and problem are not: jsonargparse (4.53) raises plain TypeError and
+ValueError whose only record of the key, the class_path or the given value is the message text
+('Parser key "dim": ...', "Expected a <class 'int'>. Got value: x"), with no attribute to read them
+from. The regexes below read only that text, which has no structured alternative.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
-from typing import NoReturn
 
 import yaml
 
@@ -96,12 +100,6 @@ def check_config_files(argv: list[str]) -> None:
             raise UserError(f"config file {value} must hold a mapping (trainer:, model:, ...), not a {kind}")
 
 
-class CommandParser(argparse.ArgumentParser):
-    """argparse for our own commands: every option's default in --help, errors as one UserError line."""
-
-    def __init__(self, prog: str, description: str) -> None:
-        formatter = argparse.ArgumentDefaultsHelpFormatter
-        super().__init__(prog=prog, description=description, formatter_class=formatter)
-
-    def error(self, message: str) -> NoReturn:  # argparse would print its usage and exit
-        raise UserError(f"{message} (see `{self.prog} --help`)")
+def usage_error(prog: str, message: str) -> UserError:
+    """A command line a command cannot run, pointing at its --help."""
+    return UserError(f"{message} (see `{prog} --help`)")

@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, Literal
 
-from spectralds.cli_errors import CommandParser
+from spectralds.cli_signature import library_defaults
 from spectralds.errors import UserError
+from spectralds.evaluation.run import evaluate_models
 from spectralds.io import check_output_path
 from spectralds.layers import DECODE_METHODS
 
-
-def _parser() -> CommandParser:
-    p = CommandParser(
-        "spectralds eval",
-        "Evaluate checkpoints on lm-eval tasks: one row per checkpoint, then their difference.",
-    )
-    p.add_argument("--ckpt", action="append", required=True, help="a checkpoint (repeat: one row each)")
-    p.add_argument("--label", action="append", default=None, help="row label per --ckpt (None: file name)")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
-    p.add_argument("--num-fewshot", type=_fewshot, default=None,
-                   help="N for every task, or per task: 0,mmlu=5 (None: each task's own setting)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
-    p.add_argument("--include-path", default=None, help="a folder of extra task YAMLs")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (< 1: a fraction)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (None: the one each model trained with)")
-    p.add_argument("--decode", choices=DECODE_METHODS, default=DECODE_METHODS[0], help="STU decoding")
-    p.add_argument("--device", default=None, help="None: cuda when available, else cpu")
-    p.add_argument("--offline", action="store_true", help="never download (sets HF_HUB_OFFLINE)")
-    p.add_argument("--output", default=None, help="results JSON; report.md is written beside it")
-    p.add_argument("--log-dir", default=None, help="also log the metrics to TensorBoard here")
-    p.add_argument("--verbosity", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="lm-eval's log level (default ERROR: its per-task notices would bury the table)")
-    return p
+EVAL_DEFAULTS = library_defaults(evaluate_models)
 
 
 def _fewshot(text: str) -> int | dict[str, int]:
@@ -45,6 +26,9 @@ def _fewshot(text: str) -> int | dict[str, int]:
             raise argparse.ArgumentTypeError(f"expected N or TASK=N, got {item!r}")
         counts[task.strip() or "*"] = int(count)
     return counts["*"] if list(counts) == ["*"] else counts
+
+
+FewShot = Annotated[int | dict[str, int] | None, _fewshot]  # parsed from text by _fewshot
 
 
 def _labels(ckpts: list[str], given: list[str] | None) -> list[str]:
@@ -61,27 +45,61 @@ def _labels(ckpts: list[str], given: list[str] | None) -> list[str]:
     return labels
 
 
-def eval_main(argv: list[str]) -> None:
-    a = _parser().parse_args(argv)
-    if a.output is not None:
-        check_output_path(a.output, make_parents=True)  # before the evaluation, not after it
-    if a.limit is not None and a.limit >= 1:
-        a.limit = int(a.limit)
+def evaluate(
+    *,
+    ckpt: Sequence[str],
+    label: Sequence[str] | None = None,
+    tasks: str,
+    num_fewshot: FewShot = EVAL_DEFAULTS["num_fewshot"],
+    batch_size: int = EVAL_DEFAULTS["batch_size"],
+    include_path: str | None = EVAL_DEFAULTS["include_path"],
+    limit: float | None = EVAL_DEFAULTS["limit"],
+    tokenizer: str | None = EVAL_DEFAULTS["tokenizer"],
+    decode: Literal[DECODE_METHODS] = EVAL_DEFAULTS["decode"],
+    device: str | None = EVAL_DEFAULTS["device"],
+    offline: bool = False,
+    output: str | None = None,
+    log_dir: str | None = None,
+    verbosity: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "ERROR",
+) -> None:
+    """Evaluate checkpoints on lm-eval tasks: one row per checkpoint, then their difference.
+
+    Args:
+        ckpt: a checkpoint (repeat: one row each)
+        label: row label per --ckpt (None: file name)
+        tasks: comma-separated lm-eval task or group names
+        num_fewshot: N for every task, or per task: 0,mmlu=5 (None: each task's own setting)
+        batch_size: requests per forward pass
+        include_path: a folder of extra task YAMLs
+        limit: documents per task (< 1: a fraction)
+        tokenizer: tokenizer (None: the one each model trained with)
+        decode: STU decoding
+        device: None: cuda when available, else cpu
+        offline: never download (sets HF_HUB_OFFLINE)
+        output: results JSON; report.md is written beside it
+        log_dir: also log the metrics to TensorBoard here
+        verbosity: lm-eval's log level (ERROR: its per-task notices would bury the table)
+    """
+    if output is not None:
+        check_output_path(output, make_parents=True)  # before the evaluation, not after it
+    if limit is not None and limit >= 1:
+        limit = int(limit)
     from contextlib import nullcontext
 
-    from spectralds.evaluation import evaluate_models, format_table, log_tensorboard, offline
+    from spectralds.evaluation import format_table, log_tensorboard
+    from spectralds.evaluation import offline as offline_hub
     from spectralds.evaluation.table import write_results
 
-    logging.getLogger("lm_eval").setLevel(a.verbosity)
-    labels = _labels(a.ckpt, a.label)
-    with offline() if a.offline else nullcontext():
+    logging.getLogger("lm_eval").setLevel(verbosity)
+    labels = _labels(list(ckpt), None if label is None else list(label))
+    with offline_hub() if offline else nullcontext():
         results = evaluate_models(
-            dict(zip(labels, a.ckpt, strict=True)), a.tasks.split(","), include_path=a.include_path,
-            num_fewshot=a.num_fewshot, batch_size=a.batch_size, limit=a.limit, tokenizer=a.tokenizer,
-            device=a.device, decode=a.decode,
+            dict(zip(labels, ckpt, strict=True)), tasks.split(","), include_path=include_path,
+            num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, tokenizer=tokenizer,
+            device=device, decode=decode,
         )
     print(format_table(results))
-    if a.output is not None:
-        write_results(results, a.output)
-    if a.log_dir is not None:
-        log_tensorboard(results, a.log_dir)
+    if output is not None:
+        write_results(results, output)
+    if log_dir is not None:
+        log_tensorboard(results, log_dir)

@@ -1,6 +1,7 @@
-"""LightningCLI for `spectralds fit|validate|test|predict`: crash-safe checkpoints by default, the config's
-seq_len written once, the model's vocab_size linked to the data's tokenizer, --print_config of the config
-the run will use. Imported only when one of those commands runs (Lightning is slow to import)."""
+"""LightningCLI for `spectralds fit|validate|test|predict`: crash-safe checkpoints by default, the config
+completed by `spectralds.config_rules` (seq_len written once, the model's vocab_size linked to the data's
+tokenizer), --print_config of the config the run will use. Imported only when one of those commands runs
+(Lightning is slow to import)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from spectralds.cli_config import split_print_config
 from spectralds.cli_errors import parser_problem
 from spectralds.compat import parse_written, subcommand_parser
+from spectralds.config_rules import VOCAB_SIZE_LINK, apply_written_rules, tokenizer_vocab_size
 from spectralds.errors import UserError, first_line, user_error_in
 
 
@@ -68,17 +70,12 @@ class SpectraLDSCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The model's vocabulary comes from the data's tokenizer, written nowhere in a config. A parse
-        # link (not one on instantiation) keeps the model built before the data, so a config error in
-        # the model is reported first. Models or data modules without these arguments skip it.
-        parser.link_arguments(
-            ("data.init_args.tokenizer", "data.init_args.bpe_vocab_size"),
-            "model.init_args.vocab_size",
-            compute_fn=tokenizer_vocab_size,
-        )
+        # The model's vocabulary comes from the data's tokenizer (spectralds.config_rules).
+        sources, target = VOCAB_SIZE_LINK
+        parser.link_arguments(sources, target, compute_fn=tokenizer_vocab_size)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse; fill in the seq_len a config left out (see `_derive_seq_len`); print the result for
+        """Parse; complete the config by `config_rules` (seq_len, vocab_size); print the result for
         --print_config; read a given ckpt_path once (weights_only, memory-mapped): LightningCLI loads
         its hyperparameters next with a bare torch.load, whose errors would not name the file."""
         argv = sys.argv[1:] if args is None else args
@@ -95,11 +92,10 @@ class SpectraLDSCLI(LightningCLI):
             read_checkpoint(ckpt_path, mmap=True)
 
     def _apply_written_rules(self, parser: LightningArgumentParser, argv: list[str]) -> None:
-        """The parse-time rules that depend on what the user wrote, not on the parser's defaults."""
+        """`config_rules.apply_written_rules`, given what the user wrote (not the parser's defaults)."""
         config, given = self._subcommand_sections(parse_written(parser, argv))
         if given is not None:
-            self._derive_seq_len(config, given)
-            self._keep_written_vocab_size(config, given)
+            apply_written_rules(config, given)
 
     def _print_config(
         self, parser: LightningArgumentParser, args: Any, argv: list[str], options: dict[str, bool]
@@ -128,36 +124,6 @@ class SpectraLDSCLI(LightningCLI):
         if not subcommand:
             return self.config, given
         return self.config[subcommand], given.get(subcommand) if given is not None else None
-
-    def _keep_written_vocab_size(self, config: Any, given: Any) -> None:
-        """A vocab_size the user wrote wins over the tokenizer link (a padded vocabulary, say), but it
-        must hold every token id: never replaced silently, never too small."""
-        written = given.get("model.init_args.vocab_size")
-        model = config.get("model.init_args")
-        if written is None or model is None or "vocab_size" not in model:
-            return
-        data = config.get("data.init_args") or {}
-        needed = model.vocab_size  # linked, padded; the tokenizer's own count when there is one:
-        if "tokenizer" in data:  # a written size between the two is fine
-            needed = tokenizer_token_count(data.tokenizer, data.get("bpe_vocab_size"))
-        if written < needed:
-            raise UserError(f"model vocab_size {written} is smaller than the tokenizer's {needed} tokens")
-        model.vocab_size = written
-
-    def _derive_seq_len(self, config: Any, given: Any) -> None:
-        """seq_len written once: where a config (or the command line) sets it for only one of model and
-        data, the other follows: the model's is the data's longest sequence (training or validation),
-        the data's is the model's. Not a jsonargparse link, which would also override a value that
-        was written (lengthgen configs train at 128 and validate at 2048 with one 2048 model)."""
-        model, data = config.get("model.init_args"), config.get("data.init_args")
-        if model is None or data is None or "seq_len" not in model or "seq_len" not in data:
-            return
-        wrote_model = given.get("model.init_args.seq_len") is not None
-        wrote_data = given.get("data.init_args.seq_len") is not None
-        if wrote_data and not wrote_model:
-            model.seq_len = max(data.seq_len, data.get("val_seq_len") or 0)
-        elif wrote_model and not wrote_data:
-            data.seq_len = model.seq_len
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Crash-safe checkpoints by default: AtomicCheckpointIO (unless the config sets a CheckpointIO)
@@ -203,19 +169,6 @@ class SpectraLDSCLI(LightningCLI):
                 raise UserError(f"cannot create the run directory {directory} ({e.strerror})") from e
 
     before_fit = before_validate = before_test = before_predict = _check_run_dirs
-
-
-def tokenizer_token_count(tokenizer: str, bpe_vocab_size: int) -> int:
-    """How many token ids TextDataModule's tokenizer for these arguments produces."""
-    from spectralds.data import build_tokenizer
-
-    return bpe_vocab_size if tokenizer == "bpe" else build_tokenizer(tokenizer).vocab_size
-
-
-def tokenizer_vocab_size(tokenizer: str, bpe_vocab_size: int) -> int:
-    """The model's vocab_size linked from the data: the token count padded to a multiple of 64 (fast
-    matmuls)."""
-    return -(-tokenizer_token_count(tokenizer, bpe_vocab_size) // 64) * 64
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -16,6 +16,7 @@ LEVELS = {
     "callbacks": 6,  # may run an evaluation (StageReport)
     "models": 7,  # install default callbacks (TokenThroughput)
     "interop": 8,
+    "config_rules": 8,  # what completes a fit config (seq_len, vocab_size): used by the CLI only
     "cli": 9,
 }
 

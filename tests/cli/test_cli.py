@@ -180,7 +180,9 @@ def test_generate_from_checkpoint_and_bad_checkpoints(tmp_path, capsys):
 
 
 def test_help_lists_every_command_and_every_option_default(capsys):
-    from spectralds.cli import COMMANDS, LIGHTNING_COMMANDS
+    import inspect
+
+    from spectralds.cli import COMMANDS, LIGHTNING_COMMANDS, command_function
 
     assert run_cli(["--help"]) == 0
     out = capsys.readouterr().out
@@ -190,8 +192,14 @@ def test_help_lists_every_command_and_every_option_default(capsys):
         assert run_cli([command, "--help"]) == 0
         out = capsys.readouterr().out
         options = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
-        assert options and all(o == "--help" or o in out for o in options)
-        assert out.count("(default:") >= len(options) - 2  # all but --help and the store_true flag
+        keyword_only = [n for n, p in inspect.signature(command_function(command)).parameters.items()
+                        if p.kind is p.KEYWORD_ONLY]
+        assert options == ["--" + name.replace("_", "-") for name in keyword_only]  # each parameter, in order
+        # every option (not -h) says its default, or that it is required (never "(default: None)")
+        text = " ".join(out.split())
+        assert text.count("(default:") + text.count("(required)") == len(options), command
+        if command in ("generate", "eval"):
+            assert "--decode {futurefill,naive}" in out  # the choices are listed
 
 
 def test_generate_from_a_user_module_checkpoint(tmp_path, capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spectralds.cli_fits import import_fit_main
+from spectralds.cli_fits import import_fit
 from spectralds.distill import fit_filters, load_fit
 from spectralds.distill.released import import_released, measure
 from spectralds.errors import UserError
@@ -65,8 +65,7 @@ def test_cli_writes_our_format(ours, tmp_path, capsys):
     A, B, C = released_layout(ours)
     torch.save({"A": A, "B": B, "C": C}, tmp_path / "phi_lds.pt")
     out = tmp_path / "fit.safetensors"
-    import_fit_main([str(tmp_path / "phi_lds.pt"), "--seq-len", str(L), "--num-filters", str(K),
-                     "--out", str(out)])
+    import_fit(str(tmp_path / "phi_lds.pt"), seq_len=L, num_filters=K, out=str(out))  # a plain function
     assert "wrote" in capsys.readouterr().out
     loaded = load_fit(out, L, K, "hankel")
     assert loaded.method == "released" and torch.equal(loaded.C, ours.C)
