@@ -12,6 +12,7 @@ import pytest
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+@pytest.mark.slow  # two gloo processes, each importing Lightning and training: about 25 s on 2 cores
 def test_two_ranks_swap_prune_and_train_identically(tmp_path):
     env = dict(os.environ, SPECTRALDS_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     result = subprocess.run(
