@@ -36,7 +36,7 @@ def generate(
     temperature: float = GENERATE_DEFAULTS["temperature"],
     top_k: int | None = GENERATE_DEFAULTS["top_k"],
     tokenizer: str | None = None,
-    decode: Literal[DECODE_METHODS] = DECODE_METHODS[0],
+    decode: Literal[DECODE_METHODS] | None = None,
     seed: int = 0,
 ) -> None:
     """Generate text from a checkpoint.
@@ -49,7 +49,7 @@ def generate(
         temperature: 0 = greedy
         top_k: sample from the k likeliest tokens (None: all)
         tokenizer: tokenizer (None: the one the model trained with)
-        decode: STU decoding
+        decode: how STU layers decode (None: each layer's default, FutureFill)
         seed: sampling seed
     """
     import torch
@@ -71,7 +71,9 @@ def generate(
         require(text != "", "the prompt is empty" + (f" (prompt {i + 1})" if len(texts) > 1 else ""))
     checkpoint = read_checkpoint(ckpt)
     model = load_model(ckpt, checkpoint=checkpoint)  # refuses NaN/Inf weights
-    set_decode_method(model, decode)
+    if decode is not None and set_decode_method(model, decode) == 0:
+        raise UserError(f"--decode {decode}: this model has no layer that decodes that way (only STU and "
+                        "STU-T layers have decoding methods to choose)")
     spec = tokenizer or tokenizer_spec(checkpoint)
     if spec == "bpe":
         raise UserError(

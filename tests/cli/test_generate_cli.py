@@ -45,3 +45,15 @@ def test_generate_several_prompts_and_bad_prompt_input(tmp_path, capsys):
     assert "required: --prompt (or --prompts-file)" in one_line_error(capsys, base)
     negative = [*base, "--prompt", "x", "--max-new-tokens", "0"]
     assert "--max-new-tokens must be >= 1" in one_line_error(capsys, negative)
+
+
+def test_decode_method_the_model_cannot_use_is_refused(tmp_path, capsys):
+    """--decode picks how STU layers decode; asked of a model without them (a distilled LDS): one line."""
+    assets = ROOT / "tests" / "assets" / "flash_stu_2_tiny"
+    assert run_cli(["import-model", str(assets), "--tokenizer", "byte", "--out", "stu.ckpt"]) == 0
+    assert run_cli(["distill", "--ckpt", "stu.ckpt", "--out", "lds.ckpt"]) == 0
+    capsys.readouterr()
+    assert run_cli(["generate", "--ckpt", "stu.ckpt", "--prompt", "def", "--max-new-tokens", "3",
+                    "--decode", "naive"]) == 0
+    err = one_line_error(capsys, ["generate", "--ckpt", "lds.ckpt", "--prompt", "def", "--decode", "naive"])
+    assert "--decode naive" in err and "no layer" in err
