@@ -9,6 +9,7 @@ Methods (`METHODS`):
   threshold keeps the top fraction. The same shared LDS therefore scores differently in every layer.
 * ``"uniform"``: the same fraction in every layer, ranked by the raw H-infinity score.
 * ``"global"``: one threshold on the raw H-infinity scores of all layers.
+* ``"random"``: the paper's random baseline: the kept states drawn uniformly over all layers (`seed`).
 * ``"last-refit"`` (ours): the score knows that C is re-solved after pruning. A fitted system's states
   cancel one another (the terms of a filter exceed it by ~1e6), so a state's own H-infinity norm says
   little about what the *re-solved* system loses without it. Per layer, the target is the layer's
@@ -36,10 +37,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spectralds.errors import UserError
+from spectralds.errors import UserError, check_int
 from spectralds.layers.lds import LDS
 
-METHODS = ("last", "last-refit", "uniform", "global", "uniform-refit")
+METHODS = ("last", "last-refit", "uniform", "global", "uniform-refit", "random")
 # |a| = 1 would make the H-infinity score infinite; such a state is clamped to this margin and so always kept.
 STABILITY_MARGIN = 1e-12
 # Ridge of the readout re-solve, relative to the target's norm. Without it the re-solved C of nearly
@@ -53,6 +54,8 @@ F64 = torch.float64
 def state_scores(lds: LDS) -> torch.Tensor:
     """(h,) squared H-infinity norm of each state's subsystem, in float64."""
     A, B, C = (p.detach().double() for p in lds.system())
+    if lds.learnable:  # tanh in float64: a float32 a = tanh(A_raw) near 1 moves 1 - |a| by up to ~1e-3
+        A = torch.tanh(lds.A_raw.detach().double())
     W = lds.state_maps(C)  # (h, d_out, d)
     gain = torch.linalg.matrix_norm(W, ord=2)
     return (B.abs() * gain / (1 - A.abs()).clamp_min(STABILITY_MARGIN)) ** 2
@@ -182,14 +185,17 @@ def _keep_count(total: int, ratio: float, minimum: int) -> int:
 
 
 def select_states(
-    layers: list[LDS], ratio: float, method: str = "last", layer_weights: list[float] | None = None
+    layers: list[LDS], ratio: float, method: str = "last", layer_weights: list[float] | None = None,
+    seed: int = 0,
 ) -> list[torch.Tensor]:
     """Indices (sorted) of the states each layer keeps when pruning `ratio` of all states.
 
     `layer_weights` (one per layer, "last-refit" only) multiply the layers' normalized error curves: a
     sensitivity measured on data, e.g. the ratio of the layer's output energy to the energy of the
     residual stream it is added to. Without them every layer's relative error counts the same.
+    `seed` draws the "random" method's states (the other methods ignore it).
     """
+    check_int("seed", seed, minimum=0)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise UserError(f"pruning ratio must be in [0, 1), got {ratio!r}")
     if method not in METHODS:
@@ -215,7 +221,11 @@ def select_states(
             budget = _keep_count(sum(layer.state_dim for layer in layers), ratio, len(layers))
             counts = allocate(costs, budget)
         return [order[len(order) - n :].sort().values for (order, _), n in zip(curves, counts, strict=True)]
-    scores = [state_scores(layer) for layer in layers]
+    if method == "random":  # a uniform random rank for every state, then the global threshold below
+        generator = torch.Generator().manual_seed(seed)
+        scores = [torch.rand(layer.state_dim, dtype=F64, generator=generator) for layer in layers]
+    else:
+        scores = [state_scores(layer) for layer in layers]
     if method == "uniform":  # the same fraction in every layer, ranked by raw score
         keep_counts = [_keep_count(len(s), ratio, 1) for s in scores]
         ranked_idx = [torch.argsort(s, descending=True) for s in scores]
@@ -269,18 +279,19 @@ def prune_lds_layers(
     method: str = "last",
     refit: bool = True,
     layer_weights: list[float] | None = None,
+    seed: int = 0,
 ) -> list[PruneReport]:
     """Prune the LDS layers of `module` in place (their A, B, C shrink); returns states kept per layer.
 
     With `refit`, each pruned fixed (fitted) layer re-solves its C for the states it keeps (the
-    "-refit" methods rank states assuming it does). `layer_weights`: see `select_states`.
+    "-refit" methods rank states assuming it does). `layer_weights`, `seed`: see `select_states`.
     """
     layers = find_lds_layers(module)
     if not layers:
         raise UserError(
             f"no LDS layer found in {type(module).__name__}: distill the STU layers before pruning"
         )
-    keep = select_states([layer for _, layer in layers], ratio, method, layer_weights)
+    keep = select_states([layer for _, layer in layers], ratio, method, layer_weights, seed)
     reports = []
     for (path, layer), idx in zip(layers, keep, strict=True):
         before = layer.state_dim
