@@ -8,8 +8,9 @@ Each (method, ratio) prunes a fresh copy of the trained model (no retraining: th
 kept states stay as trained; the tensors shrink) and scores it on the test split of the data module the
 checkpoint was trained on (regenerated from its seed). Methods: LAST, uniform H-infinity, global
 H-infinity and random (--seeds draws; mean, min and max). Then, at --at (33%, the paper's headline
-ratio), one row per method: states kept, parameters, measured forward time per sequence, test accuracy
-and its loss against the unpruned model, and the verdict on the paper's two claims. See
+ratio), one row per method: states kept, parameters, measured forward time per sequence (--timing-batch
+test sequences, the models timed in turns; random: its first draw), test accuracy and its loss against
+the unpruned model, and the verdict on the paper's two claims. See
 tools/listops_prune.md for the task, the numbers LRA published and what this run found.
 """
 
@@ -62,15 +63,18 @@ def test_batches(checkpoint: dict, batch_size: int) -> tuple[list, ListOpsDataMo
 
 
 @torch.inference_mode()
-def ms_per_sequence(model: torch.nn.Module, batch: tuple, repeats: int) -> float:
+def ms_per_sequence(models: list[torch.nn.Module], batch: tuple, repeats: int) -> list[float]:
+    """Median forward time per sequence of each model on one batch, in milliseconds. The models take
+    turns in every round, so a load that changes during the measurement (a shared machine) hits all."""
     ids, lengths, _ = batch
-    model(ids, lengths)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(ids, lengths)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times) / ids.shape[0]
+    times: list[list[float]] = [[] for _ in models]
+    for round_ in range(repeats + 1):
+        for model, spent in zip(models, times, strict=True):
+            start = time.perf_counter()
+            model(ids, lengths)
+            if round_:  # the first round warms up
+                spent.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) / ids.shape[0] for t in times]
 
 
 def describe(model: torch.nn.Module) -> dict:
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     test = data.splits["test"]
     timing = collate([test[i] for i in range(min(args.timing_batch, len(test)))])
     base = accuracy(model, batches)
-    records = []
+    records, timed = [], {}
     for method in args.methods:
         for seed in range(args.seeds if method == "random" else 1):
             for ratio in args.ratios:
@@ -100,11 +104,14 @@ def run(args: argparse.Namespace) -> dict:
                     prune_lds_layers(pruned, ratio, method, seed=seed)
                 record = {"method": method, "seed": seed, "ratio": ratio, "acc": accuracy(pruned, batches)}
                 record.update(describe(pruned))
-                if ratio in (0.0, args.at):
-                    record["ms_per_seq"] = ms_per_sequence(pruned, timing, args.repeats)
+                if ratio == args.at and seed == 0:
+                    timed[method] = pruned, record
                 records.append(record)
                 print(f"{method:<8} seed {seed} ratio {ratio:.2f}: test acc {record['acc']:.4f}", flush=True)
-    unpruned = {**describe(model), "acc": base, "ms_per_seq": ms_per_sequence(model, timing, args.repeats)}
+    times = ms_per_sequence([model, *(m for m, _ in timed.values())], timing, args.repeats)
+    unpruned = {**describe(model), "acc": base, "ms_per_seq": times[0]}
+    for (_, record), ms in zip(timed.values(), times[1:], strict=True):
+        record["ms_per_seq"] = ms
     return {"machine": machine_info("cpu"), "args": vars(args), "unpruned": unpruned, "records": records,
             "test_size": sum(b[2].numel() for b in batches),
             "train": {k: checkpoint.get(k) for k in ("global_step", "epoch")}}
@@ -129,7 +136,7 @@ def summary_rows(result: dict) -> list[dict]:
         name = LABELS[method] + (f" (mean of {len(rs)})" if len(rs) > 1 else "")
         rows.append({"method": name, "states": rs[0]["states"], "params": rs[0]["params"],
                      "lds_params": rs[0]["lds_params"], "state_floats": rs[0]["state_floats"],
-                     "ms_per_seq": statistics.mean(r["ms_per_seq"] for r in rs), "acc": acc,
+                     "ms_per_seq": rs[0]["ms_per_seq"], "acc": acc,
                      "loss": 100 * (base["acc"] - acc),
                      "kept": "/".join(map(str, rs[0]["per_layer"])) if len(rs) == 1 else "random"})
     return rows
