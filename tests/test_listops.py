@@ -4,7 +4,11 @@ every layer kind, and LAST pruning of a trained learnable LDS against an indepen
 from __future__ import annotations
 
 import copy
+import importlib
 import random
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +249,59 @@ def test_random_pruning_is_seeded(trained):
     assert sum(k.numel() for k in a) == 18 and all(k.numel() >= 1 for k in a)
     with pytest.raises(UserError, match="seed"):
         P.select_states(layers, 0.5, "random", seed=-1)
+
+
+# ---- configs/listops.yaml and tools/listops_prune.py ------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tool():
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
+    return importlib.import_module("listops_prune")
+
+
+def test_the_verdict_reads_the_numbers(tool):
+    args = {"ratios": [0.0, 0.33, 0.5], "at": 0.33, "methods": ["last", "uniform", "random"], "seeds": 2}
+    accs = {("last", 0): [0.5, 0.496, 0.45], ("uniform", 0): [0.5, 0.48, 0.46],
+            ("random", 0): [0.5, 0.40, 0.30], ("random", 1): [0.5, 0.44, 0.20]}
+    records = [{"method": m, "seed": s, "ratio": r, "acc": a, "states": 10, "params": 5, "lds_params": 2,
+                "state_floats": 4, "per_layer": [5, 5], "ms_per_seq": 1.0}
+               for (m, s), values in accs.items() for r, a in zip(args["ratios"], values, strict=True)]
+    result = {"args": args, "records": records, "unpruned": {"acc": 0.5, "states": 15, "per_layer": [8, 7]}}
+    one, two = tool.verdict(result)
+    assert "+0.40 points -> holds" in one
+    assert "holds;" in two and "uniform H-inf 1/2 (ties 0)" in two and "random 2/2" in two
+    rows = tool.summary_rows(result)
+    assert [r["method"] for r in rows] == ["unpruned", "LAST", "uniform H-inf", "random (mean of 2)"]
+    assert rows[3]["acc"] == pytest.approx(0.42) and rows[3]["loss"] == pytest.approx(8.0)
+    for r in records:  # LAST now below uniform at 33% and more than a point lost
+        if r["method"] == "last" and r["ratio"] == 0.33:
+            r["acc"] = 0.47
+    one, two = tool.verdict(result)
+    assert "does not hold" in one and "does not hold" in two
+
+
+def test_config_trains_and_the_tool_prunes_its_checkpoint(tool, tmp_path, capsys):
+    """`spectralds fit --config configs/listops.yaml`, shrunk, then the tool on its last.ckpt."""
+    from spectralds.cli_lightning import SpectraLDSCLI
+
+    shrink = ["--trainer.max_steps=4", "--trainer.val_check_interval=4",
+              "--trainer.enable_progress_bar=false",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.seq_len=60",
+              "--data.init_args.min_length=10", "--data.init_args.num_train=32",
+              "--data.init_args.num_val=8", "--data.init_args.num_test=20", "--data.init_args.batch_size=8",
+              "--model.init_args.num_layers=2", "--model.init_args.dim=16"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = SpectraLDSCLI(args=["fit", "--config", str(REPO / "configs" / "listops.yaml"), *shrink])
+    assert cli.trainer.global_step == 4 and cli.model.seq_len == 60
+    ckpt = next(tmp_path.glob("listops/version_0/checkpoints/last.ckpt"))
+    result = tool.main(["--ckpt", str(ckpt), "--ratios", "0", "0.5", "--seeds", "2", "--repeats", "1",
+                        "--plot", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "claim 1" in out and "claim 2" in out and (tmp_path / "p.png").stat().st_size > 0
+    assert result["test_size"] == 20 and result["unpruned"]["states"] == 2 * 64
+    at33 = [r for r in result["records"] if r["ratio"] == 0.33 and r["method"] == "last"][0]
+    assert at33["states"] == round(128 * 0.67) and at33["params"] < result["unpruned"]["params"]

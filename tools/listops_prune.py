@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> dict:
     test = data.splits["test"]
     timing = collate([test[i] for i in range(min(args.timing_batch, len(test)))])
     base = accuracy(model, batches)
+    train_labels = data.splits["train"].labels
+    majority = max(set(train_labels), key=train_labels.count)  # the best constant answer, from training
+    majority_acc = sum(label == majority for label in test.labels) / len(test)
     records, timed = [], {}
     for method in args.methods:
         for seed in range(args.seeds if method == "random" else 1):
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     for (_, record), ms in zip(timed.values(), times[1:], strict=True):
         record["ms_per_seq"] = ms
     return {"machine": machine_info("cpu"), "args": vars(args), "unpruned": unpruned, "records": records,
-            "test_size": sum(b[2].numel() for b in batches),
+            "test_size": sum(b[2].numel() for b in batches), "majority_acc": majority_acc,
             "train": {k: checkpoint.get(k) for k in ("global_step", "epoch")}}
 
 
@@ -166,7 +169,8 @@ def verdict(result: dict) -> list[str]:
 def report(result: dict) -> str:
     u, at = result["unpruned"], result["args"]["at"]
     head = (f"unpruned test accuracy {u['acc']:.4f} on {result['test_size']} test sequences "
-            f"(trained {result['train']['global_step']} steps); {u['states']} LDS states")
+            f"(trained {result['train']['global_step']} steps; the majority class scores "
+            f"{result['majority_acc']:.4f}); {u['states']} LDS states")
     grid = []
     for method in result["args"]["methods"]:
         row = {"method": LABELS[method]}
