@@ -182,11 +182,12 @@ def trained():
     return model.eval(), dm
 
 
-def measured_score(layer, j: int) -> float:
+def measured_score(layer, j: int, horizon: int | None = None) -> float:
     """Squared H-infinity norm of state j's subsystem, measured on the layer itself: keep state j only,
     run unit impulses of every input channel through its forward (float64), read the lag-0 gain G0
     (d_out, d) and the pole from lag 1 (G1 = a G0), and take the peak over a frequency grid of
-    sigma_max(G0) / |1 - a e^{-i w}| (the response is G0 a^t)."""
+    sigma_max(G0) / |1 - a e^{-i w}| (the response is G0 a^t), or with `horizon` L of
+    sigma_max(G0) |sum_{t<L} a^t e^{-i w t}|."""
     one = copy.deepcopy(layer).double()
     one.run_dtype = F64
     one.keep_states(torch.tensor([j]))
@@ -199,7 +200,11 @@ def measured_score(layer, j: int) -> float:
     a = float((G1 * G0).sum() / G0.square().sum())
     torch.testing.assert_close(G1, a * G0, rtol=1e-9, atol=1e-12)  # one pole indeed
     w = torch.linspace(0, torch.pi, 4097, dtype=F64)
-    gain = (1 / (1 - a * torch.exp(-1j * w)).abs()).max()
+    if horizon is None:
+        gain = (1 / (1 - a * torch.exp(-1j * w)).abs()).max()
+    else:
+        t = torch.arange(horizon, dtype=F64)
+        gain = ((a ** t)[None] * torch.exp(-1j * w[:, None] * t[None])).sum(1).abs().max()
     return float((torch.linalg.matrix_norm(G0, ord=2) * gain) ** 2)
 
 
@@ -209,6 +214,9 @@ def test_last_scores_of_a_trained_lds_match_the_measured_h_infinity_norm(trained
         scores = P.state_scores(layer)
         measured = torch.tensor([measured_score(layer, j) for j in range(layer.state_dim)], dtype=F64)
         torch.testing.assert_close(scores, measured, rtol=1e-9, atol=0)
+        short = torch.tensor([measured_score(layer, j, 48) for j in range(layer.state_dim)], dtype=F64)
+        torch.testing.assert_close(P.state_scores(layer, horizon=48), short, rtol=1e-9, atol=0)
+        assert (short <= scores * (1 + 1e-12)).all()  # a finite horizon never gains more
 
 
 def independent_last(model, ratio: float) -> list[set[int]]:
@@ -267,7 +275,8 @@ def test_the_verdict_reads_the_numbers(tool):
     accs = {("last", 0): [0.5, 0.496, 0.45], ("uniform", 0): [0.5, 0.48, 0.46],
             ("random", 0): [0.5, 0.40, 0.30], ("random", 1): [0.5, 0.44, 0.20]}
     records = [{"method": m, "seed": s, "ratio": r, "acc": a, "states": 10, "params": 5, "lds_params": 2,
-                "state_floats": 4, "per_layer": [5, 5], "ms_per_seq": 1.0}
+                "state_floats": 4, "per_layer": [5, 5], "ms_per_seq": 1.0,
+                "lds_ms_per_seq": 0.5}
                for (m, s), values in accs.items() for r, a in zip(args["ratios"], values, strict=True)]
     result = {"args": args, "records": records, "unpruned": {"acc": 0.5, "states": 15, "per_layer": [8, 7]}}
     one, two = tool.verdict(result)

@@ -7,11 +7,13 @@
 Each (method, ratio) prunes a fresh copy of the trained model (no retraining: the learned A, B, C of the
 kept states stay as trained; the tensors shrink) and scores it on the test split of the data module the
 checkpoint was trained on (regenerated from its seed). Methods: LAST, uniform H-infinity, global
-H-infinity and random (--seeds draws; mean, min and max). Then, at --at (33%, the paper's headline
-ratio), one row per method: states kept, parameters, measured forward time per sequence (--timing-batch
-test sequences, the models timed in turns; random: its first draw), test accuracy and its loss against
-the unpruned model, and the verdict on the paper's two claims. See
-tools/listops_prune.md for the task, the numbers LRA published and what this run found.
+H-infinity and random (--seeds draws; mean, min and max); and an ablation, "last-L": LAST with each
+state's gain taken over the data's longest sequence L instead of an infinite horizon. Then, at --at
+(33%, the paper's headline ratio), one row per method: states kept, parameters, the measured forward
+time per sequence (--timing-batch test sequences, the models timed in turns; random: its first draw)
+of the model and of its LDS layers alone, test accuracy and its loss against the unpruned model; and
+the verdict on the paper's two claims. See tools/listops_prune.md for the task, the numbers LRA
+published and what this run found.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from spectralds.data.listops import ListOpsDataModule, collate
 from spectralds.distill.prune import find_lds_layers, prune_lds_layers
 from spectralds.models.classification import accuracy
 
-METHODS = ("last", "uniform", "global", "random")
-LABELS = {"last": "LAST", "uniform": "uniform H-inf", "global": "global H-inf", "random": "random"}
+METHODS = ("last", "uniform", "global", "random", "last-L")
+BASELINES = ("uniform", "global", "random")  # what the paper's claim 2 compares LAST with
+LABELS = {"last": "LAST", "uniform": "uniform H-inf", "global": "global H-inf", "random": "random",
+          "last-L": "LAST, H-inf over L steps"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,18 +67,25 @@ def test_batches(checkpoint: dict, batch_size: int) -> tuple[list, ListOpsDataMo
 
 
 @torch.inference_mode()
-def ms_per_sequence(models: list[torch.nn.Module], batch: tuple, repeats: int) -> list[float]:
-    """Median forward time per sequence of each model on one batch, in milliseconds. The models take
-    turns in every round, so a load that changes during the measurement (a shared machine) hits all."""
+def ms_per_sequence(models: list[torch.nn.Module], batch: tuple, repeats: int) -> list[tuple[float, float]]:
+    """Median forward time per sequence of each model on one batch, and of its LDS layers alone (each on
+    a random input of the batch's shape), in milliseconds. The models take turns in every round, so a
+    load that changes during the measurement (a shared machine) hits all of them."""
     ids, lengths, _ = batch
-    times: list[list[float]] = [[] for _ in models]
+    runs = []
+    for model in models:
+        x = torch.randn(*ids.shape, model.hparams.dim)
+        layers = [layer for _, layer in find_lds_layers(model)]
+        runs += [lambda m=model: m(ids, lengths), lambda ls=layers, x=x: [layer(x) for layer in ls]]
+    times: list[list[float]] = [[] for _ in runs]
     for round_ in range(repeats + 1):
-        for model, spent in zip(models, times, strict=True):
+        for run, spent in zip(runs, times, strict=True):
             start = time.perf_counter()
-            model(ids, lengths)
+            run()
             if round_:  # the first round warms up
                 spent.append(time.perf_counter() - start)
-    return [1e3 * statistics.median(t) / ids.shape[0] for t in times]
+    ms = [1e3 * statistics.median(t) / ids.shape[0] for t in times]
+    return list(zip(ms[::2], ms[1::2], strict=True))
 
 
 def describe(model: torch.nn.Module) -> dict:
@@ -104,17 +115,19 @@ def run(args: argparse.Namespace) -> dict:
             for ratio in args.ratios:
                 pruned = copy.deepcopy(model)
                 if ratio > 0:
-                    prune_lds_layers(pruned, ratio, method, seed=seed)
-                record = {"method": method, "seed": seed, "ratio": ratio, "acc": accuracy(pruned, batches)}
+                    horizon = data.seq_len if method == "last-L" else None
+                    prune_lds_layers(pruned, ratio, method.removesuffix("-L"), seed=seed, horizon=horizon)
+                acc = accuracy(pruned, batches) if ratio > 0 else base  # ratio 0: the model itself
+                record = {"method": method, "seed": seed, "ratio": ratio, "acc": acc}
                 record.update(describe(pruned))
                 if ratio == args.at and seed == 0:
                     timed[method] = pruned, record
                 records.append(record)
                 print(f"{method:<8} seed {seed} ratio {ratio:.2f}: test acc {record['acc']:.4f}", flush=True)
     times = ms_per_sequence([model, *(m for m, _ in timed.values())], timing, args.repeats)
-    unpruned = {**describe(model), "acc": base, "ms_per_seq": times[0]}
-    for (_, record), ms in zip(timed.values(), times[1:], strict=True):
-        record["ms_per_seq"] = ms
+    unpruned = {**describe(model), "acc": base, "ms_per_seq": times[0][0], "lds_ms_per_seq": times[0][1]}
+    for (_, record), (ms, lds_ms) in zip(timed.values(), times[1:], strict=True):
+        record.update(ms_per_seq=ms, lds_ms_per_seq=lds_ms)
     return {"machine": machine_info("cpu"), "args": vars(args), "unpruned": unpruned, "records": records,
             "test_size": sum(b[2].numel() for b in batches), "majority_acc": majority_acc,
             "train": {k: checkpoint.get(k) for k in ("global_step", "epoch")}}
@@ -139,7 +152,7 @@ def summary_rows(result: dict) -> list[dict]:
         name = LABELS[method] + (f" (mean of {len(rs)})" if len(rs) > 1 else "")
         rows.append({"method": name, "states": rs[0]["states"], "params": rs[0]["params"],
                      "lds_params": rs[0]["lds_params"], "state_floats": rs[0]["state_floats"],
-                     "ms_per_seq": rs[0]["ms_per_seq"], "acc": acc,
+                     "ms_per_seq": rs[0]["ms_per_seq"], "lds_ms_per_seq": rs[0]["lds_ms_per_seq"], "acc": acc,
                      "loss": 100 * (base["acc"] - acc),
                      "kept": "/".join(map(str, rs[0]["per_layer"])) if len(rs) == 1 else "random"})
     return rows
@@ -154,7 +167,7 @@ def verdict(result: dict) -> list[str]:
         loss = 100 * (base - means["last"][at])
         lines.append(f"claim 1 (LAST loses < 1% accuracy at {at:.0%} pruned): {loss:+.2f} points -> "
                      + ("holds" if loss < 1 else "does not hold"))
-        others = [m for m in means if m != "last"]
+        others = [m for m in BASELINES if m in means]
         pruned = [r for r in result["args"]["ratios"] if r > 0]
         beaten = {m: sum(means["last"][r] > means[m][r] for r in pruned) for m in others}
         ties = {m: sum(means["last"][r] == means[m][r] for r in pruned) for m in others}
@@ -181,6 +194,7 @@ def report(result: dict) -> str:
     cols = [("at " + f"{at:.0%}", "method", "s"), ("states", "states", "d"), ("per layer", "kept", "s"),
             ("params", "params", "d"), ("LDS params", "lds_params", "d"),
             ("state floats", "state_floats", "d"), ("ms/seq", "ms_per_seq", ".3f"),
+            ("LDS ms/seq", "lds_ms_per_seq", ".3f"),
             ("test acc", "acc", ".4f"), ("loss (points)", "loss", "+.2f")]
     return "\n\n".join([head, format_table(grid, grid_cols), format_table(summary_rows(result), cols),
                         "\n".join(verdict(result))])
