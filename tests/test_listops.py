@@ -275,7 +275,7 @@ def test_the_verdict_reads_the_numbers(tool):
     accs = {("last", 0): [0.5, 0.496, 0.45], ("uniform", 0): [0.5, 0.48, 0.46],
             ("random", 0): [0.5, 0.40, 0.30], ("random", 1): [0.5, 0.44, 0.20]}
     records = [{"method": m, "seed": s, "ratio": r, "acc": a, "states": 10, "params": 5, "lds_params": 2,
-                "state_floats": 4, "per_layer": [5, 5], "ms_per_seq": 1.0,
+                "state_floats": 4, "per_layer": [5, 5], "ms_per_seq": 1.0, "step_us": 2.0,
                 "lds_ms_per_seq": 0.5}
                for (m, s), values in accs.items() for r, a in zip(args["ratios"], values, strict=True)]
     result = {"args": args, "records": records, "unpruned": {"acc": 0.5, "states": 15, "per_layer": [8, 7]}}

@@ -11,9 +11,9 @@ H-infinity and random (--seeds draws; mean, min and max); and an ablation, "last
 state's gain taken over the data's longest sequence L instead of an infinite horizon. Then, at --at
 (33%, the paper's headline ratio), one row per method: states kept, parameters, the measured forward
 time per sequence (--timing-batch test sequences, the models timed in turns; random: its first draw)
-of the model and of its LDS layers alone, test accuracy and its loss against the unpruned model; and
-the verdict on the paper's two claims. See tools/listops_prune.md for the task, the numbers LRA
-published and what this run found.
+of the model, of its LDS layers alone and of one recurrent step of them, test accuracy and its loss
+against the unpruned model; and the verdict on the paper's two claims. See tools/listops_prune.md for
+the task, the numbers LRA published and what this run found.
 """
 
 from __future__ import annotations
@@ -66,17 +66,21 @@ def test_batches(checkpoint: dict, batch_size: int) -> tuple[list, ListOpsDataMo
     return list(data.test_dataloader()), data
 
 
-@torch.inference_mode()
-def ms_per_sequence(models: list[torch.nn.Module], batch: tuple, repeats: int) -> list[tuple[float, float]]:
-    """Median forward time per sequence of each model on one batch, and of its LDS layers alone (each on
-    a random input of the batch's shape), in milliseconds. The models take turns in every round, so a
-    load that changes during the measurement (a shared machine) hits all of them."""
+@torch.no_grad()  # not inference_mode: the LDS step caches its tables by tensor version
+def ms_per_sequence(models: list[torch.nn.Module], batch: tuple, repeats: int) -> list[tuple[float, ...]]:
+    """Per model, median times in milliseconds: the forward per sequence on one batch; its LDS layers
+    alone on a random input of the batch's shape, per sequence; and one recurrent decoding step of its
+    LDS layers per sequence (`step`, the constant-time inference a state count sets). The models take
+    turns in every round, so a load that changes during the measurement (a shared machine) hits all."""
     ids, lengths, _ = batch
     runs = []
     for model in models:
         x = torch.randn(*ids.shape, model.hparams.dim)
         layers = [layer for _, layer in find_lds_layers(model)]
-        runs += [lambda m=model: m(ids, lengths), lambda ls=layers, x=x: [layer(x) for layer in ls]]
+        states = [layer.init_state(ids.shape[0]) for layer in layers]
+        x_t = x[:, 0]
+        runs += [lambda m=model: m(ids, lengths), lambda ls=layers, x=x: [layer(x) for layer in ls],
+                 lambda ls=layers, ss=states, x=x_t: [la.step(x, s) for la, s in zip(ls, ss, strict=True)]]
     times: list[list[float]] = [[] for _ in runs]
     for round_ in range(repeats + 1):
         for run, spent in zip(runs, times, strict=True):
@@ -85,7 +89,7 @@ def ms_per_sequence(models: list[torch.nn.Module], batch: tuple, repeats: int) -
             if round_:  # the first round warms up
                 spent.append(time.perf_counter() - start)
     ms = [1e3 * statistics.median(t) / ids.shape[0] for t in times]
-    return list(zip(ms[::2], ms[1::2], strict=True))
+    return list(zip(ms[::3], ms[1::3], ms[2::3], strict=True))
 
 
 def describe(model: torch.nn.Module) -> dict:
@@ -125,9 +129,12 @@ def run(args: argparse.Namespace) -> dict:
                 records.append(record)
                 print(f"{method:<8} seed {seed} ratio {ratio:.2f}: test acc {record['acc']:.4f}", flush=True)
     times = ms_per_sequence([model, *(m for m, _ in timed.values())], timing, args.repeats)
-    unpruned = {**describe(model), "acc": base, "ms_per_seq": times[0][0], "lds_ms_per_seq": times[0][1]}
-    for (_, record), (ms, lds_ms) in zip(timed.values(), times[1:], strict=True):
-        record.update(ms_per_seq=ms, lds_ms_per_seq=lds_ms)
+    keys = ("ms_per_seq", "lds_ms_per_seq", "step_us")
+    unpruned = {**describe(model), "acc": base, **dict(zip(keys, times[0], strict=True))}
+    for (_, record), measured in zip(timed.values(), times[1:], strict=True):
+        record.update(zip(keys, measured, strict=True))
+    for record in [unpruned, *(r for _, r in timed.values())]:
+        record["step_us"] *= 1e3
     return {"machine": machine_info("cpu"), "args": vars(args), "unpruned": unpruned, "records": records,
             "test_size": sum(b[2].numel() for b in batches), "majority_acc": majority_acc,
             "train": {k: checkpoint.get(k) for k in ("global_step", "epoch")}}
@@ -152,7 +159,8 @@ def summary_rows(result: dict) -> list[dict]:
         name = LABELS[method] + (f" (mean of {len(rs)})" if len(rs) > 1 else "")
         rows.append({"method": name, "states": rs[0]["states"], "params": rs[0]["params"],
                      "lds_params": rs[0]["lds_params"], "state_floats": rs[0]["state_floats"],
-                     "ms_per_seq": rs[0]["ms_per_seq"], "lds_ms_per_seq": rs[0]["lds_ms_per_seq"], "acc": acc,
+                     "ms_per_seq": rs[0]["ms_per_seq"], "lds_ms_per_seq": rs[0]["lds_ms_per_seq"],
+                     "step_us": rs[0]["step_us"], "acc": acc,
                      "loss": 100 * (base["acc"] - acc),
                      "kept": "/".join(map(str, rs[0]["per_layer"])) if len(rs) == 1 else "random"})
     return rows
@@ -194,7 +202,7 @@ def report(result: dict) -> str:
     cols = [("at " + f"{at:.0%}", "method", "s"), ("states", "states", "d"), ("per layer", "kept", "s"),
             ("params", "params", "d"), ("LDS params", "lds_params", "d"),
             ("state floats", "state_floats", "d"), ("ms/seq", "ms_per_seq", ".3f"),
-            ("LDS ms/seq", "lds_ms_per_seq", ".3f"),
+            ("LDS ms/seq", "lds_ms_per_seq", ".3f"), ("LDS step us/seq", "step_us", ".2f"),
             ("test acc", "acc", ".4f"), ("loss (points)", "loss", "+.2f")]
     return "\n\n".join([head, format_table(grid, grid_cols), format_table(summary_rows(result), cols),
                         "\n".join(verdict(result))])
