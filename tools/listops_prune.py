@@ -29,7 +29,7 @@ from _bench_common import emit, format_table, machine_info, save_figure
 
 from spectralds.checkpoint_io import load_model, read_checkpoint
 from spectralds.data.listops import ListOpsDataModule, collate
-from spectralds.distill.prune import find_lds_layers, prune_lds_layers
+from spectralds.distill.prune import find_lds_layers, prune_lds_layers, select_states, state_scores
 from spectralds.models.classification import accuracy
 
 METHODS = ("last", "uniform", "global", "random", "last-L")
@@ -136,8 +136,26 @@ def run(args: argparse.Namespace) -> dict:
     for record in [unpruned, *(r for _, r in timed.values())]:
         record["step_us"] *= 1e3
     return {"machine": machine_info("cpu"), "args": vars(args), "unpruned": unpruned, "records": records,
+            "memory": memory(model, args.at, data.seq_len), "seq_len": data.seq_len,
             "test_size": sum(b[2].numel() for b in batches), "majority_acc": majority_acc,
             "train": {k: checkpoint.get(k) for k in ("global_step", "epoch")}}
+
+
+def memory(model: torch.nn.Module, ratio: float, length: int) -> list[dict]:
+    """Per LDS layer: median time constant 1 / (1 - |a|) (steps) of the states LAST keeps and prunes at
+    `ratio`, and how many states are slower than the longest sequence with their share of the layer's
+    H-infinity score (the paper's, infinite horizon)."""
+    layers = [layer for _, layer in find_lds_layers(model)]
+    rows = []
+    for i, (layer, kept) in enumerate(zip(layers, select_states(layers, ratio, "last"), strict=True)):
+        tau = 1 / (1 - layer.system()[0].detach().double().abs())
+        scores, mask = state_scores(layer), torch.zeros(layer.state_dim, dtype=torch.bool)
+        mask[kept] = True
+        slow = tau > length
+        rows.append({"layer": i, "tau_kept": float(tau[mask].median()),
+                     "tau_pruned": float(tau[~mask].median()), "slow_states": int(slow.sum()),
+                     "slow_share": float(scores[slow].sum() / scores.sum())})
+    return rows
 
 
 def curve(result: dict, method: str) -> list[tuple[float, float, float, float]]:
@@ -204,8 +222,12 @@ def report(result: dict) -> str:
             ("state floats", "state_floats", "d"), ("ms/seq", "ms_per_seq", ".3f"),
             ("LDS ms/seq", "lds_ms_per_seq", ".3f"), ("LDS step us/seq", "step_us", ".2f"),
             ("test acc", "acc", ".4f"), ("loss (points)", "loss", "+.2f")]
+    memory_cols = [(f"LAST at {at:.0%}: layer", "layer", "d"), ("median tau kept", "tau_kept", ".1f"),
+                   ("median tau pruned", "tau_pruned", ".1f"),
+                   (f"states tau > L={result['seq_len']}", "slow_states", "d"),
+                   ("their score share", "slow_share", ".3f")]
     return "\n\n".join([head, format_table(grid, grid_cols), format_table(summary_rows(result), cols),
-                        "\n".join(verdict(result))])
+                        format_table(result["memory"], memory_cols), "\n".join(verdict(result))])
 
 
 def plot(result: dict, path: str) -> None:
@@ -218,9 +240,11 @@ def plot(result: dict, path: str) -> None:
     for i, method in enumerate(result["args"]["methods"]):
         pts = curve(result, method)
         ratios = [100 * r for r, *_ in pts]
-        ax.plot(ratios, [100 * m for _, m, _, _ in pts], "osD^"[i % 4] + "-", ms=4, label=LABELS[method])
+        (line,) = ax.plot(ratios, [100 * m for _, m, _, _ in pts], "osD^v"[i % 5] + "-", ms=4,
+                          label=LABELS[method] + (" (mean, min-max band)" if method == "random" else ""))
         if method == "random" and result["args"]["seeds"] > 1:
-            ax.fill_between(ratios, [100 * lo for *_, lo, _ in pts], [100 * hi for *_, hi in pts], alpha=0.2)
+            ax.fill_between(ratios, [100 * lo for *_, lo, _ in pts], [100 * hi for *_, hi in pts],
+                            color=line.get_color(), alpha=0.15)
     ax.axhline(100 * result["unpruned"]["acc"], color="gray", lw=0.8, ls=":", label="unpruned")
     ax.axvline(100 * result["args"]["at"], color="gray", lw=0.6, ls="--")
     ax.set(xlabel="pruning ratio (% of LDS states)", ylabel="test accuracy (%)",
