@@ -25,7 +25,8 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
     them, then splits the budget across layers LAST-style; on the quickstart models +0.07% val loss at
     75% pruned where the paper's score loses 10-62%, and a tie within 0.002 points at 25-50%), "last"
     (the paper's H-infinity score, which distilled states defeat: they cancel one another), "uniform",
-    "global", "uniform-refit". Fitted layers get their C re-solved for the kept states whatever the method.
+    "global", "uniform-refit", "random" (seed 0). Fitted layers get their C re-solved for the kept states
+    whatever the method.
     When it prunes at the end of training it saves the pruned model to `save_path` ("auto":
     <log dir>/checkpoints/lds_pruned.ckpt; None: no checkpoint).
 

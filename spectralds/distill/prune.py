@@ -9,6 +9,7 @@ Methods (`PRUNE_METHODS`):
   threshold keeps the top fraction. The same shared LDS therefore scores differently in every layer.
 * ``"uniform"``: the same fraction in every layer, ranked by the raw H-infinity score.
 * ``"global"``: one threshold on the raw H-infinity scores of all layers.
+* ``"random"``: the paper's random baseline: the kept states drawn uniformly over all layers (`seed`).
 * ``"last-refit"`` (ours): the score knows that C is re-solved after pruning. A fitted system's states
   cancel one another (the terms of a filter exceed it by ~1e6), so a state's own H-infinity norm says
   little about what the *re-solved* system loses without it. Per layer, the target is the layer's
@@ -36,10 +37,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spectralds.errors import UserError, check_float
+from spectralds.errors import UserError, check_float, check_int
 from spectralds.layers.lds import LDS
 
-PRUNE_METHODS = ("last", "last-refit", "uniform", "global", "uniform-refit")
+PRUNE_METHODS = ("last", "last-refit", "uniform", "global", "uniform-refit", "random")
 DEFAULT_METHOD = "last-refit"  # of LayerAdaptiveStatePruning and `spectralds distill --prune`
 # |a| = 1 would make the H-infinity score infinite; such a state is clamped to this margin and so always kept.
 STABILITY_MARGIN = 1e-12
@@ -51,12 +52,24 @@ F64 = torch.float64
 
 
 # ---- the paper's H-infinity score ---------------------------------------------------------------------
-def state_scores(lds: LDS) -> torch.Tensor:
-    """(h,) squared H-infinity norm of each state's subsystem, in float64."""
+def state_scores(lds: LDS, horizon: int | None = None) -> torch.Tensor:
+    """(h,) squared H-infinity norm of each state's subsystem, in float64.
+
+    `horizon` L (None: the paper's infinite one): the peak gain of the response truncated to L steps,
+    sum_{t<L} |a|^t = (1 - |a|^L) / (1 - |a|) in place of 1 / (1 - |a|). A state much slower than the
+    sequences a model sees gains at most L on them, however close |a| is to 1.
+    """
     A, B, C = (p.detach().double() for p in lds.system())
+    if lds.learnable:  # tanh in float64: a float32 a = tanh(A_raw) near 1 moves 1 - |a| by up to ~1e-3
+        A = torch.tanh(lds.A_raw.detach().double())
     W = lds.state_maps(C)  # (h, d_out, d)
-    gain = torch.linalg.matrix_norm(W, ord=2)
-    return (B.abs() * gain / (1 - A.abs()).clamp_min(STABILITY_MARGIN)) ** 2
+    decay = (1 - A.abs()).clamp_min(STABILITY_MARGIN)
+    if horizon is None:
+        peak = 1 / decay
+    else:
+        check_int("horizon", horizon)
+        peak = torch.where(decay > STABILITY_MARGIN, (1 - A.abs() ** horizon) / decay, float(horizon))
+    return (B.abs() * torch.linalg.matrix_norm(W, ord=2) * peak) ** 2
 
 
 def last_normalize(scores: torch.Tensor) -> torch.Tensor:
@@ -183,14 +196,18 @@ def _keep_count(total: int, ratio: float, minimum: int) -> int:
 
 
 def select_states(
-    layers: list[LDS], ratio: float, method: str = "last", layer_weights: list[float] | None = None
+    layers: list[LDS], ratio: float, method: str = "last", layer_weights: list[float] | None = None,
+    seed: int = 0, horizon: int | None = None,
 ) -> list[torch.Tensor]:
     """Indices (sorted) of the states each layer keeps when pruning `ratio` of all states.
 
     `layer_weights` (one per layer, "last-refit" only) multiply the layers' normalized error curves: a
     sensitivity measured on data, e.g. the ratio of the layer's output energy to the energy of the
     residual stream it is added to. Without them every layer's relative error counts the same.
+    `seed` draws the "random" method's states; `horizon` truncates the H-infinity score of "last",
+    "uniform" and "global" to that many steps (`state_scores`); the other methods ignore them.
     """
+    check_int("seed", seed, minimum=0)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise UserError(f"pruning ratio must be in [0, 1), got {ratio!r}")
     if method not in PRUNE_METHODS:
@@ -216,7 +233,11 @@ def select_states(
             budget = _keep_count(sum(layer.state_dim for layer in layers), ratio, len(layers))
             counts = allocate(costs, budget)
         return [order[len(order) - n :].sort().values for (order, _), n in zip(curves, counts, strict=True)]
-    scores = [state_scores(layer) for layer in layers]
+    if method == "random":  # a uniform random rank for every state, then the global threshold below
+        generator = torch.Generator().manual_seed(seed)
+        scores = [torch.rand(layer.state_dim, dtype=F64, generator=generator) for layer in layers]
+    else:
+        scores = [state_scores(layer, horizon) for layer in layers]
     if method == "uniform":  # the same fraction in every layer, ranked by raw score
         keep_counts = [_keep_count(len(s), ratio, 1) for s in scores]
         ranked_idx = [torch.argsort(s, descending=True) for s in scores]
@@ -270,18 +291,21 @@ def prune_lds_layers(
     method: str = "last",
     refit: bool = True,
     layer_weights: list[float] | None = None,
+    seed: int = 0,
+    horizon: int | None = None,
 ) -> list[PruneReport]:
     """Prune the LDS layers of `module` in place (their A, B, C shrink); returns states kept per layer.
 
     With `refit`, each pruned fixed (fitted) layer re-solves its C for the states it keeps (the
-    "-refit" methods rank states assuming it does). `layer_weights`: see `select_states`.
+    "-refit" methods rank states assuming it does). `layer_weights`, `seed`, `horizon`: see
+    `select_states`.
     """
     layers = find_lds_layers(module)
     if not layers:
         raise UserError(
             f"no LDS layer found in {type(module).__name__}: distill the STU layers before pruning"
         )
-    keep = select_states([layer for _, layer in layers], ratio, method, layer_weights)
+    keep = select_states([layer for _, layer in layers], ratio, method, layer_weights, seed, horizon)
     reports = []
     for (path, layer), idx in zip(layers, keep, strict=True):
         before = layer.state_dim
