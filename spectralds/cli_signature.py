@@ -10,7 +10,7 @@ written once, in the signature, which takes it from the library. The rules:
 - ``int``, ``float`` and ``str`` (``| None`` allowed) are argparse types; ``bool = False`` is a flag;
   ``Literal[...]`` lists the choices; ``list[X]`` or ``Sequence[X]`` is an option repeated once per value;
   ``Annotated[T, parse]`` converts the text with ``parse`` (which raises argparse.ArgumentTypeError);
-- every parameter is documented under "Args:" (tests/test_cli_signature.py checks every command); a
+- every parameter is documented under "Args:" (tests/cli/test_cli_signature.py checks every command); a
   help text may name a constant of the function's module in braces, ``{STATE_DIM_RULE}``, to show a
   library rule without restating it.
 
