@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spectralds.errors import NonFiniteError, UserError
-from spectralds.layers import build_layer, layer_specs, restore_layers
+from spectralds.layers import available_layers, build_layer, layer_specs, restore_layers
 from spectralds.models.telemetry import LR_CURVE, default_callbacks, forward_flops
 
 SPECTRAL_LAYERS = ("stu", "stu_t", "lds", "lds_ar")  # layers that take seq_len and num_filters
@@ -31,6 +31,10 @@ def build_mixers(
     if not layer_pattern:
         raise UserError("layer_pattern must name at least one layer, e.g. ['stu'] or ['stu', 'attn']")
     layer_kwargs = layer_kwargs or {}
+    unknown = sorted(set(layer_kwargs) - set(available_layers()))
+    if unknown:  # a misspelt name ("atn") would otherwise leave its layers silently unconfigured
+        raise UserError(f"layer_kwargs names {', '.join(map(repr, unknown))}, which is not a layer; "
+                        f"registered layers: {', '.join(available_layers())}")
     mixers = []
     for i in range(num_layers):
         name = layer_pattern[i % len(layer_pattern)]

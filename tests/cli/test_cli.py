@@ -292,3 +292,10 @@ def test_help_imports_neither_torch_nor_lightning():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "usage: spectralds" in done.stdout
+
+
+def test_misspelt_layer_kwargs_name_is_refused(capsys):
+    """layer_kwargs keyed by a name that is not a layer ("atn") would configure nothing: one line."""
+    misspelt = '--model.init_args.layer_kwargs={"atn": {"num_heads": 2}}'
+    err = one_line_error(capsys, ["fit", "--config", TINY, misspelt])
+    assert "layer_kwargs names 'atn', which is not a layer" in err

@@ -38,7 +38,7 @@ from spectralds.layers.lds import LDS
 from spectralds.layers.stu import STU, STUTensordot
 
 L, K, H = 64, 4, 16
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "tests" / "assets" / "configs" / "tiny_lm.yaml")
 CORPUS = str(ROOT / "tests" / "assets" / "data" / "corpus")
 
