@@ -467,7 +467,7 @@ def test_distillation_arguments_are_checked_when_built(kwargs, needle):
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [({"ratio": 0}, "ratio"), ({"ratio": 1}, "ratio"), ({"ratio": -0.1}, "ratio"),
-     ({"ratio": math.nan}, "ratio"), ({"ratio": "0.5"}, "ratio"), ({"method": "random"}, "method"),
+     ({"ratio": math.nan}, "ratio"), ({"ratio": "0.5"}, "ratio"), ({"method": "magnitude"}, "method"),
      ({"at_step": -2}, "at_step")],
 )
 def test_pruning_arguments_are_checked_when_built(kwargs, needle):
