@@ -73,10 +73,10 @@ def run(argv: list[str], from_command_line: bool) -> None:
         raise UserError(f"unknown command {argv[0]!r}; commands: {names} (see `spectralds --help`)")
     else:
         check_config_files(argv)
-        from spectralds.cli_lightning import SpectraLDSCLI
+        from spectralds.cli_lightning import run_lightning
 
         try:  # LightningCLI reads sys.argv itself and warns when given both
-            SpectraLDSCLI(args=None if from_command_line else argv)
+            run_lightning(None if from_command_line else argv)
         except argparse.ArgumentError as e:
             if user_error_in(e) is not None:
                 raise
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         if user_error is None or os.environ.get("SPECTRALDS_DEBUG"):
             raise
         sys.stderr.write(f"spectralds: error: {first_line(user_error)}\n")  # one write: DDP ranks interleave
-        sys.exit(2)
+        sys.exit(getattr(user_error, "exit_code", 2))
 
 
 if __name__ == "__main__":

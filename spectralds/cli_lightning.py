@@ -15,14 +15,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from spectralds.cli_config import split_print_config
 from spectralds.cli_errors import parser_problem
 from spectralds.compat import parse_written, subcommand_parser
 from spectralds.config_rules import VOCAB_SIZE_LINK, apply_written_rules, tokenizer_vocab_size
-from spectralds.errors import UserError, first_line, user_error_in
+from spectralds.errors import StoppedRun, UserError, first_line, user_error_in
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
@@ -44,10 +44,33 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class SaveOnSignal(Callback):
+    """On SIGTERM (a scheduler's preemption, `kill`), Lightning stops after the batch in hand and raises:
+    this saves that consistent state where the run's ModelCheckpoint keeps `last.ckpt` (a resume point
+    instead of up to a whole interval lost) and remembers what it saved, for the one-line report."""
+
+    def __init__(self) -> None:
+        self.saved: str | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException,
+                     ) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if c.dirpath), None)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+        trainer.save_checkpoint(path)
+        self.saved = f"{path} (global step {trainer.global_step})"
+
+
 class SpectraLDSCLI(LightningCLI):
     """Model and data chosen by class_path; optimizer/scheduler are callables in the model's init."""
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    def __init__(
+        self, args: list[str] | None = None, run: bool = True, save_on_signal: SaveOnSignal | None = None
+    ) -> None:
+        self.save_on_signal = save_on_signal or SaveOnSignal()
         super().__init__(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
@@ -136,6 +159,7 @@ class SpectraLDSCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
             kwargs["callbacks"] = [*callbacks, ModelCheckpoint(save_last=True)]
+        kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), self.save_on_signal]
         check_unique_stateful(callbacks)
         try:
             return super().instantiate_trainer(**kwargs)
@@ -190,3 +214,13 @@ def check_unique_stateful(callbacks: list[Any]) -> None:
                 "has its own needs no --trainer.callbacks+= drop-in; set its init_args instead)"
             )
         seen.add(key)
+
+
+def run_lightning(args: list[str] | None) -> None:
+    """A LightningCLI command; a SIGTERM that stopped it becomes a StoppedRun naming what was saved."""
+    report = SaveOnSignal()
+    try:
+        SpectraLDSCLI(args=args, save_on_signal=report)
+    except SIGTERMException as e:
+        saved = f"saved {report.saved}; resume with --ckpt_path" if report.saved else "nothing was saved"
+        raise StoppedRun(f"stopped by SIGTERM: {saved}") from e

@@ -76,6 +76,13 @@ def user_error_in(error: BaseException) -> UserError | None:
     return None
 
 
+class StoppedRun(UserError):
+    """A run stopped by a signal: printed as one line like any UserError, but the process exits with
+    128 + the signal's number (143 for SIGTERM), as a shell reports a process the signal ended."""
+
+    exit_code = 143
+
+
 # The same user errors, also catchable as the built-in type a caller may already expect.
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""

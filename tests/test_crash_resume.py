@@ -332,3 +332,41 @@ def test_the_cli_saves_atomically_and_keeps_a_last_checkpoint_by_default():
     checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert len(checkpoints) == 1 and checkpoints[0].save_last is None
     assert checkpoints[0]._every_n_train_steps == 7
+
+
+SIGTERM_CALLBACK = """
+import os
+import signal
+
+from lightning.pytorch.callbacks import Callback
+
+
+class TermAt(Callback):
+    '''Sends this process SIGTERM after `step` optimizer steps, as a scheduler's preemption would.'''
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_sigterm_saves_where_it_stopped_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """A run stopped by SIGTERM saves last.ckpt at the step it reached, says so in one line and exits 143
+    (Lightning itself would exit 0), and the saved step resumes."""
+    (tmp_path / "term.py").write_text(SIGTERM_CALLBACK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "run.yaml"
+    term = "    - class_path: term.TermAt\n      init_args: {step: 5}"
+    config.write_text(RUN_CONFIG.format(corpus=CORPUS, extra_callbacks=term))
+    assert run_cli(["fit", "--config", str(config)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("spectralds: error: stopped by SIGTERM: saved ") and "global step 5" in err
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # not 3, the last interval's checkpoint
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(RUN_CONFIG.format(corpus=CORPUS, extra_callbacks=""))
+    assert run_cli(["fit", "--config", str(plain), f"--ckpt_path={last}"]) == 0
+    assert torch.load(last, weights_only=True)["global_step"] == MAX_STEPS
