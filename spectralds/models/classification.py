@@ -18,10 +18,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spectralds.errors import UserError, check_float, check_int
-from spectralds.layers.blocks import Block, RMSNorm
+from spectralds.layers.blocks import RMSNorm
 from spectralds.models.common import (
     SpectralModule,
-    build_mixers,
+    build_blocks,
     check_nonfinite_policy,
     default_optimizer,
     guard_loss,
@@ -63,9 +63,10 @@ class SequenceClassifier(SpectralModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.seq_len = seq_len
         self.embed = nn.Embedding(vocab_size, dim)
-        mixers = build_mixers(num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs)
-        hidden = int(mlp_ratio * dim) if mlp_ratio else None
-        self.blocks = nn.ModuleList(Block(dim, m, hidden, dropout=dropout) for m in mixers)
+        self.blocks = build_blocks(
+            num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs, mlp_ratio,
+            dropout=dropout,
+        )
         self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.val_acc = torchmetrics.MeanMetric()

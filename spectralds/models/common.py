@@ -10,6 +10,7 @@ from torch import nn
 
 from spectralds.errors import NonFiniteError, UserError
 from spectralds.layers import available_layers, build_layer, layer_specs, restore_layers
+from spectralds.layers.blocks import Block
 from spectralds.models.telemetry import LR_CURVE, default_callbacks, forward_flops
 
 SPECTRAL_LAYERS = ("stu", "stu_t", "lds", "lds_ar")  # layers that take seq_len and num_filters
@@ -44,6 +45,23 @@ def build_mixers(
         kwargs.update(layer_kwargs.get(name, {}))
         mixers.append(build_layer(name, **kwargs))
     return mixers
+
+
+def build_blocks(
+    num_layers: int,
+    layer_pattern: list[str],
+    dim: int,
+    seq_len: int,
+    num_filters: int,
+    layer_kwargs: dict[str, dict[str, Any]] | None,
+    mlp_ratio: float,
+    **block_kwargs: Any,
+) -> nn.ModuleList:
+    """The models' stack: one `Block` per mixer of `build_mixers`, each with an MLP of width
+    mlp_ratio * dim (none for 0); `block_kwargs` go to every Block (norm eps, dropout, MLP options)."""
+    hidden = int(mlp_ratio * dim) if mlp_ratio else None
+    mixers = build_mixers(num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs)
+    return nn.ModuleList(Block(dim, m, hidden, **block_kwargs) for m in mixers)
 
 
 def save_layer_specs(module: nn.Module, checkpoint: dict[str, Any]) -> None:

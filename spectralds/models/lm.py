@@ -18,11 +18,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spectralds.errors import UserError, UserTypeError, check_bool, check_float, check_int
-from spectralds.layers.blocks import Block, RMSNorm
+from spectralds.layers.blocks import RMSNorm
 from spectralds.layers.registry import SequenceLayer, check_start
 from spectralds.models.common import (
     SpectralModule,
-    build_mixers,
+    build_blocks,
     check_nonfinite_policy,
     default_optimizer,
     guard_loss,
@@ -89,11 +89,9 @@ class LanguageModel(SpectralModule):
         self.seq_len = seq_len
         self.embed = nn.Embedding(vocab_size, dim)
         self.dropout = nn.Dropout(dropout)
-        mixers = build_mixers(num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs)
-        hidden = int(mlp_ratio * dim) if mlp_ratio else None
-        self.blocks = nn.ModuleList(
-            Block(dim, m, hidden, norm_eps, dropout, mlp_activation=mlp_activation, mlp_bias=mlp_bias)
-            for m in mixers
+        self.blocks = build_blocks(
+            num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs, mlp_ratio,
+            norm_eps=norm_eps, dropout=dropout, mlp_activation=mlp_activation, mlp_bias=mlp_bias,
         )
         self.norm = RMSNorm(dim, norm_eps)
         # The bias is the head's own parameter, also when its weight is tied to the embedding.

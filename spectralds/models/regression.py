@@ -10,10 +10,9 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from spectralds.layers.blocks import Block
 from spectralds.models.common import (
     SpectralModule,
-    build_mixers,
+    build_blocks,
     check_nonfinite_policy,
     default_optimizer,
     guard_loss,
@@ -55,9 +54,10 @@ class SequenceRegression(SpectralModule):
         self.hparams["layer_pattern"] = layer_pattern
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.in_proj = nn.Linear(d_in, dim, bias=False)
-        mixers = build_mixers(num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs)
-        hidden = int(mlp_ratio * dim) if mlp_ratio else None
-        self.blocks = nn.ModuleList(Block(dim, m, hidden, dropout=0.0, prenorm=prenorm) for m in mixers)
+        self.blocks = build_blocks(
+            num_layers, layer_pattern, dim, seq_len, num_filters, layer_kwargs, mlp_ratio,
+            prenorm=prenorm,
+        )
         self.out_proj = nn.Linear(dim, d_out, bias=False)
         if zero_init_out:
             nn.init.zeros_(self.out_proj.weight)
