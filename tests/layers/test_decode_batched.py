@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from test_decode_protocol import static_decode as decode_on_static_states
 
 from spectralds.generate import (
     _clone,
@@ -112,18 +113,9 @@ def test_bad_prompt_lists_are_clear_errors():
 
 
 def static_decode(model, batch, new_tokens: int):
-    """Greedy decoding on the fixed-shape states, every step writing into the same tensors (as a graph)."""
+    """Greedy decoding of prompts on the fixed-shape states, every step writing into the same tensors."""
     logits, states = prefill_prompts(model, batch)
-    states = static_states(model, states)
-    shapes = [(t.shape, t.dtype) for t in _leaves(states)]
-    out = []
-    for _ in range(new_tokens):
-        out.append(logits)
-        logits, new = model.step(logits.argmax(-1), states)
-        assert [(t.shape, t.dtype) for t in _leaves(new)] == shapes
-        for old, fresh in zip(_leaves(states), _leaves(new), strict=True):
-            old.copy_(fresh)
-    return torch.stack(out)
+    return decode_on_static_states(model, states, logits, new_tokens)
 
 
 @pytest.mark.parametrize("lengths", [LENGTHS, (6, 6)])
