@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from spectralds.cli_errors import check_config_files, parser_problem
+from spectralds.cli_quiet import silence_third_party_noise
 from spectralds.cli_signature import run_command
 from spectralds.errors import UserError, first_line, user_error_in
 
@@ -87,6 +88,7 @@ def run(argv: list[str], from_command_line: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    silence_third_party_noise()
     try:
         run(argv, from_command_line)
     except Exception as e:
