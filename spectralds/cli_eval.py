@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -88,11 +87,11 @@ def evaluate(
 
     from spectralds.evaluation import format_table, log_tensorboard
     from spectralds.evaluation import offline as offline_hub
+    from spectralds.evaluation.quiet import quiet_lm_eval
     from spectralds.evaluation.table import write_results
 
-    logging.getLogger("lm_eval").setLevel(verbosity)
     labels = _labels(list(ckpt), None if label is None else list(label))
-    with offline_hub() if offline else nullcontext():
+    with offline_hub() if offline else nullcontext(), quiet_lm_eval(verbosity):
         results = evaluate_models(
             dict(zip(labels, ckpt, strict=True)), tasks.split(","), include_path=include_path,
             num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, tokenizer=tokenizer,

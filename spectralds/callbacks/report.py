@@ -127,9 +127,11 @@ class StageReport(Callback):
         from contextlib import nullcontext
 
         from spectralds.evaluation import evaluate_models, offline
+        from spectralds.evaluation.quiet import quiet_lm_eval
 
         hparams = getattr(trainer.datamodule, "hparams", {}) if trainer.datamodule is not None else {}
-        with offline() if self.eval_offline else nullcontext():  # the rest of the run is left as it was
+        # offline and quiet as `spectralds eval` is; the rest of the run is left as it was
+        with offline() if self.eval_offline else nullcontext(), quiet_lm_eval():
             return evaluate_models(
                 {self.label: pl_module}, self.eval_tasks, include_path=self.eval_include_path,
                 num_fewshot=self.eval_num_fewshot, batch_size=self.eval_batch_size, limit=self.eval_limit,
