@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -24,13 +24,32 @@ from spectralds.compat import parse_written, subcommand_parser
 from spectralds.config_rules import VOCAB_SIZE_LINK, apply_written_rules, tokenizer_vocab_size
 from spectralds.errors import StoppedRun, UserError, first_line, user_error_in
 
+# The HPARAMS tab's metric columns: TensorBoard reads their values from the run's own scalars of these tags.
+HPARAMS_METRICS = ("train/loss", "val/loss")
+
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
-    """Saves the resolved config to the run's log dir (Lightning) and logs it as TensorBoard hparams."""
+    """Saves the resolved config to the run's log dir (Lightning) and logs it as hyperparameters; in
+    TensorBoard they fill the HPARAMS tab, next to the run's train/val losses."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if isinstance(trainer.logger, Logger):
-            trainer.logger.log_hyperparams(_flatten(self.config.as_dict()))
+        if not isinstance(trainer.logger, Logger):
+            return
+        params = _flatten(self.config.as_dict())
+        trainer.logger.log_hyperparams(params)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            _write_hparams_tab(trainer.logger, params)
+
+
+def _write_hparams_tab(logger: TensorBoardLogger, params: dict[str, Any]) -> None:
+    """TensorBoardLogger writes the HPARAMS summaries only with metric values in hand (a -1 placeholder,
+    `default_hp_metric`, or a value logged as a scalar at step 0); this names the metric columns without
+    a value, so the tab shows the real losses the run logs."""
+    from torch.utils.tensorboard.summary import hparams
+
+    summaries = hparams(params, dict.fromkeys(HPARAMS_METRICS, 0.0))  # only the keys are written
+    for summary in summaries:
+        logger.experiment.file_writer.add_summary(summary)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
