@@ -15,7 +15,9 @@ sees the same batches. Models:
 * stu_bare   the STU layer alone, d_in -> d_out (the reference the synthetic configs should match)
 * lds        SequenceRegression with a diagonal LDS trained directly (+ configs/synthetic/lds.yaml)
 * attn       SequenceRegression with one attention block (+ configs/synthetic/attn.yaml)
-* stu->lds   at every evaluation, a copy of the `stu` model distilled to an LDS (SpectraLDS), evaluated
+* stu_to_lds at every evaluation, a copy of the `stu` model distilled to an LDS (SpectraLDS), evaluated
+             (the older spelling stu->lds is still accepted, quoted: unquoted, a shell reads `>lds` as a
+             redirection and writes a file named lds)
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from spectralds.models.regression import SequenceRegression
 REPO = Path(__file__).resolve().parents[1]
 # model -> its variant of configs/synthetic.yaml (None: the base, the STU; stu_ar sets --ar-order itself)
 CONFIG = {"stu": None, "stu_ar": None, "stu_bare": None, "lds": "lds.yaml", "attn": "attn.yaml"}
-DISTILLED = "stu->lds"
+DISTILLED = "stu_to_lds"
+OLD_DISTILLED = "stu->lds"  # accepted when quoted; a shell reads it unquoted as `stu-` > lds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--ar-order", type=int, default=2)
     p.add_argument("--state-dim", type=int, default=64, help="LDS states of the distilled STU (<= L/4)")
-    p.add_argument("--models", nargs="+", default=[*CONFIG, DISTILLED], choices=[*CONFIG, DISTILLED])
+    p.add_argument("--models", nargs="+", default=[*CONFIG, DISTILLED], choices=[*CONFIG, DISTILLED],
+                   type=lambda name: DISTILLED if name == OLD_DISTILLED else name)
     p.add_argument("--noise", type=float, default=None, help="observation noise (default: the configs')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

@@ -161,10 +161,11 @@ def test_synthetic_lds_tool_quick_run(tmp_path, capsys):
     import synthetic_lds
 
     out = tmp_path / "fig1.json"
+    # "stu->lds" (quoted): the older spelling of stu_to_lds, still accepted
     synthetic_lds.main(["--quick", "--json", str(out), "--models", "stu", "stu->lds", "stu_ar", "stu_bare"])
     models = json.loads(out.read_text())["models"]
-    assert set(models) == {"stu", "stu->lds", "stu_ar", "stu_bare"}
-    assert [s for s, _ in models["stu->lds"]["curve"]] == [2, 4]
+    assert set(models) == {"stu", "stu_to_lds", "stu_ar", "stu_bare"}
+    assert [s for s, _ in models["stu_to_lds"]["curve"]] == [2, 4]
     # the distilled copy computes the STU's function (64 fitted states at L = 256)
-    assert abs(models["stu->lds"]["final"] / models["stu"]["final"] - 1) < 1e-3
+    assert abs(models["stu_to_lds"]["final"] / models["stu"]["final"] - 1) < 1e-3
     assert "stu_bare" in capsys.readouterr().out
