@@ -79,7 +79,7 @@ class SaveOnSignal(Callback):
         if checkpoint is None:
             return
         path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full resume point; said, so no notice
         self.saved = f"{path} (global step {trainer.global_step})"
 
 
