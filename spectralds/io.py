@@ -23,8 +23,11 @@ from spectralds.errors import FileWriteError, UserError, first_line
 
 
 def cache_dir() -> Path:
-    """Where filters, LDS fits and token shards are cached: $SPECTRALDS_CACHE_DIR or ~/.cache/spectralds."""
-    return Path(os.environ.get("SPECTRALDS_CACHE_DIR", Path.home() / ".cache" / "spectralds"))
+    """Where filters, LDS fits and token shards are cached: $SPECTRALDS_CACHE_DIR, else
+    $XDG_CACHE_HOME/spectralds (where a user keeps every tool's cache), else ~/.cache/spectralds."""
+    if os.environ.get("SPECTRALDS_CACHE_DIR"):
+        return Path(os.environ["SPECTRALDS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spectralds"
 
 
 def check_output_path(path: str | os.PathLike, make_parents: bool = False) -> Path:

@@ -33,3 +33,14 @@ def test_child_processes_inherit_the_session_caches():
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr
     assert all(line.startswith(SESSION_CACHE) for line in done.stdout.splitlines())
+
+
+def test_the_cache_dir_follows_spectralds_then_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECTRALDS_CACHE_DIR", str(tmp_path / "ours"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "ours"
+    monkeypatch.delenv("SPECTRALDS_CACHE_DIR")
+    assert cache_dir() == tmp_path / "xdg" / "spectralds"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "spectralds"

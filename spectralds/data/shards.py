@@ -31,7 +31,7 @@ _BATCH_CHARS = 4 << 20
 
 
 def default_cache_dir() -> Path:
-    """``$SPECTRALDS_CACHE_DIR/data``, else ``~/.cache/spectralds/data``."""
+    """``data`` in the cache directory (`spectralds.io.cache_dir`: ~/.cache/spectralds by default)."""
     return cache_dir() / "data"
 
 
