@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from spectralds.callbacks._common import OneShotLayerChange
+from spectralds.callbacks.final_save import final_weights_saved, last_path, save_final_weights
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from spectralds.cli_config import split_print_config
 from spectralds.cli_errors import parser_problem
@@ -47,21 +49,41 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class SaveOnSignal(Callback):
     """On SIGTERM (a scheduler's preemption, `kill`), Lightning stops after the batch in hand and raises:
     this saves that consistent state where the run's ModelCheckpoint keeps `last.ckpt` (a resume point
-    instead of up to a whole interval lost) and remembers what it saved, for the one-line report."""
+    instead of up to a whole interval lost) and remembers what it saved, for the one-line report. At the
+    end of training it saves the final weights (`spectralds.callbacks.final_save`); a SIGTERM there (during
+    a distillation, say) keeps that last.ckpt, the trained model, and reports the changed models saved.
+    """
 
     def __init__(self) -> None:
         self.saved: str | None = None
+        self.next = "resume with --ckpt_path"  # what the report tells the user to do with it
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException,
                      ) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
+        final = final_weights_saved(trainer)
+        if final:  # stopped at the end of training: the trained model is saved, layers may be changed
+            changes = [c for c in trainer.callbacks if isinstance(c, OneShotLayerChange)]
+            made = [c.saved_to for c in changes if c.saved_to]
+            trained = f"{final[0]} (global step {trainer.global_step}, the trained model)"
+            self.saved = ", ".join([trained, *made])
+            missing = [c.checkpoint_name for c in changes if not c.saved_to and c.at_step is None
+                       and c.at_epoch is None and c.save_target(trainer)]
+            self.next = (f"not made: {', '.join(missing)} (`spectralds distill --ckpt {final[0]}` makes the "
+                         "distilled or pruned model)" if missing else "")
+            return
         checkpoint = next((c for c in trainer.checkpoint_callbacks if c.dirpath), None)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+        path = last_path(checkpoint)
         trainer.save_checkpoint(path)
         self.saved = f"{path} (global step {trainer.global_step})"
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        save_final_weights(trainer)  # runs without a layer-changing callback: their true last step
+        if trainer.received_sigterm:  # came during the end-of-training stages: still a stopped run
+            raise SIGTERMException()
 
 
 class SpectraLDSCLI(LightningCLI):
@@ -222,5 +244,6 @@ def run_lightning(args: list[str] | None) -> None:
     try:
         SpectraLDSCLI(args=args, save_on_signal=report)
     except SIGTERMException as e:
-        saved = f"saved {report.saved}; resume with --ckpt_path" if report.saved else "nothing was saved"
+        saved = "; ".join(filter(None, [f"saved {report.saved}", report.next])) if report.saved else (
+            "nothing was saved")
         raise StoppedRun(f"stopped by SIGTERM: {saved}") from e
