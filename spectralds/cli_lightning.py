@@ -22,6 +22,7 @@ from spectralds.callbacks.final_save import final_weights_saved, last_path, save
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from spectralds.cli_config import split_print_config
 from spectralds.cli_errors import parser_problem
+from spectralds.cli_resume import check_resumed_model
 from spectralds.compat import parse_written, subcommand_parser
 from spectralds.config_rules import VOCAB_SIZE_LINK, apply_written_rules, tokenizer_vocab_size
 from spectralds.errors import StoppedRun, UserError, first_line, user_error_in
@@ -134,7 +135,10 @@ class SpectraLDSCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
-            read_checkpoint(ckpt_path, mmap=True)
+            checkpoint = read_checkpoint(ckpt_path, mmap=True)
+            if subcommand == "fit":
+                check_resumed_model(self.config[subcommand].get("model"), checkpoint, ckpt_path)
+                self._resumed = (ckpt_path, checkpoint.get("callbacks") or {})
 
     def _apply_written_rules(self, parser: LightningArgumentParser, argv: list[str]) -> None:
         """`config_rules.apply_written_rules`, given what the user wrote (not the parser's defaults)."""
@@ -214,7 +218,19 @@ class SpectraLDSCLI(LightningCLI):
             except OSError as e:
                 raise UserError(f"cannot create the run directory {directory} ({e.strerror})") from e
 
-    before_fit = before_validate = before_test = before_predict = _check_run_dirs
+    def _check_resumed_callbacks(self) -> None:
+        """Callbacks that refuse a resumed state their config contradicts (`check_resumed`) say so now,
+        before the run writes its config.yaml, not when Lightning restores them after it."""
+        ckpt_path, states = getattr(self, "_resumed", (None, {}))
+        for callback in self.trainer.callbacks if ckpt_path else []:
+            if callable(getattr(callback, "check_resumed", None)):
+                callback.check_resumed(states.get(callback.state_key), f"the checkpoint {ckpt_path}")
+
+    def before_fit(self) -> None:
+        self._check_run_dirs()
+        self._check_resumed_callbacks()
+
+    before_validate = before_test = before_predict = _check_run_dirs
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -13,7 +13,6 @@ from spectralds.callbacks._common import (
     log_figure,
     log_scalars,
 )
-from spectralds.checkpoint_io import read_checkpoint
 from spectralds.distill import FIT_METHODS, LDSFit, load_fit
 from spectralds.distill.convert import check_fit_matches, find_stu_layers
 from spectralds.distill.fit import check_fit_args
@@ -87,23 +86,23 @@ class STUToLDSDistillation(OneShotLayerChange):
     # The model is checked before the first step, not at the swap, but after a resumed checkpoint is
     # restored: only then do `done` and the layers say whether the swap already happened. Lightning
     # restores before on_fit_start, except under strategies that restore after their setup (FSDP).
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and trainer.ckpt_path:  # before the run writes anything (its config.yaml)
-            self._check_resumed_fit(trainer.ckpt_path)
-
-    def _check_resumed_fit(self, ckpt_path: str) -> None:
-        """A checkpoint distilled with other fit arguments keeps its layers: refused, not silently kept."""
-        state = (read_checkpoint(ckpt_path, mmap=True).get("callbacks") or {}).get(self.state_key) or {}
-        if not state.get("done"):
+    def check_resumed(self, state: dict | None, source: str = "the checkpoint") -> None:
+        """A run resumed from a checkpoint distilled with other fit arguments would keep its LDS layers
+        while the config says otherwise: refused. Lightning calls this as it restores the callback; the
+        CLI earlier, before the run writes anything (spectralds.cli_lightning)."""
+        if not state or not state.get("done"):
             return  # not swapped yet: the swap will use the config's arguments
         for name in ("state_dim", "method"):
             if name in state and state[name] != getattr(self, name):
                 raise UserError(
-                    f"STUToLDSDistillation: {name} is {getattr(self, name)!r} in the config but the "
-                    f"checkpoint {ckpt_path} was distilled with {state[name]!r}; its LDS layers stay as they "
-                    f"are: set {name} to {state[name]!r}, or resume from a checkpoint saved before the swap"
+                    f"STUToLDSDistillation: {name} is {getattr(self, name)!r} in the config but {source} was "
+                    f"distilled with {state[name]!r}; its LDS layers stay as they are: set {name} to "
+                    f"{state[name]!r}, or resume from a checkpoint saved before the swap"
                 )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.check_resumed(state_dict)
+        super().load_state_dict(state_dict)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.strategy.restore_checkpoint_after_setup:
