@@ -86,19 +86,23 @@ def mixer_kind(state_dict: dict) -> str:
 
 
 # ---- the final weights ----------------------------------------------------------------------------
-@pytest.mark.parametrize("with_distillation", [False, True])
-def test_last_ckpt_holds_the_trained_model_at_the_true_last_step(tmp_path, capsys, with_distillation):
+@pytest.mark.parametrize("with_distillation, save_last", [(False, True), (True, True), (True, "link")])
+def test_last_ckpt_holds_the_trained_model_at_the_true_last_step(tmp_path, capsys, with_distillation,
+                                                                  save_last):
     """max_steps 5, checkpoints every 2 steps: last.ckpt is step 5 (it was step 4), and with a distillation
-    it is the STU model lds.ckpt was distilled from, at the same step."""
+    it is the STU model lds.ckpt was distilled from, at the same step. save_last "link" linked last.ckpt to
+    the step-4 checkpoint: it becomes a file of step 5, and the step-4 file is not written through."""
     every2 = snippet(tmp_path, "every2", "lightning.pytorch.callbacks.ModelCheckpoint",
-                     save_last=True, every_n_train_steps=2)
+                     save_last=save_last, every_n_train_steps=2)
     extra = [distill(tmp_path)] if with_distillation else []
     assert run_cli(fit_args(every2, *extra, steps=5)) == 0, capsys.readouterr().err[-2000:]
     folder = checkpoints(tmp_path)
     last = torch.load(folder / "last.ckpt", weights_only=True)
     assert last["global_step"] == 5
     assert mixer_kind(last["state_dict"]) == "stu"
-    assert (folder / "epoch=0-step=4.ckpt").is_file()  # the interval checkpoints are as they were
+    assert not (folder / "last.ckpt").is_symlink()
+    step4 = torch.load(folder / "epoch=0-step=4.ckpt", weights_only=True)  # the interval checkpoint stays
+    assert step4["global_step"] == 4
     if with_distillation:
         lds = torch.load(folder / "lds.ckpt", weights_only=True)
         assert lds["global_step"] == 5 and mixer_kind(lds["state_dict"]) == "lds"
