@@ -122,22 +122,31 @@ def test_compat_checkpoint_attributes_exist():
 
 
 # ---- SIGTERM during the distillation -------------------------------------------------------------
-@pytest.mark.parametrize("val_batches", [2, 1])
-def test_sigterm_during_the_distillation_exits_143_naming_what_was_saved(
-    tmp_path, capsys, monkeypatch, val_batches
-):
-    """The signal arrives while the layers are converted. With 2 validation batches the validation after
-    the swap stops at its first (Lightning), before lds.ckpt; with 1 the distillation finishes and saves
-    lds.ckpt first. Either way: exit 143 (never 0), one line naming every file saved, and last.ckpt the
-    trained STU model of the last step, not the half-finished swap."""
+@pytest.fixture
+def sigterm_in_the_swap(monkeypatch):
+    """SIGTERM arrives while the layers are converted (Lightning only notes it and goes on)."""
     real = distillation.distill_stu_layers
+    armed = {"on": True}  # the test disarms it for a later run
 
     def terminated_meanwhile(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+        if armed["on"]:
+            os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(distillation, "distill_stu_layers", terminated_meanwhile)
-    args = fit_args(distill(tmp_path), steps=4) + [f"--trainer.limit_val_batches={val_batches}"]
+    return armed
+
+
+@pytest.mark.parametrize("val_batches, prune", [(2, False), (1, False), (1, True)])
+def test_sigterm_during_the_distillation_exits_143_naming_what_was_saved(
+    tmp_path, capsys, sigterm_in_the_swap, val_batches, prune
+):
+    """With 2 validation batches the validation after the swap stops at its first (Lightning), before
+    lds.ckpt; with 1 the distillation finishes and saves lds.ckpt, and a pruning after it does not start.
+    Either way: exit 143 (never 0), one line naming every file saved and those not made, and last.ckpt the
+    trained STU model of the last step, not the half-finished swap."""
+    pruning = [snippet(tmp_path, "prune", "LayerAdaptiveStatePruning")] if prune else []
+    args = fit_args(distill(tmp_path), *pruning, steps=4) + [f"--trainer.limit_val_batches={val_batches}"]
     assert run_cli(args) == 143
     err = capsys.readouterr().err.strip()
     line = err.splitlines()[-1]
@@ -146,12 +155,31 @@ def test_sigterm_during_the_distillation_exits_143_naming_what_was_saved(
     assert f"{folder / 'last.ckpt'} (global step 4, the trained model)" in line
     last = torch.load(folder / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4 and mixer_kind(last["state_dict"]) == "stu"
+    assert not (folder / "lds_pruned.ckpt").exists()
     if val_batches == 2:
         assert not (folder / "lds.ckpt").exists()
         assert "not made: lds.ckpt" in line and f"spectralds distill --ckpt {folder / 'last.ckpt'}" in line
     else:
-        assert str(folder / "lds.ckpt") in line and "not made" not in line
+        assert str(folder / "lds.ckpt") in line
+        assert ("not made: lds_pruned.ckpt" in line) == prune and ("not made" in line) == prune
         assert mixer_kind(torch.load(folder / "lds.ckpt", weights_only=True)["state_dict"]) == "lds"
+
+
+def test_sigterm_during_a_mid_run_swap_saves_a_resumable_lds_state(tmp_path, capsys, sigterm_in_the_swap):
+    """Swapping at step 2, stopped in the validation after the swap: last.ckpt holds the LDS model of step
+    2 and its optimizer, and resuming it trains on to the end."""
+    args = fit_args(distill(tmp_path, at_step=2), steps=4) + ["--trainer.limit_val_batches=2"]
+    assert run_cli(args) == 143
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM: saved " in line and "(global step 2); resume with --ckpt_path" in line
+    last = checkpoints(tmp_path) / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 2 and mixer_kind(saved["state_dict"]) == "lds"
+    sigterm_in_the_swap["on"] = False  # the resumed run is not signalled (and needs no swap)
+    assert run_cli(args + [f"--ckpt_path={last}"]) == 0, capsys.readouterr().err[-2000:]
+    steps = {p.parent.parent.name: torch.load(p, weights_only=True)["global_step"] for p in
+             tmp_path.rglob("last.ckpt")}
+    assert steps == {"version_0": 2, "version_1": 4}  # the resumed run logs to a new version
 
 
 # ---- refused before the first step ------------------------------------------------------------------
