@@ -136,6 +136,8 @@ class OneShotLayerChange(Callback):
         if self.at_step is None and self.at_epoch is None:
             return
         steps = trainer.estimated_stepping_batches  # the run's optimizer steps (inf: no bound)
+        if steps < 0:  # max_steps -1 over unsized data: Lightning returns max_steps itself
+            steps = math.inf
         per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
         where = type(self).__name__
         if self.at_step is not None and self.at_step > steps:

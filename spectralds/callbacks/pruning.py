@@ -33,7 +33,8 @@ class LayerAdaptiveStatePruning(OneShotLayerChange):
     <log dir>/checkpoints/lds_pruned.ckpt; None: no checkpoint).
 
     Put it after STUToLDSDistillation in the callback list: by default both act at the end of
-    training, distillation first. With at_step/at_epoch it prunes then and training continues.
+    training, distillation first. With at_step/at_epoch it prunes then and training continues. A
+    pruning with no distillation to act before it (and no LDS layer yet) is refused before the first step.
     Pruning is deterministic, so every DDP rank makes the identical choice.
     """
 

@@ -233,3 +233,29 @@ def test_stage_report_of_an_unknown_task_is_refused(tmp_path, capsys, steps_take
                      eval_include_path=TASKS)
     refused(capsys, tmp_path, steps_taken, fit_args(report),
             "StageReport 'final' eval_tasks", "unknown task(s) no_such_task_26")
+
+
+def test_at_step_over_unsized_data_is_not_refused(tmp_path):
+    """An iterable dataset has no length, so the run's end is unknown (Lightning estimates max_steps -1):
+    at_step is taken as given, and the swap happens when it is reached."""
+    import lightning as L
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from spectralds.callbacks import STUToLDSDistillation
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(24):
+                tokens = torch.randint(0, 16, (65,), generator=gen)
+                yield tokens[:-1], tokens[1:]
+
+    torch.manual_seed(0)
+    model = LanguageModel(vocab_size=16, dim=8, num_layers=1, layer_pattern=["stu"], seq_len=64,
+                          num_filters=4)
+    swap = STUToLDSDistillation(state_dim=16, at_step=3, validate=False, save_path=None, log_plot=False)
+    trainer = L.Trainer(callbacks=[swap], max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(model, DataLoader(Stream(), batch_size=4))
+    assert swap.done and trainer.global_step == 6 and mixer_kind(model.state_dict()) == "lds"
