@@ -78,7 +78,7 @@ class SaveOnSignal(Callback):
         if checkpoint is None:
             return
         path = last_path(checkpoint)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full resume point; said, so no notice
         self.saved = f"{path} (global step {trainer.global_step})"
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -47,7 +47,7 @@ def save_final_weights(trainer: L.Trainer) -> list[str]:
         paths.append(checkpoint.last_model_path)
     if checkpoints and not paths:
         path = last_path(checkpoints[0])
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full resume point, as on SIGTERM
         paths.append(path)
     _SAVED[trainer] = (step, paths)
     return paths
