@@ -17,9 +17,12 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from spectralds.callbacks._common import OneShotLayerChange
+from spectralds.callbacks.final_save import final_weights_saved, last_path, save_final_weights
 from spectralds.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from spectralds.cli_config import split_print_config
 from spectralds.cli_errors import parser_problem
+from spectralds.cli_resume import check_resumed_model
 from spectralds.compat import parse_written, subcommand_parser
 from spectralds.config_rules import VOCAB_SIZE_LINK, apply_written_rules, tokenizer_vocab_size
 from spectralds.errors import StoppedRun, UserError, first_line, user_error_in
@@ -66,21 +69,41 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class SaveOnSignal(Callback):
     """On SIGTERM (a scheduler's preemption, `kill`), Lightning stops after the batch in hand and raises:
     this saves that consistent state where the run's ModelCheckpoint keeps `last.ckpt` (a resume point
-    instead of up to a whole interval lost) and remembers what it saved, for the one-line report."""
+    instead of up to a whole interval lost) and remembers what it saved, for the one-line report. At the
+    end of training it saves the final weights (`spectralds.callbacks.final_save`); a SIGTERM there (during
+    a distillation, say) keeps that last.ckpt, the trained model, and reports the changed models saved.
+    """
 
     def __init__(self) -> None:
         self.saved: str | None = None
+        self.next = "resume with --ckpt_path"  # what the report tells the user to do with it
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException,
                      ) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
+        final = final_weights_saved(trainer)
+        if final:  # stopped at the end of training: the trained model is saved, layers may be changed
+            changes = [c for c in trainer.callbacks if isinstance(c, OneShotLayerChange)]
+            made = [c.saved_to for c in changes if c.saved_to]
+            trained = f"{final[0]} (global step {trainer.global_step}, the trained model)"
+            self.saved = ", ".join([trained, *made])
+            missing = [c.checkpoint_name for c in changes if not c.saved_to and c.at_step is None
+                       and c.at_epoch is None and c.save_target(trainer)]
+            self.next = (f"not made: {', '.join(missing)} (`spectralds distill --ckpt {final[0]}` makes the "
+                         "distilled or pruned model)" if missing else "")
+            return
         checkpoint = next((c for c in trainer.checkpoint_callbacks if c.dirpath), None)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+        path = last_path(checkpoint)
         trainer.save_checkpoint(path, weights_only=False)  # a full resume point; said, so no notice
         self.saved = f"{path} (global step {trainer.global_step})"
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        save_final_weights(trainer)  # runs without a layer-changing callback: their true last step
+        if trainer.received_sigterm:  # came during the end-of-training stages: still a stopped run
+            raise SIGTERMException()
 
 
 class SpectraLDSCLI(LightningCLI):
@@ -131,7 +154,10 @@ class SpectraLDSCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
-            read_checkpoint(ckpt_path, mmap=True)
+            checkpoint = read_checkpoint(ckpt_path, mmap=True)
+            if subcommand == "fit":
+                check_resumed_model(self.config[subcommand].get("model"), checkpoint, ckpt_path)
+                self._resumed = (ckpt_path, checkpoint.get("callbacks") or {})
 
     def _apply_written_rules(self, parser: LightningArgumentParser, argv: list[str]) -> None:
         """`config_rules.apply_written_rules`, given what the user wrote (not the parser's defaults)."""
@@ -211,7 +237,19 @@ class SpectraLDSCLI(LightningCLI):
             except OSError as e:
                 raise UserError(f"cannot create the run directory {directory} ({e.strerror})") from e
 
-    before_fit = before_validate = before_test = before_predict = _check_run_dirs
+    def _check_resumed_callbacks(self) -> None:
+        """Callbacks that refuse a resumed state their config contradicts (`check_resumed`) say so now,
+        before the run writes its config.yaml, not when Lightning restores them after it."""
+        ckpt_path, states = getattr(self, "_resumed", (None, {}))
+        for callback in self.trainer.callbacks if ckpt_path else []:
+            if callable(getattr(callback, "check_resumed", None)):
+                callback.check_resumed(states.get(callback.state_key), f"the checkpoint {ckpt_path}")
+
+    def before_fit(self) -> None:
+        self._check_run_dirs()
+        self._check_resumed_callbacks()
+
+    before_validate = before_test = before_predict = _check_run_dirs
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -241,5 +279,6 @@ def run_lightning(args: list[str] | None) -> None:
     try:
         SpectraLDSCLI(args=args, save_on_signal=report)
     except SIGTERMException as e:
-        saved = f"saved {report.saved}; resume with --ckpt_path" if report.saved else "nothing was saved"
+        saved = "; ".join(filter(None, [f"saved {report.saved}", report.next])) if report.saved else (
+            "nothing was saved")
         raise StoppedRun(f"stopped by SIGTERM: {saved}") from e

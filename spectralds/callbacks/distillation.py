@@ -86,12 +86,31 @@ class STUToLDSDistillation(OneShotLayerChange):
     # The model is checked before the first step, not at the swap, but after a resumed checkpoint is
     # restored: only then do `done` and the layers say whether the swap already happened. Lightning
     # restores before on_fit_start, except under strategies that restore after their setup (FSDP).
+    def check_resumed(self, state: dict | None, source: str = "the checkpoint") -> None:
+        """A run resumed from a checkpoint distilled with other fit arguments would keep its LDS layers
+        while the config says otherwise: refused. Lightning calls this as it restores the callback; the
+        CLI earlier, before the run writes anything (spectralds.cli_lightning)."""
+        if not state or not state.get("done"):
+            return  # not swapped yet: the swap will use the config's arguments
+        for name in ("state_dim", "method"):
+            if name in state and state[name] != getattr(self, name):
+                raise UserError(
+                    f"STUToLDSDistillation: {name} is {getattr(self, name)!r} in the config but {source} was "
+                    f"distilled with {state[name]!r}; its LDS layers stay as they are: set {name} to "
+                    f"{state[name]!r}, or resume from a checkpoint saved before the swap"
+                )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.check_resumed(state_dict)
+        super().load_state_dict(state_dict)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.strategy.restore_checkpoint_after_setup:
             self._check_model(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_model(pl_module)
+        super().on_train_start(trainer, pl_module)
 
     def _check_model(self, pl_module: L.LightningModule) -> None:
         if self.done or self._checked:
@@ -154,6 +173,9 @@ class STUToLDSDistillation(OneShotLayerChange):
 
             log_figure(trainer, "distill/filters_vs_lds", filter_fit_figure(fits[0]))
         rank_zero_info(distillation_table(self.reports, before, after))
+
+    def state_dict(self) -> dict:  # the fit's arguments too: a resume that changes them is refused
+        return {**super().state_dict(), "state_dim": self.state_dim, "method": self.method}
 
 
 def check_arguments(

@@ -78,6 +78,17 @@ class StageReport(Callback):
     def state_key(self) -> str:  # several StageReports in one Trainer: one checkpoint entry each
         return self._generate_state_key(label=self.label)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The task names against lm-eval's index (the tasks are not built): an unknown one is refused
+        # before the first step, not after the whole training.
+        if stage == "fit" and self.eval_tasks:
+            from spectralds.evaluation.run import task_manager
+
+            try:
+                task_manager(self.eval_tasks, self.eval_include_path)
+            except UserError as e:
+                raise UserError(f"StageReport {self.label!r} eval_tasks: {e}") from None
+
     # ---- val loss: reuse the last validation when it saw exactly these weights ----------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:  # the sanity check runs only a few batches

@@ -398,8 +398,7 @@ def test_resume_after_the_swap_needs_no_fit_file(fit, tmp_path):
 
 def test_resume_before_the_swap_still_checks_the_fit_file(tmp_path):
     ckpt = tmp_path / "stu.ckpt"
-    pending = STUToLDSDistillation(at_step=100, validate=False, save_path=None, log_plot=False)
-    run = trainer(tmp_path, [pending], max_steps=2)
+    run = trainer(tmp_path, [], max_steps=2)
     run.fit(UserModel(), regression_data())
     run.save_checkpoint(ckpt)  # not swapped yet
     CountingModel.steps = 0
