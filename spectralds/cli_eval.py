@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from spectralds.cli_signature import library_defaults
 from spectralds.errors import UserError
-from spectralds.evaluation.run import evaluate_models
+from spectralds.evaluation.run import check_limit, evaluate_models
 from spectralds.io import check_output_path
 from spectralds.layers import DECODE_METHODS
 
@@ -82,8 +82,7 @@ def evaluate(
     """
     if output is not None:
         check_output_path(output, make_parents=True)  # before the evaluation, not after it
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+    limit = check_limit(limit)
     from contextlib import nullcontext
 
     from spectralds.evaluation import format_table, log_tensorboard

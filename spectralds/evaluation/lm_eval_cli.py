@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import spectralds.evaluation.lm_eval_backend  # noqa: F401 (registers "spectralds")
 
-    if argv is not None:
-        sys.argv = ["lm-eval", *argv]
+    args = sys.argv[1:] if argv is None else list(argv)
+    sys.argv = ["lm-eval", *args, *_default_device(args)]
     try:
         cli_evaluate()
     except Exception as e:
@@ -33,6 +33,18 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"lm-eval: error: {first_line(user_error)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _default_device(args: list[str]) -> list[str]:
+    """lm-eval's CLI asks for cuda:0 when no --device is given (and our backend refuses a device the
+    machine lacks): give it ours instead, cuda when available, else cpu, as `spectralds eval` does."""
+    command = args[0] if args and not args[0].startswith("-") else "run"  # lm-eval inserts "run"
+    named = any(a in ("--device", "--config", "-C") or a.startswith(("--device=", "--config=")) for a in args)
+    if command != "run" or len(args) < 2 or named:
+        return []  # another subcommand, a device given, or a config file that may name one
+    import torch
+
+    return ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
 
 
 if __name__ == "__main__":
