@@ -99,7 +99,7 @@ def load_tasks(tasks: Sequence[str], manager: Any) -> dict[str, Any]:
     built: dict[str, Any] = {}
     for task in tasks:  # one at a time, so that an error names its task
         try:
-            with _quiet_metric_search():
+            with _quiet_metric_search(), _no_dataset_bars():
                 built.update(get_task_dict([task], manager))
         except (ConnectionError, OSError, FileNotFoundError) as e:
             hint = (
@@ -137,6 +137,21 @@ def _quiet_metric_search() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(line)
+
+
+@contextmanager
+def _no_dataset_bars() -> Iterator[None]:
+    """datasets draws a progress bar for every local JSON file it prepares: noise around the table and
+    between an error and the prompt."""
+    from datasets.utils import logging as datasets_logging
+
+    enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets_logging.enable_progress_bar()
 
 
 def _backend(model: LightningModule | torch.nn.Module | str | Path, **kwargs: Any) -> Any:
