@@ -313,6 +313,10 @@ def _lm_eval(main, capsys, args: list[str]) -> tuple[int, str]:
         ("", ["--gen_kwargs", "top_k=-1"], "top_k must be >= 0, got -1"),
         ("", ["--gen_kwargs", "temperature=nan", "do_sample=True"], "temperature must be a finite number"),
         ("", ["--device", "cuda:99"], "CUDA device(s)"),
+        ("", ["--limit", "inf"], "limit must be a finite number"),
+        ("", ["--limit", "2.5"], "whole number of documents"),
+        ("", ["-L", "-1"], "limit must be > 0"),
+        ("", ["--num_fewshot", "-1"], "--num_fewshot must be >= 0"),
     ],
 )
 def test_lm_eval_cli_bad_arguments(model_args, extra, expected, lm_eval_cli, ckpt, tmp_path, capsys):
