@@ -85,8 +85,10 @@ def generation_settings(kwargs: Mapping[str, Any], where: str = "generation argu
     check_int(f"{where}: max_gen_toks", max_gen_toks, minimum=1)
     until = kwargs.get("until")
     until = [] if until is None else [until] if isinstance(until, str) else until
-    if not isinstance(until, (list, tuple)) or not all(isinstance(s, str) for s in until):
-        raise UserError(f"{where}: until must be a string or a list of strings, got {kwargs.get('until')!r}")
+    if not isinstance(until, (list, tuple)) or not all(isinstance(s, str) and s for s in until):
+        # an empty stop string is "found" in every text: generation would stop after its first chunk
+        raise UserError(f"{where}: until must be a non-empty string or a list of them, "
+                        f"got {kwargs.get('until')!r}")
     return GenerationSettings(list(until), max_gen_toks, (given or 1.0) if do_sample else 0.0, top_k or None)
 
 

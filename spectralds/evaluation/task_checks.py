@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from spectralds.errors import UserError, first_line
+from spectralds.errors import UserError, check_int, first_line
 from spectralds.evaluation.backend_args import generation_settings
 
 
@@ -103,6 +103,8 @@ def check_task(name: str, task: Any, limit: int | float | None, num_fewshot: int
 def _check_fewshot(name: str, task: Any, count: int | None) -> None:
     """lm-eval draws the examples from the few-shot documents (one more when they are the evaluated
     split, to leave the document itself out): fewer than that is a ValueError mid-evaluation."""
+    if count is not None:
+        check_int(f"task {name}: num_fewshot", count, minimum=0)
     if not count:
         return
     pool = task.fewshot_docs()
