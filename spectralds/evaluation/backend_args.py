@@ -64,7 +64,8 @@ def generation_settings(kwargs: Mapping[str, Any], where: str = "generation argu
                         f"(it supports {', '.join(GENERATION_KEYS)})")
     given = check_float(f"{where}: temperature", _number("temperature", kwargs.get("temperature") or 0.0),
                         minimum=0)
-    do_sample = kwargs.get("do_sample", given > 0)
+    do_sample = kwargs.get("do_sample")
+    do_sample = given > 0 if do_sample is None else do_sample
     if not isinstance(do_sample, bool):
         raise UserError(f"{where}: do_sample must be true or false, got {do_sample!r}")
     for key, neutral in NEUTRAL.items():

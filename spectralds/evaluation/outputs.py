@@ -5,7 +5,7 @@
   `spectralds eval` (its first line is REPORT_MARK); any other file there is refused, and so is an
   --output ending in .md (the JSON and the report would be one file).
 - No output is an input: a checkpoint, the tokenizer (--tokenizer or the one a checkpoint names), a
-  file of --include-path; compared after resolving symlinks, and by inode (hard links).
+  task file of --include-path (`task_files`); compared after resolving symlinks, and by inode (hard links).
 - `--log-dir` gets one TensorBoard run folder per label, named by `run_name`: never ".." or a path.
 """
 
@@ -53,8 +53,17 @@ def eval_inputs(
         specs.append(tokenizer_spec(read_checkpoint(path, mmap=True)))
     inputs += [(f"tokenizer {s}", Path(s)) for s in specs if s and Path(s).is_file()]
     if include_path and Path(include_path).is_dir():
-        inputs += [(f"task file {p}", p) for p in sorted(Path(include_path).rglob("*")) if p.is_file()]
+        inputs += [(f"task file {p}", p) for p in task_files(Path(include_path))]
     return inputs
+
+
+def task_files(folder: Path) -> list[Path]:
+    """The files of a task folder lm-eval reads: its YAMLs, Python files, and every file a YAML names
+    (data files); not an earlier run's results.json that happens to lie there."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    code = [p for p in files if p.suffix in (".yaml", ".yml", ".py")]
+    texts = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in code if p.suffix != ".py")
+    return code + [p for p in files if p not in code and p.name in texts]
 
 
 def _not_an_input(option: str, path: Path, inputs: Iterable[tuple[str, Path]]) -> None:

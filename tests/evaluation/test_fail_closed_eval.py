@@ -107,6 +107,8 @@ def test_output_naming_an_input_is_refused(ckpt, tmp_path, capsys):
         (ckpt, tmp_path / "link.ckpt", [], "is the checkpoint"),
         (ckpt, tmp_path / "hard.ckpt", [], "is the checkpoint"),
         (ckpt, tasks / "mc.jsonl", [], "is the task file"),
+        (ckpt, tasks / "spectralds_mc.yaml", [], "is the task file"),
+        (ckpt, tasks / "local_json.py", [], "is the task file"),
         (ckpt, tok, ["--tokenizer", str(tok)], "is the tokenizer"),
         (named, tok, [], "is the tokenizer"),
         (odd, tmp_path / "weights.json", [], "the report of --output"),  # the report would be weights.md
@@ -126,6 +128,11 @@ def test_report_beside_output(ckpt, tmp_path, capsys):
     (tmp_path / "report.md").write_text("a user's report.md: not ours to touch\n")
     for _ in range(2):  # the second run replaces the report the first one wrote
         assert run_cli(evaluate(ckpt, tasks, "--limit", "2", "--output", "out/results.json")) == 0
+    capsys.readouterr()
+    # an earlier run's results in the task folder are not a task file: replaced as asked
+    (tasks / "results.json").write_text("{}")
+    assert run_cli(evaluate(ckpt, tasks, "--limit", "1", "--output", str(tasks / "results.json"))) == 0
+    assert "spectralds_mc" in (tasks / "results.json").read_text()
     capsys.readouterr()
     assert (tmp_path / "out" / "results.md").read_text().startswith(REPORT_MARK)
     assert "spectralds_mc" in (tmp_path / "out" / "results.json").read_text()
