@@ -70,7 +70,8 @@ def generation_settings(kwargs: Mapping[str, Any], where: str = "generation argu
         raise UserError(f"{where}: do_sample must be true or false, got {do_sample!r}")
     for key, neutral in NEUTRAL.items():
         value = kwargs.get(key)
-        if value is not None and do_sample and _number(key, value) != neutral:
+        matters = do_sample or key != "top_p"  # beams and a repetition penalty change greedy decoding too
+        if value is not None and matters and _number(key, value) != neutral:
             raise UserError(f"{where}: {key}={value!r} is not supported by the spectralds backend "
                             f"(only {key}={neutral})")
     top_k = kwargs.get("top_k")

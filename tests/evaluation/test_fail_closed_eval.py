@@ -282,6 +282,7 @@ def test_bad_task_file_or_document(case, which, jsonl, edit, expected, ckpt, tmp
         (["--num-fewshot", "-1"], "expected N or TASK=N"),
         (["--device", "no_such_device"], "unknown device 'no_such_device'"),
         (["--device", "cuda:99"], "CUDA device(s); use --device cpu"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
     ],
 )
 def test_bad_argument(extra, expected, ckpt, tmp_path, capsys):
@@ -333,6 +334,9 @@ def _lm_eval(main, capsys, args: list[str]) -> tuple[int, str]:
         ("", ["--limit", "2.5"], "whole number of documents"),
         ("", ["-L", "-1"], "limit must be > 0"),
         ("", ["--num_fewshot", "-1"], "--num_fewshot must be >= 0"),
+        ("", ["--batch_size", "0"], "batch_size must be >= 1"),
+        ("", ["--gen_kwargs", "max_gen_toks=-5"], "max_gen_toks must be >= 1"),
+        ("", ["--gen_kwargs", "num_beams=4"], "num_beams=4 is not supported"),
     ],
 )
 def test_lm_eval_cli_bad_arguments(model_args, extra, expected, lm_eval_cli, ckpt, tmp_path, capsys):
@@ -360,3 +364,28 @@ def test_lm_eval_cli_default_device_says_nothing_of_cuda(lm_eval_cli, ckpt, tmp_
     assert _default_device(["run", "--model", "spectralds"]) == expected
     assert _default_device(["--model", "spectralds"]) == expected  # lm-eval inserts "run"
     assert _default_device(["run", "--device", "cpu"]) == [] == _default_device(["ls", "tasks"])
+
+
+def test_generation_settings_keep_lm_eval_meanings():
+    """do_sample decides (unset: temperature > 0 samples; set with temperature 0: temperature 1), top_k 0
+    is no cut, and settings the backend lacks pass only at the value that changes nothing."""
+    from spectralds.errors import UserError
+    from spectralds.evaluation.backend_args import generation_settings
+
+    def settings(**kwargs):
+        s = generation_settings(kwargs)
+        return s.temperature, s.top_k, s.until, s.max_gen_toks
+
+    assert settings() == (0.0, None, [], 256)
+    assert settings(temperature=0.7) == (0.7, None, [], 256)
+    assert settings(temperature=0.7, do_sample=False) == (0.0, None, [], 256)
+    assert settings(do_sample=True, top_k=0, until="\n", max_gen_toks="8") == (1.0, None, ["\n"], 8)
+    assert settings(do_sample=None, top_p=0.5, num_beams=1, repetition_penalty=1.0, top_k=5.0)[:2] == (0.0, 5)
+    for bad, message in [({"do_sample": "yes"}, "do_sample must be true or false"),
+                         ({"temperature": "hot"}, "temperature must be a number"),
+                         ({"temperature": -1}, "temperature must be >= 0"),
+                         ({"top_k": 2.5}, "top_k must be an integer"),
+                         ({"repetition_penalty": 1.3}, "repetition_penalty=1.3 is not supported"),
+                         ({"until": [1]}, "until must be")]:
+        with pytest.raises(UserError, match=message):
+            generation_settings(bad)
