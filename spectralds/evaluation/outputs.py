@@ -50,7 +50,10 @@ def eval_inputs(
     inputs = [(f"checkpoint {c}", Path(c)) for c in ckpts if Path(c).is_file()]
     specs = [tokenizer] if tokenizer else []
     for _, path in list(inputs):  # mmap: the tokenizer path only, not the weights
-        specs.append(tokenizer_spec(read_checkpoint(path, mmap=True)))
+        try:
+            specs.append(tokenizer_spec(read_checkpoint(path, mmap=True)))
+        except UserError:  # unreadable, or a legacy file mmap cannot open: the evaluation's own load says
+            continue
     inputs += [(f"tokenizer {s}", Path(s)) for s in specs if s and Path(s).is_file()]
     if include_path and Path(include_path).is_dir():
         inputs += [(f"task file {p}", p) for p in task_files(Path(include_path))]
