@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 
 from spectralds.cli_signature import library_defaults
 from spectralds.errors import UserError
-from spectralds.evaluation.run import evaluate_models
-from spectralds.io import check_output_path
+from spectralds.evaluation.outputs import check_eval_outputs, eval_inputs
+from spectralds.evaluation.run import check_limit, evaluate_models
 from spectralds.layers import DECODE_METHODS
 
 EVAL_DEFAULTS = library_defaults(evaluate_models)
@@ -75,14 +75,15 @@ def evaluate(
         decode: STU decoding
         device: None: cuda when available, else cpu
         offline: never download (sets HF_HUB_OFFLINE)
-        output: results JSON; report.md is written beside it
+        output: results JSON; its markdown table goes beside it with suffix .md (results.json: results.md),
+            replacing only a report spectralds eval wrote
         log_dir: also log the metrics to TensorBoard here
         verbosity: lm-eval's log level (ERROR: its per-task notices would bury the table)
     """
-    if output is not None:
-        check_output_path(output, make_parents=True)  # before the evaluation, not after it
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+    limit = check_limit(limit)
+    labels = _labels(list(ckpt), None if label is None else list(label))
+    # before the evaluation, not after it: no output may be an input, nor a user's unrelated file
+    check_eval_outputs(output, log_dir, labels, eval_inputs(list(ckpt), tokenizer, include_path))
     from contextlib import nullcontext
 
     from spectralds.evaluation import format_table, log_tensorboard
@@ -90,7 +91,6 @@ def evaluate(
     from spectralds.evaluation.quiet import quiet_lm_eval
     from spectralds.evaluation.table import write_results
 
-    labels = _labels(list(ckpt), None if label is None else list(label))
     with offline_hub() if offline else nullcontext(), quiet_lm_eval(verbosity):
         results = evaluate_models(
             dict(zip(labels, ckpt, strict=True)), tasks.split(","), include_path=include_path,
@@ -98,7 +98,7 @@ def evaluate(
             device=device, decode=decode,
         )
     print(format_table(results))
-    if output is not None:
-        write_results(results, output)
     if log_dir is not None:
         log_tensorboard(results, log_dir)
+    if output is not None:  # last: results.json exists only for an evaluation that completed
+        write_results(results, output)

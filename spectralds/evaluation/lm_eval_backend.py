@@ -8,7 +8,6 @@ lm-eval does the rest (task loading, few-shot contexts, metrics); this class onl
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ from tqdm import tqdm
 from spectralds.data import build_tokenizer
 from spectralds.data.corpus import DOC_SEPARATOR
 from spectralds.data.tokenizers import Tokenizer
-from spectralds.errors import UserError, check_choice, check_int, first_line
+from spectralds.errors import UserError, check_choice, check_int
+from spectralds.evaluation.backend_args import generation_settings, merge_model_args, resolve_device
 from spectralds.generate import generate, set_decode_method
 from spectralds.layers.registry import SequenceLayer
 
@@ -44,18 +44,6 @@ def load_language_model(ckpt: str | Path) -> tuple[torch.nn.Module, str]:
     return load_model(ckpt, checkpoint=checkpoint), tokenizer_spec(checkpoint)
 
 
-def _device(name: str | None) -> torch.device:
-    """lm-eval's CLI asks for "cuda:0" unless told otherwise: on a machine without CUDA, use the CPU."""
-    if name is None or (name.startswith("cuda") and not torch.cuda.is_available()):
-        if name is not None:
-            logging.getLogger(__name__).warning("device %s asked for, but CUDA is unavailable: cpu", name)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"unknown device {name!r} ({first_line(e)})") from e
-
-
 def _as_int(name: str, value: Any, minimum: int = 1) -> int:
     # lm-eval's CLI passes model_args and --batch_size as strings
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -73,6 +61,16 @@ class SpectraLDSLM(TemplateLM):
     (needed for "bpe" models, whose tokenizer.json lives in the training cache).
     decode: how STU layers generate ("futurefill" or "naive"); LDS layers always step their state.
     """
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> SpectraLDSLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls(**merge_model_args(simple_parse_args_string(arg_string), additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> SpectraLDSLM:
+        return cls(**merge_model_args(arg_dict, additional_config))
 
     def __init__(
         self,
@@ -113,7 +111,7 @@ class SpectraLDSLM(TemplateLM):
         if device is None and ckpt is None:  # a module given as is stays where it is
             self._device = next(iter(model.parameters()), torch.empty(0)).device
         else:
-            self._device = _device(device)
+            self._device = resolve_device(device)
         self.model = model.to(self._device).eval()
         set_decode_method(self.model, self.decode)
         self.max_length = int(self.model.seq_len)
@@ -200,24 +198,22 @@ class SpectraLDSLM(TemplateLM):
         generator = torch.Generator(device=self._device).manual_seed(self.seed)
         encoded = [(context, self.tok_encode(context), dict(kwargs)) for context, kwargs in
                    (r.args for r in requests)]
+        for _, _, kwargs in encoded:  # every request's settings checked before any is generated
+            generation_settings(kwargs)
         collator = Collator(encoded, sort_fn=lambda r: -len(r[1]), group_fn=lambda r: r[2],
                             group_by="gen_kwargs")
         results: list[str] = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
         for batch in collator.get_batched(n=self.batch_size):
             kwargs = batch[0][2]
-            until = handle_stop_sequences(kwargs.get("until"), eos=None)
-            max_new = min(_as_int("max_gen_toks", kwargs.get("max_gen_toks", 256)), self.max_length - 1)
-            # As in lm-eval's HF backend: do_sample decides; unset, a temperature above 0 means sampling.
-            given = float(kwargs.get("temperature", 0.0) or 0.0)
-            do_sample = bool(kwargs["do_sample"]) if "do_sample" in kwargs else given > 0
-            temperature = (given or 1.0) if do_sample else 0.0
-            top_k = kwargs.get("top_k")
+            settings = generation_settings(kwargs)
+            until = handle_stop_sequences(settings.until, eos=None)
+            max_new = min(settings.max_gen_toks, self.max_length - 1)
+            temperature, top_k = settings.temperature, settings.top_k
             # Prompts are left-truncated so prompt + generation fits the model's context.
             keep = self.max_length - max_new
             prompts = [torch.tensor(ids[-keep:] or [self._prefix]) for _, ids, _ in batch]
-            texts = self._generate(prompts, max_new, until, temperature, int(top_k) if top_k else None,
-                                   generator)
+            texts = self._generate(prompts, max_new, until, temperature, top_k, generator)
             for i, (context, _, _) in enumerate(batch):
                 results.append(texts[i])
                 self.cache_hook.add_partial("generate_until", (context, kwargs), texts[i])

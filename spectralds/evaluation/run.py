@@ -7,6 +7,7 @@ the rows of the tasks asked for (a group such as mmlu keeps its aggregate, not i
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 from lightning import LightningModule
 
-from spectralds.errors import MissingFileError, UserError, check_int, first_line
+from spectralds.errors import MissingFileError, UserError, check_float, check_int, first_line
+from spectralds.evaluation.task_checks import build_problem, check_task, leaf_tasks, yaml_syntax_problem
 
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
@@ -67,10 +69,16 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None) -
         local = _indexed(str(Path(include_path).resolve()), False)
         if all(t in local.all_tasks for t in tasks):
             return local
+        broken = yaml_syntax_problem(include_path, [t for t in tasks if t not in local.all_tasks])
+        if broken:  # a YAML naming the missing task does not parse: say so now, not after 13 s of indexing
+            raise UserError(f"task YAML {broken}")
     manager = _indexed(str(Path(include_path).resolve()) if include_path else None, True)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = " or in " + str(include_path) if include_path else ""
+        broken = yaml_syntax_problem(include_path, unknown, any_task=True) if include_path else None
+        if broken:  # lm-eval skips a YAML it cannot parse: that is why the task is unknown
+            where += f" (a task YAML there does not parse: {broken})"
         raise UserError(f"unknown task(s) {', '.join(unknown)}: not among lm-eval's tasks{where}")
     return manager
 
@@ -88,17 +96,62 @@ def load_tasks(tasks: Sequence[str], manager: Any) -> dict[str, Any]:
     fails before any model is evaluated, with one line saying which."""
     from lm_eval.tasks import get_task_dict
 
+    built: dict[str, Any] = {}
+    for task in tasks:  # one at a time, so that an error names its task
+        try:
+            with _quiet_metric_search(), _no_dataset_bars():
+                built.update(get_task_dict([task], manager))
+        except (ConnectionError, OSError, FileNotFoundError) as e:
+            hint = (
+                " (offline: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE are set; hub tasks need a machine with the "
+                "Hugging Face hub, or their data already in the datasets cache)"
+                if is_offline()
+                else ""
+            )
+            raise UserError(f"the data of task {task} could not be loaded: {first_line(e)}{hint}") from e
+        except UserError:
+            raise
+        except Exception as e:  # the task's YAML, its !function code or its data: the user's files
+            source = getattr(manager.task_index.get(task), "yaml_path", None)
+            where = f" (from {source})" if source else ""
+            raise UserError(f"task {task} could not be built{where}: {build_problem(e)}") from e
+    return built
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextmanager
+def _quiet_metric_search() -> Iterator[None]:
+    """lm-eval logs an error for a metric it cannot find, then drops the metric; check_task turns that
+    into a one-line UserError, so the log line would only say it twice."""
+    logger, line = logging.getLogger("lm_eval.api.registry"), _DropLines("not found in the evaluate library")
+    logger.addFilter(line)
     try:
-        return get_task_dict(list(tasks), manager)
-    except (ConnectionError, OSError, FileNotFoundError) as e:
-        hint = (
-            " (offline: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE are set; hub tasks need a machine with the "
-            "Hugging Face hub, or their data already in the datasets cache)"
-            if is_offline()
-            else ""
-        )
-        names = ", ".join(tasks)
-        raise UserError(f"the data of task(s) {names} could not be loaded: {first_line(e)}{hint}") from e
+        yield
+    finally:
+        logger.removeFilter(line)
+
+
+@contextmanager
+def _no_dataset_bars() -> Iterator[None]:
+    """datasets draws a progress bar for every local JSON file it prepares: noise around the table and
+    between an error and the prompt."""
+    from datasets.utils import logging as datasets_logging
+
+    enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets_logging.enable_progress_bar()
 
 
 def _backend(model: LightningModule | torch.nn.Module | str | Path, **kwargs: Any) -> Any:
@@ -140,8 +193,7 @@ def evaluate_models(
     if not models:
         raise UserError("no model given")
     shots = fewshot_groups(tasks, num_fewshot)
-    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
-        raise UserError(f"limit must be > 0, got {limit!r}")
+    limit = check_limit(limit)
     modes = {m: m.training for m in models.values() if isinstance(m, torch.nn.Module)}
     try:
         return _evaluate(models, tasks, include_path, shots, limit, bootstrap_iters, log_samples,
@@ -161,7 +213,10 @@ def _evaluate(
     # Checkpoints first (fast), then the tasks (seconds), then the evaluation: bad input fails early.
     backends = {label: _backend(m, **backend_args) for label, m in models.items()}
     manager = task_manager(tasks, include_path)
-    load_tasks(tasks, manager)
+    counts = {t: n for n, ts in shots.items() for t in ts}
+    for requested in tasks:  # a group's subtasks get the group's few-shot count
+        for name, task in leaf_tasks(load_tasks([requested], manager)):
+            check_task(name, task, limit, counts.get(requested))
     out: dict[str, Any] = {"tasks": tasks, "num_fewshot": {t: n for n, ts in shots.items() for t in ts},
                            "limit": limit, "models": {}}
     for label, backend in backends.items():
@@ -181,6 +236,16 @@ def _evaluate(
                 entry["samples"].update(result.get("samples") or {})
         out["models"][label] = entry
     return out
+
+
+def check_limit(limit: Any) -> int | float | None:
+    """None, a whole number of documents (>= 1), or a fraction in (0, 1): lm-eval's two meanings."""
+    if limit is None:
+        return None
+    check_float("limit", limit, minimum=0, strict=True)
+    if limit >= 1 and not float(limit).is_integer():
+        raise UserError(f"limit must be a whole number of documents or a fraction below 1, got {limit!r}")
+    return int(limit) if limit >= 1 else float(limit)
 
 
 def fewshot_groups(

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from spectralds.errors import UserError
+from spectralds.evaluation.outputs import REPORT_MARK, report_path, run_name
 from spectralds.io import atomic_write
 
 
@@ -81,17 +83,20 @@ def report_markdown(results: dict[str, Any]) -> str:
     setting = "; ".join(f"{count}-shot: {', '.join(tasks)}" for count, tasks in by_count.items())
     if results.get("limit"):
         setting += f", first {results['limit']} documents per task"
-    return f"# lm-eval results ({setting})\n\n{format_table(results, markdown=True)}\n"
+    return f"{REPORT_MARK}\n# lm-eval results ({setting})\n\n{format_table(results, markdown=True)}\n"
 
 
 def write_results(
     results: dict[str, Any], json_path: str | Path, markdown_path: str | Path | None = None
 ) -> None:
-    """The results as JSON and the table as markdown (default: report.md beside the JSON)."""
+    """The table as markdown (default: the JSON's name with suffix .md), then the results as JSON, each
+    atomically: the JSON is written last, so a failure leaves no complete-looking results file."""
     json_path = Path(json_path)
-    markdown_path = Path(markdown_path) if markdown_path else json_path.with_name("report.md")
-    atomic_write(json_path, json.dumps(results, indent=2, default=str).encode())
+    markdown_path = Path(markdown_path) if markdown_path else report_path(json_path)
+    if markdown_path.resolve() == json_path.resolve():
+        raise UserError(f"the JSON and the markdown report would both be {json_path}")
     atomic_write(markdown_path, report_markdown(results).encode())
+    atomic_write(json_path, json.dumps(results, indent=2, default=str).encode())
 
 
 def log_tensorboard(results: dict[str, Any], log_dir: str | Path) -> None:
@@ -100,7 +105,7 @@ def log_tensorboard(results: dict[str, Any], log_dir: str | Path) -> None:
 
     header, table = rows(results)
     for name, row in zip(labels(results)[: len(results["models"])], table, strict=False):
-        with SummaryWriter(str(Path(log_dir) / _safe(name))) as writer:
+        with SummaryWriter(str(Path(log_dir) / run_name(name))) as writer:
             for column, value in zip(header, row, strict=True):
                 if not math.isnan(value):
                     writer.add_scalar(f"eval/{column}", value, 0)
@@ -112,7 +117,3 @@ def _number(value: float) -> str:
     if math.isnan(value):
         return "-"
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4e}"  # perplexities of barely trained models
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -160,7 +160,7 @@ def test_stu_and_lds_agree_on_all_three_tasks(checkpoints, capsys):
 
 @pytest.mark.slow  # lm-eval's CLI indexes its ~15,000 built-in task YAMLs (13 s here)
 def test_both_entry_points_give_the_same_table(checkpoints, cli_env, tmp_path, capsys, monkeypatch):
-    """`spectralds eval` (table, JSON, report.md, TensorBoard) and lm-eval's own CLI through our wrapper."""
+    """`spectralds eval` (table, JSON, .md report, TensorBoard) and lm-eval's own CLI through our wrapper."""
     from spectralds.evaluation.lm_eval_cli import main as lm_eval_main
 
     stu, lds = checkpoints
@@ -173,7 +173,7 @@ def test_both_entry_points_give_the_same_table(checkpoints, cli_env, tmp_path, c
     assert "lds.ckpt - stu.ckpt" in printed and "spectralds_mc/acc" in printed
     ours = json.loads(out.read_text())
     assert list(ours["models"]) == ["stu.ckpt", "lds.ckpt"]
-    assert "| lds.ckpt - stu.ckpt |" in (tmp_path / "report.md").read_text()
+    assert "| lds.ckpt - stu.ckpt |" in (tmp_path / "results.md").read_text()
     assert any((tmp_path / "tb" / "lds.ckpt").iterdir())
 
     theirs = tmp_path / "lm_eval_out"
