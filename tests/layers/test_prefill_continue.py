@@ -11,7 +11,7 @@ from test_left_padding import fitted_lds, with_ar
 
 from spectralds.errors import UserError
 from spectralds.generate import merge_prefills, static_states
-from spectralds.layers import SequenceLayer, build_layer
+from spectralds.layers import SequenceLayer, attention_continue, build_layer, futurefill
 from spectralds.layers.kv_cache import RingKVCache
 
 F64 = torch.float64
@@ -166,6 +166,24 @@ def test_futurefill_owes_exactly_the_pending_blocks():
             for n in range(1, 21):
                 out, _ = run_plan(layer, x[:, : 5 + n + 9], [("prefill", 5), ("step", n), ("prefill", 9)])
                 assert_close(out, whole[:, : 5 + n + 9])
+
+
+@pytest.mark.parametrize("kind", ["stu_futurefill", "stu_t_naive", "stu_naive", "stu_ar_futurefill", "attn",
+                                  "attn_window", "attn_alibi_window"])
+def test_pieces_and_query_blocks_change_nothing(kind, monkeypatch):
+    """Long chunks run in pieces (FutureFill's targets, naive's history, attention's query blocks) so
+    their memory follows the chunk: pieces of 3 give one prefill's outputs."""
+    monkeypatch.setattr(futurefill, "_PIECE", 3)
+    monkeypatch.setattr(attention_continue, "QUERY_BLOCK", 3)
+    layer = LAYERS[kind]().eval()
+    x = inputs(40)
+    with torch.no_grad():
+        whole, reference = layer.prefill(x)
+        for plan in ([("prefill", 1), ("prefill", 17), ("step", 2), ("prefill", 20)],
+                     [("prefill", 11), ("prefill", 2), ("prefill", 27)]):
+            out, state = run_plan(layer, x, plan)
+            assert_close(out, whole)
+        assert_close(later_steps(layer, state), later_steps(layer, reference))
 
 
 def test_a_ring_cache_continues_by_steps():
