@@ -25,7 +25,7 @@ import torch
 
 from spectralds.errors import UserError
 from spectralds.layers.registry import DECODE_METHODS, check_continuation
-from spectralds.ops.fft_conv import compute_dtype, fft_size, no_autocast
+from spectralds.ops.fft_conv import compute_dtype, fft_size, no_autocast, real_fft
 
 _DIRECT_BLOCK = 16  # FutureFill blocks up to this many tokens are summed directly (faster than an FFT)
 _INITIAL_CACHE = 16  # first capacity of FutureFill's cache of generated tokens; it doubles as needed
@@ -116,9 +116,11 @@ def prefill(
         state.inputs[:, layer.seq_len - length :] = history.to(state.inputs.dtype)
         y = layer.forward(x)
     else:
-        # One FFT gives the prompt's outputs and its contribution to every later position.
-        state.future = layer._sequence_conv(x, layer.seq_len).clone()  # own compact storage, not a view
+        # The prompt's outputs as `forward` computes them, then its part of every later position.
+        state.future[:, :length] = layer._sequence_conv(x, length)
         y = state.future[:, :length].to(x.dtype)
+        with no_autocast(x.device):
+            _add_later(layer, layer._encode(x).to(state.future.dtype), state.future, 0, length)
         state.inputs = state.inputs[..., : min(_INITIAL_CACHE, layer.seq_len - length)]
     state.pos = state.start = length
     return y, state
@@ -141,7 +143,7 @@ def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[t
                         "length")
     if length == 0:
         return x.new_zeros(batch, 0, layer.dim_out), state
-    piece, end = max(length, _PIECE), pos + length
+    piece, end = max(length, _PIECE), pos + length  # naive: history pieces
     if state.method == "naive":
         inputs = state.inputs.clone()
         encoded = _naive_encode(layer, x, state.weight).flip(1)
@@ -156,13 +158,26 @@ def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[t
     future, z = state.future.clone(), layer._encode(x)
     with no_autocast(x.device):
         _flush(layer, state, future)
-        z = z.to(future.dtype)
-        for first in range(pos, seq_len, piece):  # the chunk's part of every later position, in pieces
-            count = min(piece, seq_len - first)
-            future[:, first : first + count] += layer._fill_fft(z, first - pos, count)
+        _add_later(layer, z.to(future.dtype), future, pos, pos)
     inputs = state.inputs.new_zeros(*state.inputs.shape[:-1], min(_INITIAL_CACHE, seq_len - end))
     new = ConvDecodeState("futurefill", end, end, state.kernel, state.weight, inputs, future, {**state.cache})
     return future[:, pos:end].to(x.dtype), new
+
+
+def _add_later(layer: Any, z: torch.Tensor, future: torch.Tensor, origin: int, first: int) -> None:
+    """future[:, first:] += the part of encoded inputs z (B, ..., m), at positions origin.. origin+m-1,
+    of every position from `first` on, max(m, _PIECE) positions at a time (memory follows m): one FFT of
+    z serves every piece, each with the kernel spectrum of its lags (as `SpectralConv._fill_fft`)."""
+    m = z.shape[-1]
+    piece = max(m, _PIECE)
+    n = fft_size(m + piece - 1)  # no circular wrap-around reaches a kept output (see _fill_fft)
+    zf = real_fft(z, n)
+    for begin in range(first, layer.seq_len, piece):
+        count, start = min(piece, layer.seq_len - begin), begin - origin
+        lo = max(0, start - m + 1)  # the smallest lag that occurs
+        spectrum = layer._kernel_spectrum(lo, start + count, n, z.dtype)
+        y = torch.fft.irfft(layer._contract(zf, spectrum), n=n)[..., start - lo : start - lo + count]
+        future[:, begin : begin + count] += y.transpose(1, 2)
 
 
 def _flush(layer: Any, state: ConvDecodeState, future: torch.Tensor) -> None:
