@@ -155,6 +155,28 @@ def test_a_continued_state_merges_into_a_batch_decoding_as_each_row(kind):
             assert_close(batched_steps[own], later_steps(layer, alone, batch=3, rows=own))
 
 
+@pytest.mark.parametrize("kind", sorted(set(LAYERS) - {"default_ema"}))
+def test_continued_states_of_different_lengths_merge_right_aligned(kind):
+    """Contexts of different lengths, each prefilled in two chunks, merged (right-aligned at the longest),
+    then one more chunk for all: each row's outputs and later steps are its own run alone."""
+    layer = LAYERS[kind]().eval()
+    contexts = [inputs(n, batch=1, seed=n) for n in (13, 6, 9)]
+    chunk = inputs(5, batch=3, seed=4)
+    with torch.no_grad():
+        states = []
+        for x in contexts:
+            _, state = layer.prefill(x[:, :3])
+            states.append(layer.prefill(x[:, 3:], state=state)[1])
+        y, merged = layer.prefill(chunk, state=merge_prefills(layer, states))
+        steps = later_steps(layer, merged, batch=3)
+        for row, x in enumerate(contexts):
+            alone = torch.cat([x, chunk[row : row + 1]], 1)
+            whole, state = layer.prefill(alone)
+            own = slice(row, row + 1)
+            assert_close(y[own], whole[:, -5:])
+            assert_close(steps[own], later_steps(layer, state, batch=3, rows=own))
+
+
 def test_futurefill_owes_exactly_the_pending_blocks():
     """After n generated tokens (n = 1..20) the next chunk's outputs are one prefill's: every (source,
     target) pair the dyadic schedule had not added yet is added once, none twice."""
