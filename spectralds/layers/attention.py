@@ -146,9 +146,9 @@ class SlidingWindowAttention(SequenceLayer):
         so later steps keep each row's own positions and masks). state: continue from that cache
         (`SequenceLayer.prefill`): the chunk's queries see the cached keys and their own, at positions
         after the cache's (a CUDA-graph `RingKVCache` is stepped through)."""
-        check_continuation(start, state, x.shape[0], None)  # the batch: below
-        if isinstance(state, RingKVCache):
-            check_continuation(start, state, x.shape[0], state.k.shape[0])
+        ring = isinstance(state, RingKVCache)
+        check_continuation(start, state, x.shape[0], state.k.shape[0] if ring else None)  # else: below
+        if ring:
             return super().prefill(x, state=state)
         if state is not None:  # spectralds.layers.attention_continue
             return prefill_from(self, x, state)

@@ -119,13 +119,15 @@ def prefill(
         # The prompt's outputs as `forward` computes them, then its part of every later position.
         state.future[:, :length] = layer._sequence_conv(x, length)
         y = state.future[:, :length].to(x.dtype)
-        with no_autocast(x.device):
-            _add_later(layer, layer._encode(x).to(state.future.dtype), state.future, 0, length)
+        if length < layer.seq_len:
+            with no_autocast(x.device):
+                _add_later(layer, layer._encode(x).to(state.future.dtype), state.future, 0, length)
         state.inputs = state.inputs[..., : min(_INITIAL_CACHE, layer.seq_len - length)]
     state.pos = state.start = length
     return y, state
 
 
+@torch.no_grad()
 def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
     """A chunk x (B, T, dim) after all `state` has seen (a prefill, steps, earlier chunks): the outputs
     and the state of one prefill over prefix + chunk; `state` is left unchanged. FutureFill: the chunk's
@@ -169,6 +171,8 @@ def _add_later(layer: Any, z: torch.Tensor, future: torch.Tensor, origin: int, f
     of every position from `first` on, max(m, _PIECE) positions at a time (memory follows m): one FFT of
     z serves every piece, each with the kernel spectrum of its lags (as `SpectralConv._fill_fft`)."""
     m = z.shape[-1]
+    if first >= layer.seq_len:
+        return
     piece = max(m, _PIECE)
     n = fft_size(m + piece - 1)  # no circular wrap-around reaches a kept output (see _fill_fft)
     zf = real_fft(z, n)
