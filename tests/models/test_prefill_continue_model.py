@@ -80,6 +80,22 @@ def test_one_context_state_scores_a_batch_of_continuations_as_each_alone(pattern
     assert F.log_softmax(logits, -1).shape == (4, 5, 32)
 
 
+@pytest.mark.parametrize("decode", ["futurefill", "naive"])
+def test_one_context_state_serves_several_continuations_unchanged(decode):
+    """The package's layers leave a state as given: continuing it twice (after a step too) is right both
+    times."""
+    model = tiny_lm(("stu", "attn", "lds_ar", "stu_t"), decode)
+    context = tokens(2, 9, seed=3)
+    with torch.inference_mode():
+        _, states = model.prefill(context)
+        _, states = model.step(tokens(2, 1, seed=4)[:, 0], states)
+        prefix = torch.cat([context, tokens(2, 1, seed=4)], 1)
+        for seed in (5, 6, 7):
+            chunk = tokens(2, 4, seed=seed)
+            logits, _ = model.prefill(chunk, states=states, all_logits=True)
+            close(logits, model(torch.cat([prefix, chunk], 1))[:, -4:])
+
+
 def test_bad_continuations_are_one_line_errors():
     model = tiny_lm(("stu", "attn"))
     with torch.inference_mode():
