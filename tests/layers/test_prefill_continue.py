@@ -177,6 +177,17 @@ def test_continued_states_of_different_lengths_merge_right_aligned(kind):
             assert_close(steps[own], later_steps(layer, state, batch=3, rows=own))
 
 
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_continuing_from_the_initial_state_is_a_first_prefill(kind):
+    layer = LAYERS[kind]().eval()
+    x = inputs(10)
+    with torch.no_grad():
+        whole, state = layer.prefill(x)
+        y, continued = layer.prefill(x, state=layer.init_state(2, dtype=F64))
+        assert_close(y, whole)
+        assert_close(later_steps(layer, continued), later_steps(layer, state))
+
+
 def test_futurefill_owes_exactly_the_pending_blocks():
     """After n generated tokens (n = 1..20) the next chunk's outputs are one prefill's: every (source,
     target) pair the dyadic schedule had not added yet is added once, none twice."""
