@@ -6,7 +6,8 @@ B_j C_jk may cancel, so the rounding of the float32 state is amplified in the re
 with the layer in its run dtype (the dtype of the LDS state: float32, also under bf16 autocast, or
 float64): its `forward` over a probe input, and its `prefill` of the first quarter of the probe followed
 by one `step` per remaining position. Both are compared with the layer's own forward computed in float64
-(a float64 twin with the same system and projections); the worse relative MSE is the number.
+(a float64 twin with the same system and projections), by both sequence paths (the scan and the
+convolution); the worst relative MSE is the number.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from torch import nn
 from spectralds.layers import build_layer
 
 PROMPT_FRACTION = 4  # the prefill covers the first 1/4 of the probe; decoding steps through the rest
+# A forward and a prefill take the scan or a convolution, by shape and device (`layers.lds_paths`): the
+# probe is measured by both, since the model's shapes, not the probe's, choose the path that runs.
+PATHS = ("scan", "conv")
 
 
 def rebuilt(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -52,12 +56,17 @@ def decode_outputs(layer: nn.Module, x: torch.Tensor, prompt_len: int) -> torch.
 def run_error(layer: nn.Module, x: torch.Tensor) -> float:
     """Relative MSE, against the layer's forward in float64, of what runs in the layer's own dtype on
     the probe x (1, T, dim): its forward over x and its decoding of the last 3/4 of x from the prefill
-    state of the first 1/4 (`decode_outputs`); the worse of the two."""
+    state of the first 1/4 (`decode_outputs`), each by both sequence paths (`PATHS`); the worst."""
     x = x.to(next(layer.parameters()).dtype)  # a float64 layer runs on float64 inputs
     prompt_len = max(1, x.shape[1] // PROMPT_FRACTION)
     reference = float64_twin(layer)(x.double())
-    forward = _relative_mse(layer(x), reference)
-    if prompt_len >= x.shape[1]:  # a one-step probe: nothing to decode
-        return forward
-    decoded = _relative_mse(decode_outputs(layer, x, prompt_len), reference[:, prompt_len:])
-    return max(forward, decoded)
+    pinned, errors = layer.conv_path, []
+    try:
+        for path in PATHS:
+            layer.conv_path = path
+            errors.append(_relative_mse(layer(x), reference))
+            if prompt_len < x.shape[1]:  # a one-step probe has nothing to decode
+                errors.append(_relative_mse(decode_outputs(layer, x, prompt_len), reference[:, prompt_len:]))
+    finally:
+        layer.conv_path = pinned
+    return max(errors)

@@ -85,7 +85,8 @@ def test_float32_column_is_the_step_vs_forward_error():
     assert run_error(float64_twin(lds), x) < 1e-18
     # and it is the decoding, stepped from the prefill state: the forward alone is fine
     assert rel(lds(x), float64_twin(lds)(x.double())) < 1e-3 * measured
-    assert rel(decode_outputs(lds, x, SEQ // 4), float64_twin(lds)(x.double())[:, SEQ // 4:]) == measured
+    decoded = rel(decode_outputs(lds, x, SEQ // 4), float64_twin(lds)(x.double())[:, SEQ // 4:])
+    assert 0.5 * measured < decoded <= measured  # the worst of both prefill paths
 
 
 def test_good_in_float64_bad_in_float32_is_refused_by_the_worse_column():
