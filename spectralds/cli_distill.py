@@ -45,7 +45,8 @@ def distill(
         ckpt: a checkpoint of a model holding STU layers
         out: the distilled checkpoint to write (not --ckpt)
         state_dim: LDS states (None: {STATE_DIM_RULE})
-        max_fit_error: refuse when a layer's measured relative MSE vs its STU is above this
+        max_fit_error: refuse when a layer's measured relative MSE (vs its STU, or of its float32 decoding vs
+            its forward) is above this
         prune: then prune this fraction of the LDS states ({DEFAULT_METHOD}, as LayerAdaptiveStatePruning);
             None: no pruning
     """

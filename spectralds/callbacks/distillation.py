@@ -14,7 +14,7 @@ from spectralds.callbacks._common import (
     log_scalars,
 )
 from spectralds.distill import FIT_METHODS, LDSFit, load_fit
-from spectralds.distill.convert import check_fit_matches, find_stu_layers
+from spectralds.distill.convert import check_fit_matches, find_stu_layers, measure_layer
 from spectralds.distill.fit import check_fit_args
 from spectralds.distill.lds_file import filter_error
 from spectralds.distill.swap import (
@@ -40,7 +40,8 @@ class STUToLDSDistillation(OneShotLayerChange):
         validate: run validation before and after the swap and log both losses.
         max_fit_error: refuse to swap when a converted layer, measured against the STU it replaces,
             misses by more than this relative MSE: its impulse response against the layer's own filters,
-            or its output against the STU's on a fixed probe input (`spectralds.distill.convert`). All
+            its output against the STU's on a fixed probe input, or its float32 forward and decoding
+            against its own float64 forward (`spectralds.distill.convert`, `run_precision`). All
             layers are measured before any is swapped. Tensorized filters, for instance, are not
             realizable by a small LDS (rel. MSE ~0.3 at 160 states).
 
@@ -141,6 +142,10 @@ class STUToLDSDistillation(OneShotLayerChange):
                     f"fit_path {self.fit_path}: its impulse response misses the filters of layer {path} by "
                     f"relative MSE {error:.2e} (> max_fit_error {self.max_fit_error:g})"
                 )
+            try:  # measured as the swap will measure it, float32 decoding included
+                measure_layer(path, stu, fit, max_error=self.max_fit_error)
+            except UserError as err:
+                raise UserError(f"fit_path {self.fit_path}: {err}") from None
         return fit
 
     # ---- what: spectralds.distill.swap, shared with `spectralds distill` ----------------------
@@ -167,6 +172,7 @@ class STUToLDSDistillation(OneShotLayerChange):
         self.results.update({f"distill/layer_rel_mse/{r.path}": r.rel_mse for r in self.reports})
         self.results.update(
             {f"distill/layer_filter_rel_mse/{r.path}": r.filter_rel_mse for r in self.reports})
+        self.results.update({f"distill/layer_run_rel_mse/{r.path}": r.run_rel_mse for r in self.reports})
         log_scalars(trainer, self.results)
         if self.log_plot and trainer.is_global_zero and fits:
             from spectralds.distill.plots import filter_fit_figure

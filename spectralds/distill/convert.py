@@ -7,9 +7,12 @@ any module that holds registry-built STU layers, not only on our models.
 Measured, not claimed: `convert_stu_layers` measures every converted layer against the STU it replaces
 (never the fit file's metadata) with two numbers, `filter_rel_mse` (the LDS impulse response against
 the layer's own filter buffer, column order and signs included) and `layer_error` (the LDS layer's
-output against the STU layer's on a fixed probe input), and with `max_error` refuses, before any
-layer is swapped, when either is above it. Both cost well under a second per layer at L=8192 (the
-probe runs batch 1 on a few channels: FFT convolution for the STU, the chunked scan for the LDS).
+output against the STU layer's on a fixed probe input), and the converted layer as it runs with a
+third, `run_rel_mse`: its forward and its decoding (prefill, then one step per token) in the dtype its
+state runs in, against its own float64 forward (`spectralds.distill.run_precision`): a fit exact in
+float64 can decode badly in float32. With `max_error` it refuses, before any layer is swapped, when any
+of them is above it. The probe runs batch 1 on a few channels (FFT convolution for the STU, the chunked
+scan or a convolution for the LDS, 3/4 of it decoded step by step).
 Each measured LDS is dropped before the next is built and rebuilt, the same way, at the swap: the
 conversion holds one layer more than the module, not a second copy of every converted layer.
 
@@ -20,6 +23,7 @@ from ours in order and sign) gets the fit's columns matched to its bank by measu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +33,7 @@ from torch import nn
 from spectralds.distill.bank_match import fit_for_bank
 from spectralds.distill.lds_file import LDSFit
 from spectralds.distill.measure import relative_mse, target_filters
+from spectralds.distill.run_precision import rebuilt, run_error
 from spectralds.errors import UserError, UserTypeError
 from spectralds.layers import build_layer
 from spectralds.layers.lds import LDS
@@ -86,13 +91,22 @@ def lds_from_stu(stu: nn.Module, fit: LDSFit) -> LDS:
 class LayerReport:
     """How well one converted layer reproduces its STU (relative MSEs, measured at conversion):
     `rel_mse` of the outputs on the probe input, `filter_rel_mse` of the impulse response against the
-    layer's filters."""
+    layer's filters, `run_rel_mse` of the LDS's forward and decoding in `run_dtype` (the dtype its state
+    runs in) against its own float64 forward (`spectralds.distill.run_precision`)."""
 
     path: str
     kind: str
     state_dim: int
     rel_mse: float
     filter_rel_mse: float = float("nan")
+    run_rel_mse: float = float("nan")
+    run_dtype: str = "float32"
+
+    @property
+    def worst(self) -> float:
+        """The largest of the measured errors (NaN if any is): what `max_fit_error` is compared with."""
+        errors = (self.rel_mse, self.filter_rel_mse, self.run_rel_mse)
+        return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
 def find_stu_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -143,10 +157,20 @@ def _probe_pair(stu: nn.Module, lds: LDS, channels: int) -> tuple[nn.Module, LDS
 def layer_error(stu: nn.Module, lds: LDS, seed: int = PROBE_SEED, channels: int = PROBE_CHANNELS) -> float:
     """Relative MSE of the LDS output against the STU output on a fixed random probe input of full length
     (batch 1, `channels` input and output channels spread over the width; see `_probe_pair`)."""
+    return layer_errors(stu, lds, seed, channels)[0]
+
+
+@torch.no_grad()
+def layer_errors(
+    stu: nn.Module, lds: LDS, seed: int = PROBE_SEED, channels: int = PROBE_CHANNELS
+) -> tuple[float, float]:
+    """`layer_error`, and the probe LDS's `run_precision.run_error` (its forward and its decoding in its
+    run dtype against its own float64 forward) on the same probe input."""
     small_stu, small_lds, width = _probe_pair(stu, lds, channels)
     x = torch.randn(1, stu.seq_len, width, generator=torch.Generator().manual_seed(seed)).to(stu.phi.device)
     ref, out = small_stu(x).double(), small_lds(x).double()
-    return ((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300)).item()
+    error = ((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300)).item()
+    return error, run_error(rebuilt(small_lds, lds.run_dtype), x)  # run as the layer runs
 
 
 def convert_stu_layers(
@@ -182,24 +206,28 @@ def _fit_and_measure_all(
     fits, reports = {}, []
     for path, stu in layers:
         fits[path] = get_fit(stu)
-        reports.append(_check_layer(path, stu, fits[path], measure, max_error))
+        reports.append(measure_layer(path, stu, fits[path], measure, max_error))
     return fits, reports
 
 
-def _check_layer(
-    path: str, stu: nn.Module, fit: LDSFit, measure: bool, max_error: float | None
+def measure_layer(
+    path: str, stu: nn.Module, fit: LDSFit, measure: bool = True, max_error: float | None = None
 ) -> LayerReport:
     """Build the layer's LDS (which checks the fit's shape), measure it if asked, and let it go.
     The builds' random initialisation (overwritten) runs on a forked generator: measuring leaves the
     global random state, and so the training run after a swap, as it was."""
+    nan = float("nan")
     with torch.random.fork_rng(devices=[]):  # layers are built on the CPU, then moved
         lds = lds_from_stu(stu, fit)
-        ir, out = (filter_rel_mse(stu, lds), layer_error(stu, lds)) if measure else (float("nan"),) * 2
-    if max_error is not None and not (ir <= max_error and out <= max_error):
+        ir, (out, run) = (filter_rel_mse(stu, lds), layer_errors(stu, lds)) if measure else (nan, (nan, nan))
+    dtype = str(lds.run_dtype).removeprefix("torch.")
+    report = LayerReport(path, type(stu).__name__, lds.state_dim, out, ir, run, dtype)
+    if max_error is not None and not report.worst <= max_error:  # NaN is refused too
         raise UserError(
-            f"{path or type(stu).__name__} ({type(stu).__name__}): the {lds.state_dim}-state LDS "
-            f"fits the {stu.num_filters} {stu.variant!r} filters of length {stu.seq_len} only to "
-            f"relative MSE {ir:.2e} (its impulse response vs the layer's filters; LDS vs STU output "
-            f"on a probe: {out:.2e}) > max_fit_error {max_error:g}; refusing to swap, no layer changed"
+            f"{path or type(stu).__name__} ({type(stu).__name__}): the {lds.state_dim}-state LDS fits the "
+            f"{stu.num_filters} {stu.variant!r} filters of length {stu.seq_len} only to relative MSE "
+            f"{report.worst:.2e} (impulse response vs the layer's filters {ir:.2e}, LDS vs STU output on a "
+            f"probe {out:.2e}, {dtype} decoding vs the LDS's float64 forward {run:.2e}) > max_fit_error "
+            f"{max_error:g}; refusing to swap, no layer changed"
         )
-    return LayerReport(path, type(stu).__name__, lds.state_dim, out, ir)
+    return report

@@ -168,9 +168,6 @@ def _refine_poles(targets: torch.Tensor, x: torch.Tensor, max_iters: int = 100, 
     return x
 
 
-TIE = 1.02  # float64 errors this close are one minimum reached from two starts (fit_filters)
-
-
 def _cost(Y: torch.Tensor, x: torch.Tensor) -> float:
     """The varpro cost of the poles x for the columns of Y (normalized), as `_refine_poles` measures it."""
     V, _ = _basis(x, Y.shape[0])

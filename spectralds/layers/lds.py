@@ -23,6 +23,7 @@ from torch import nn
 from spectralds.errors import UserError
 from spectralds.layers.lds_system import LDS
 from spectralds.layers.registry import register_layer
+from spectralds.ops.fft_conv import no_autocast
 from spectralds.ops.lds_conv import depthwise_conv, exact_conv
 from spectralds.ops.lds_scan import table_dtype
 
@@ -62,7 +63,11 @@ class LDSExact(LDS):
         return C
 
     def _read_state(self, state: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        return self._project(C.T @ state.transpose(1, 2))  # (B, 2K, d) -> (B, d_out)
+        # The features in the state's dtype, outside autocast as in the scan: their terms cancel, so a
+        # bf16 readout of the state loses the fit; the projection, as the scan's, follows autocast.
+        with no_autocast(state.device):
+            U = C.T @ state.transpose(1, 2)  # (B, 2K, d)
+        return self._project(U)  # -> (B, d_out)
 
     def _project(self, U: torch.Tensor) -> torch.Tensor:
         """U (..., 2K, d) -> (..., d_out), as two matmuls on views of M (no copy of M)."""

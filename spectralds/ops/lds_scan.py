@@ -92,7 +92,8 @@ def final_state(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dtype: torch.
     in float32)."""
     tdt = table_dtype(u.device)
     weights = (powers(A.to(tdt), 0, u.shape[1]).flip(0) * B.to(tdt)).to(dtype)  # (T, h)
-    return torch.einsum("btc,th->bch", u.to(dtype), weights)
+    with torch.autocast(u.device.type, enabled=False):  # a bf16 state would lose the fit (cancellation)
+        return torch.einsum("btc,th->bch", u.to(dtype), weights)
 
 
 def state_response(

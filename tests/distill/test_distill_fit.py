@@ -258,7 +258,7 @@ def test_cancelling_terms_warn_on_load_and_fail_in_float32(fit32, phi, tmp_path)
 def test_get_fit_caches_and_heals(tmp_path, monkeypatch):
     first = get_fit(256, 4, 8, progress=False)
     files = list((tmp_path / "cache").glob("lds_*.safetensors"))
-    assert [f.name for f in files] == ["lds_hankel_L256_K4_h8_varpro_v1r3.safetensors"]
+    assert [f.name for f in files] == ["lds_hankel_L256_K4_h8_varpro_v1r4.safetensors"]
 
     def refuse(*args, **kwargs):
         raise AssertionError("should have come from the cache")
