@@ -45,6 +45,12 @@ def _labels(ckpts: list[str], given: list[str] | None) -> list[str]:
     return labels
 
 
+def _rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def evaluate(
     *,
     ckpt: Sequence[str],
@@ -64,6 +70,9 @@ def evaluate(
 ) -> None:
     """Evaluate checkpoints on lm-eval tasks: one row per checkpoint, then their difference.
 
+    Under `torchrun --nproc-per-node N -m spectralds eval ...` the documents are split across the N
+    processes (one GPU each, or CPU with gloo) and rank 0 prints and writes the results.
+
     Args:
         ckpt: a checkpoint (repeat: one row each)
         label: row label per --ckpt (None: file name)
@@ -74,7 +83,7 @@ def evaluate(
         limit: documents per task (< 1: a fraction)
         tokenizer: tokenizer (None: the one each model trained with)
         decode: STU decoding
-        device: None: cuda when available, else cpu
+        device: None: cuda when available, else cpu (under torchrun: cuda:LOCAL_RANK)
         offline: never download (sets HF_HUB_OFFLINE)
         output: results JSON; report.md is written beside it
         log_dir: also log the metrics to TensorBoard here
@@ -98,6 +107,8 @@ def evaluate(
             num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, tokenizer=tokenizer,
             device=device, decode=decode,
         )
+    if not _rank_zero():  # data-parallel (torchrun): every rank has the results, rank 0 reports them
+        return
     print(format_table(results))
     if output is not None:
         write_results(results, output)

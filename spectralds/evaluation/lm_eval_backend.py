@@ -25,6 +25,7 @@ from spectralds.data import build_tokenizer
 from spectralds.data.corpus import DOC_SEPARATOR
 from spectralds.data.tokenizers import Tokenizer
 from spectralds.errors import UserError, check_choice, check_int, first_line
+from spectralds.evaluation import data_parallel
 from spectralds.generate import generate, set_decode_method
 from spectralds.layers.registry import SequenceLayer
 
@@ -113,13 +114,26 @@ class SpectraLDSLM(TemplateLM):
         if device is None and ckpt is None:  # a module given as is stays where it is
             self._device = next(iter(model.parameters()), torch.empty(0)).device
         else:
-            self._device = _device(device)
+            self._device = data_parallel.local_device(_device(device))
+        # Under torchrun or a DDP run, lm-eval hands each rank its share of the documents (see rank).
+        self.ranks = data_parallel.join(self._device)
+        self._rank, self._world_size = self.ranks.rank, self.ranks.world_size
         self.model = model.to(self._device).eval()
         set_decode_method(self.model, self.decode)
         self.max_length = int(self.model.seq_len)
         # Documents in our training streams are separated by DOC_SEPARATOR, so its last token is what
         # precedes a document's first token: the natural "beginning of text" for an empty context.
         self._prefix = self.tok.encode(DOC_SEPARATOR)[-1]
+
+    # ---- data parallelism: the hooks lm-eval's evaluator calls when world_size > 1 ------------------
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return data_parallel.all_gather(tensor, self.ranks)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        return data_parallel.gather_object(obj, self.ranks, dst)
+
+    def barrier(self) -> None:
+        data_parallel.barrier(self.ranks)
 
     # ---- tokenization (TemplateLM plumbing) ---------------------------------------------------
     @property
@@ -152,7 +166,7 @@ class SpectraLDSLM(TemplateLM):
                 )
         collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
         results: list[tuple[float, bool]] = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank > 0, desc="loglikelihood")
         for batch in collator.get_batched(n=self.batch_size):
             # The last seq_len tokens of context + continuation, minus the final one (it is only a target).
             inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in batch]
@@ -203,7 +217,7 @@ class SpectraLDSLM(TemplateLM):
         collator = Collator(encoded, sort_fn=lambda r: -len(r[1]), group_fn=lambda r: r[2],
                             group_by="gen_kwargs")
         results: list[str] = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank > 0, desc="generate_until")
         for batch in collator.get_batched(n=self.batch_size):
             kwargs = batch[0][2]
             until = handle_stop_sequences(kwargs.get("until"), eos=None)
