@@ -37,6 +37,7 @@ def generate(
     top_k: int | None = GENERATE_DEFAULTS["top_k"],
     tokenizer: str | None = None,
     decode: Literal[DECODE_METHODS] | None = None,
+    prefill_chunk: int | None = GENERATE_DEFAULTS["prefill_chunk"],
     seed: int = 0,
 ) -> None:
     """Generate text from a checkpoint.
@@ -50,6 +51,8 @@ def generate(
         top_k: sample from the k likeliest tokens (None: all)
         tokenizer: tokenizer (None: the one the model trained with)
         decode: how STU layers decode (None: each layer's default, FutureFill)
+        prefill_chunk: prefill long prompts this many tokens at a time, so the prefill's memory is
+            bounded by the chunk (the same tokens; None: the whole prompt at once)
         seed: sampling seed
     """
     import torch
@@ -63,6 +66,8 @@ def generate(
     check_float("--temperature", temperature, minimum=0.0)
     if top_k is not None:
         check_int("--top-k", top_k, minimum=1)
+    if prefill_chunk is not None:
+        check_int("--prefill-chunk", prefill_chunk, minimum=1)
     texts = [*prompt, *(_read_prompts(prompts_file) if prompts_file else [])]
     if not texts:
         raise usage_error("spectralds generate",
@@ -86,7 +91,8 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     # All prompts decode as one batch (different lengths included): each greedy completion is the one
     # that prompt gets alone.
-    outs = generate_tokens(model, prompts, max_new_tokens, temperature, top_k, generator)
+    outs = generate_tokens(model, prompts, max_new_tokens, temperature, top_k, generator,
+                           prefill_chunk=prefill_chunk)
     for i, out in enumerate(outs):
         if len(outs) > 1:
             print(f"=== completion {i + 1}/{len(outs)} ===")

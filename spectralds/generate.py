@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from spectralds.errors import UserError
+from spectralds.errors import UserError, check_int
 from spectralds.layers.registry import DECODE_METHODS, SequenceLayer
 
 
@@ -26,8 +26,10 @@ class DecodingModel(Protocol):
     """What `generate` decodes: token ids in, logits out (LanguageModel, or a wrapper delegating to one).
 
     `prefill(idx, start=None)` -> (logits of the last position, states) takes `start` for left-padded
-    prompts (see `SequenceLayer`); `step(token, states)` -> (logits, states); `decoding_layers()` lists
-    the SequenceLayer behind each state, in the order of the states (what batches and graphs them).
+    prompts (see `SequenceLayer`) and, for a prompt prefilled in chunks (`prefill_chunk`), `states`: those
+    of the chunks before (`LanguageModel.prefill`); `step(token, states)` -> (logits, states);
+    `decoding_layers()` lists the SequenceLayer behind each state, in the order of the states (what
+    batches and graphs them).
     """
 
     seq_len: int
@@ -201,15 +203,43 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | 
     return idx, (start.to(idx.device) if start.any() else None)
 
 
-def prefill_prompts(model, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[Any]]:
+def _takes(model, argument: str, why: str) -> None:
+    if argument not in inspect.signature(model.prefill).parameters:
+        raise UserError(f"{type(model).__name__}.prefill(idx) takes no `{argument}` ({why})")
+
+
+def chunked_prefill(model, idx: torch.Tensor, prefill_chunk: int | None = None) -> tuple[torch.Tensor, Any]:
+    """`model.prefill(idx)`, `prefill_chunk` tokens at a time (None: at once): each chunk continues from
+    the states the ones before left (`DecodingModel.prefill`'s `states`), so the logits and states are
+    one prefill's while the activations are at most a chunk's."""
+    if prefill_chunk is None or idx.shape[1] <= check_int("prefill_chunk", prefill_chunk):
+        return model.prefill(idx)
+    _takes(model, "states", "continuing from earlier states), so it cannot prefill in chunks: "
+                            "leave prefill_chunk None")
+    logits, states = model.prefill(idx[:, :prefill_chunk])
+    for begin in range(prefill_chunk, idx.shape[1], prefill_chunk):
+        logits, states = model.prefill(idx[:, begin : begin + prefill_chunk], states=states)
+    return logits, states
+
+
+def prefill_prompts(
+    model, prompts: list[torch.Tensor], prefill_chunk: int | None = None
+) -> tuple[torch.Tensor, list[Any]]:
     """Prefill prompts of any lengths as one left-padded batch (`DecodingModel.prefill`'s `start`): each
-    row's logits and state are those of its prompt alone, and every layer then steps all together."""
+    row's logits and state are those of its prompt alone, and every layer then steps all together.
+
+    prefill_chunk: prompts longer than it are prefilled that many tokens at a time (`chunked_prefill`);
+    prompts of different lengths then each alone, their states merged (`merge_prefills`)."""
     idx, start = left_pad(prompts)
+    if prefill_chunk is not None and idx.shape[1] > check_int("prefill_chunk", prefill_chunk):
+        if start is None:
+            return chunked_prefill(model, idx, prefill_chunk)
+        alone = [chunked_prefill(model, p[None], prefill_chunk) for p in prompts]
+        return torch.cat([logits for logits, _ in alone]), merge_prefills(model, [s for _, s in alone])
     if start is None:
         return model.prefill(idx)
-    if "start" not in inspect.signature(model.prefill).parameters:
-        raise UserError(f"{type(model).__name__}.prefill(idx) takes no `start` (left padding), so it cannot "
-                        "prefill prompts of different lengths as one batch: give prompts of one length")
+    _takes(model, "start", "left padding), so it cannot prefill prompts of different lengths as one batch: "
+                           "give prompts of one length")
     return model.prefill(idx, start=start)
 
 
@@ -222,6 +252,7 @@ def generate(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    prefill_chunk: int | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """prompt (B, T) token ids -> (B, T + max_new_tokens). The prompt is run once (prefill).
 
@@ -230,6 +261,8 @@ def generate(
     cuda_graph: replay each step from a CUDA graph (`GraphedStep`); None = when the model is on a GPU
     and its states are fixed-size (LDS, sliding-window attention); True where that is impossible is
     an error.
+    prefill_chunk: prefill prompts longer than this many tokens chunk by chunk (`chunked_prefill`), so the
+    prefill's memory is bounded by the chunk; the tokens are those of one prefill (None: at once).
     """
     ragged = not isinstance(prompt, torch.Tensor)
     prompts = list(prompt) if ragged else []
@@ -239,13 +272,18 @@ def generate(
         raise UserError("the prompt must be a non-empty (batch, tokens) tensor")
     if temperature < 0:
         raise UserError(f"temperature must be >= 0, got {temperature}")
+    if prefill_chunk is not None:
+        check_int("prefill_chunk", prefill_chunk)
     longest = max(p.numel() for p in prompts) if ragged else prompt.shape[1]
     if longest + max_new_tokens > model.seq_len:
         raise UserError(
             f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds the model's "
             f"context of {model.seq_len} tokens"
         )
-    logits, states = prefill_prompts(model, prompts) if ragged else model.prefill(prompt)
+    if ragged:
+        logits, states = prefill_prompts(model, prompts, prefill_chunk)
+    else:
+        logits, states = chunked_prefill(model, prompt, prefill_chunk)
     device = logits.device
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and max_new_tokens > 2 and graphable(model, states)

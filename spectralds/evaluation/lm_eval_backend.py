@@ -274,8 +274,16 @@ class _DecodableOnly:
             logits[..., self.vocab_size :] = float("-inf")
         return logits
 
-    def prefill(self, tokens: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        logits, states = self.model.prefill(tokens) if start is None else self.model.prefill(tokens, start)
+    def prefill(
+        self, tokens: torch.Tensor, start: torch.Tensor | None = None, states: Any = None,
+        all_logits: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """The model's prefill (`LanguageModel.prefill`: left padding, continuing from states, the logits
+        of every position), its logits masked; arguments left at their defaults are not passed."""
+        given = {"states": states, "all_logits": all_logits or None}
+        kwargs = {name: value for name, value in given.items() if value is not None}
+        logits, states = self.model.prefill(tokens, **kwargs) if start is None else self.model.prefill(
+            tokens, start, **kwargs)
         return self._mask(logits), states
 
     def decoding_layers(self) -> list[SequenceLayer]:  # what generate batches and graphs the states by

@@ -28,7 +28,7 @@ from torch import nn
 
 from spectralds.errors import UserError, check_int
 from spectralds.layers.lds import LDS, LDSExact, LDSTensordot, lds_class
-from spectralds.layers.registry import register_layer
+from spectralds.layers.registry import check_continuation, register_layer
 from spectralds.ops.ar_scan import ar_scan
 
 
@@ -76,6 +76,23 @@ class AutoRegressive(nn.Module):
         """The decoding history after a prompt: its last p - 1 inputs and last p outputs, zero-padded."""
         return _last(x, self.order - 1), _last(y, self.order)
 
+    def continued(
+        self, x: torch.Tensor, s: torch.Tensor, inputs: torch.Tensor, outputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A chunk after earlier steps: outputs y (B, T, dim_out) for inputs x and spectral outputs s
+        following the history (`inputs`, `outputs`, as `step` keeps it), and the history after the chunk,
+        in the history's dtype. The scan runs from a zero history; what the kept history adds enters the
+        drive of the first p outputs (the recursion is linear)."""
+        dtype, p = outputs.dtype, self.order
+        x, s = x.to(dtype), s.to(dtype)
+        carried = []
+        for t in range(min(x.shape[1], p)):  # y_t's terms reaching before the chunk: x_{t-j}, y_{t-i} < 0
+            term = sum(outputs[:, t - i] @ self.M_y[i - 1].to(dtype) for i in range(t + 1, p + 1))
+            carried.append(term + sum(inputs[:, t - j] @ self.M_u[j].to(dtype) for j in range(t + 1, p)))
+        drive = s + nn.functional.pad(torch.stack(carried, 1), (0, 0, 0, x.shape[1] - len(carried)))
+        y = ar_scan(x, drive, self.M_u, self.M_y, self.chunk)
+        return y, *self.history(torch.cat([inputs, x], 1), torch.cat([outputs, y], 1))
+
     def init_history(
         self, batch: int, device: torch.device | None, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +132,23 @@ def spectral_only(layer: nn.Module) -> Iterator[None]:
 
 
 def ar_prefill(
-    layer: nn.Module, x: torch.Tensor, inner: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+    layer: nn.Module, x: torch.Tensor, inner: Callable[..., tuple[torch.Tensor, Any]],
+    state: ARDecodeState | None = None,
 ) -> tuple[torch.Tensor, ARDecodeState]:
-    """Prefill through the plain layer (`inner`, run with the AR terms off), then the AR recursion."""
+    """Prefill through the plain layer (`inner`, run with the AR terms off), then the AR recursion;
+    state: continue from it (`SequenceLayer.prefill`)."""
+    if state is not None and not isinstance(state, ARDecodeState):
+        raise UserError(f"a layer with AR terms continues from an ARDecodeState, not {type(state).__name__}")
     with spectral_only(layer):
-        s, state = inner(x)
+        s, inner_state = inner(x) if state is None else inner(x, state=state.inner)
     with torch.no_grad():
+        if state is not None:
+            y, inputs, outputs = layer.ar.continued(x, s, state.inputs, state.outputs)
+            return y.to(x.dtype), ARDecodeState(inner_state, inputs, outputs)
         y = layer.ar(x, s.to(x.dtype)) if x.shape[1] else s
         hist_dtype = torch.promote_types(x.dtype, torch.float32)
         inputs, outputs = layer.ar.history(x.to(hist_dtype), y.to(hist_dtype))
-    return y.to(x.dtype), ARDecodeState(state, inputs, outputs)
+    return y.to(x.dtype), ARDecodeState(inner_state, inputs, outputs)
 
 
 def ar_step(
@@ -179,9 +203,15 @@ class LDSWithAR(LDS):
             s = super().forward(x)
         return self.ar(x.to(self.run_dtype), s.to(self.run_dtype)).to(x.dtype)
 
-    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def prefill(
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: ARDecodeState | None = None
+    ) -> tuple[torch.Tensor, Any]:
         if self.ar is None:  # inside `spectral_only`: the plain LDS
-            return super().prefill(x)
+            return super().prefill(x, start, state)
+        if state is not None:
+            check_continuation(start, state, x.shape[0], None)  # the LDS checks the batch
+            y, state = ar_prefill(self, x.to(self.run_dtype), self.prefill, state)
+            return y.to(x.dtype), state
         s, state = super().prefill(x)
         y = self.ar(x.to(self.run_dtype), s.to(self.run_dtype))
         inputs, outputs = self.ar.history(x.to(self.run_dtype).detach(), y.detach())

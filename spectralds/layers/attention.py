@@ -25,9 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectralds.errors import UserError, check_choice, check_float, check_int
-from spectralds.layers.kv_cache import KVCache, RingKVCache, grown, merge_caches
+from spectralds.layers.kv_cache import KVCache, RingKVCache, extended, grown, merge_caches
 from spectralds.layers.positions import POSITIONS, alibi_bias, alibi_slopes, at_least_float32, lags, rope
-from spectralds.layers.registry import SequenceLayer, check_start, padding_mask, register_layer
+from spectralds.layers.registry import (
+    SequenceLayer,
+    check_continuation,
+    check_start,
+    padding_mask,
+    register_layer,
+)
 from spectralds.ops.costs import attention_flops
 
 try:
@@ -116,11 +122,8 @@ class SlidingWindowAttention(SequenceLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Outputs (B, T, dim) and the rotated keys and values (B, heads, T, head_dim). start: left
         padding, row b rotated by t - start[b] and its keys before start[b] masked from real queries."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise UserError(f"attention expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        self._check_sequence(x)
         T = x.shape[1]
-        if self.seq_len is not None and T > self.seq_len:
-            raise UserError(f"sequence length {T} exceeds the attention seq_len {self.seq_len}")
         positions = torch.arange(T, device=x.device)
         if start is not None:
             check_start(start, x.shape[0], T)
@@ -129,9 +132,24 @@ class SlidingWindowAttention(SequenceLayer):
         y = self._attend(q, k, v, start)  # (B, heads, T, head_dim)
         return self.o_proj(y.transpose(1, 2).flatten(2)), k, v
 
-    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+    def _check_sequence(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise UserError(f"attention expects input (batch, seq, {self.dim}), got {tuple(x.shape)}")
+        if self.seq_len is not None and x.shape[1] > self.seq_len:
+            raise UserError(f"sequence length {x.shape[1]} exceeds the attention seq_len {self.seq_len}")
+
+    def prefill(
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: KVCache | RingKVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache | RingKVCache]:
         """Outputs for a prompt and a cache holding its last `window_size` keys and values (and `start`,
-        so later steps keep each row's own positions and masks)."""
+        so later steps keep each row's own positions and masks). state: continue from that cache
+        (`SequenceLayer.prefill`): the chunk's queries see the cached keys and their own, at positions
+        after the cache's (a CUDA-graph `RingKVCache` is stepped through)."""
+        if isinstance(state, RingKVCache):
+            check_continuation(start, state, x.shape[0], state.k.shape[0])
+            return super().prefill(x, state=state)
+        if state is not None:
+            return self._continue(x, start, state)
         y, k, v = self._sequence(x, start)
         T = x.shape[1]
         keep = T if self.window_size is None else min(T, self.window_size)
@@ -139,6 +157,23 @@ class SlidingWindowAttention(SequenceLayer):
         shift = 0 if self.window_size is None else (T - keep) % self.window_size
         k, v = (t[:, :, T - keep :].roll(shift, dims=2) for t in (k, v))
         return y, KVCache(k, v, T, start)
+
+    def _continue(self, x: torch.Tensor, start: torch.Tensor | None, cache: KVCache) -> tuple:
+        if not isinstance(cache, KVCache):
+            raise UserError(f"attention continues from a KVCache, not {type(cache).__name__}")
+        check_continuation(start, cache, x.shape[0], cache.k.shape[0])
+        self._check_sequence(x)
+        positions = cache.pos + torch.arange(x.shape[1], device=x.device)
+        own = positions if cache.start is None else (positions - cache.start[:, None])[:, None]
+        q, k, v = self._qkv(x, own)
+        keys, values, held, cache = extended(cache, k, v, self.window_size)
+        lag = positions[:, None] - held  # (T, keys)
+        mask = (lag >= 0) & (lag < (self.window_size or lag.shape[1] + 1))
+        if cache.start is not None:  # (B, 1, T, keys): a row's padding never seen
+            mask = mask & (held >= cache.start[:, None])[:, None, None]
+        scores = self._capped_scores(q, keys, self.alibi_slopes(q), lag)
+        y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype) @ values
+        return self.o_proj(y.transpose(1, 2).flatten(2)), cache
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None = None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectralds.errors import check_bool, check_choice, check_float
-from spectralds.layers.registry import padding_mask
+from spectralds.layers.registry import check_continuation, padding_mask
 
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -108,10 +108,16 @@ class Block(nn.Module):
         y_t, state = self.mixer.step(self.norm1(x_t), state)
         return self._mlp(x_t + self.dropout(y_t)), state
 
-    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def prefill(
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
         """A prompt (batch, seq, dim) through the block; returns outputs and the mixer's state.
-        start: left padding (see `SequenceLayer`)."""
-        if start is None:
+        start: left padding (see `SequenceLayer`); state: the mixer's state to continue from (a chunk
+        after it, `SequenceLayer.prefill`)."""
+        if state is not None:
+            check_continuation(start, state, x.shape[0], None)  # the mixer checks the batch
+            y, state = self.mixer.prefill(self.norm1(x), state=state)
+        elif start is None:  # a mixer that takes no `start` still prefills unpadded prompts
             y, state = self.mixer.prefill(self.norm1(x))
         else:
             y, state = self.mixer.prefill(self._mixer_input(x, start), start=start)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from spectralds.errors import UserError
-from spectralds.layers.registry import DECODE_METHODS
+from spectralds.layers.registry import DECODE_METHODS, check_continuation
 from spectralds.ops.fft_conv import compute_dtype, fft_size, no_autocast
 
 _DIRECT_BLOCK = 16  # FutureFill blocks up to this many tokens are summed directly (faster than an FFT)
@@ -97,8 +97,13 @@ def _naive_output(layer: Any, history: torch.Tensor, kernel: torch.Tensor, weigh
 
 
 @torch.no_grad()
-def prefill(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, ConvDecodeState]:
+def prefill(
+    layer: Any, x: torch.Tensor, state: ConvDecodeState | None = None
+) -> tuple[torch.Tensor, ConvDecodeState]:
+    """Outputs for x (B, T, dim) and the state after it; state: continue from it (`prefill_from`)."""
     layer._check_input(x)
+    if state is not None:
+        return prefill_from(layer, x, state)
     batch, length, _ = x.shape
     state = init_state(layer, batch, x.device, x.dtype)
     if length == 0:
@@ -114,6 +119,63 @@ def prefill(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, ConvDecodeState]
         state.inputs = state.inputs[..., : min(_INITIAL_CACHE, layer.seq_len - length)]
     state.pos = state.start = length
     return y, state
+
+
+def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
+    """A chunk x (B, T, dim) after all `state` has seen (a prefill, steps, earlier chunks): the outputs
+    and the state of one prefill over prefix + chunk; `state` is left unchanged. The chunk's own
+    contribution to its positions and every later one is one FFT; naive: the stored history adds its
+    part by another; FutureFill: what the dyadic schedule still owes from generated tokens is added
+    first (`_flush`), so the new state holds no generated token (it merges like a fresh prefill's)."""
+    if not isinstance(state, ConvDecodeState):
+        raise UserError(f"an STU layer continues from a ConvDecodeState, not {type(state).__name__}")
+    check_continuation(None, state, x.shape[0], state.inputs.shape[0])
+    batch, length, _ = x.shape
+    pos, seq_len = state.pos, layer.seq_len
+    if pos + length > seq_len:
+        raise UserError(f"cannot prefill {length} tokens after {pos}: past seq_len={seq_len}, the filters' "
+                        "length")
+    if length == 0:
+        return x.new_zeros(batch, 0, layer.dim_out), state
+    own = layer._sequence_conv(x, length if state.method == "naive" else seq_len - pos)
+    if state.method == "naive":
+        inputs = state.inputs.clone()
+        inputs[:, seq_len - pos - length : seq_len - pos] = _naive_encode(layer, x, state.weight).flip(1).to(
+            inputs.dtype)
+        y = own
+        if pos:  # the history, back in time order and encoded, to the chunk's positions
+            history = state.inputs[:, seq_len - pos :].flip(1)
+            z = history.transpose(1, 2) if layer.depthwise else layer._encode(history)
+            with no_autocast(x.device):
+                y = y + layer._fill_fft(z.to(own.dtype), pos, length)
+        return y.to(x.dtype), ConvDecodeState("naive", pos + length, pos + length, state.kernel, state.weight,
+                                             inputs)
+    future = state.future.clone()
+    with no_autocast(x.device):
+        _flush(layer, state, future)
+    future[:, pos:] += own
+    capacity = min(_INITIAL_CACHE, seq_len - pos - length)
+    inputs = state.inputs.new_zeros(*state.inputs.shape[:-1], capacity)
+    end = pos + length
+    new = ConvDecodeState("futurefill", end, end, state.kernel, state.weight, inputs, future, {**state.cache})
+    return future[:, pos:end].to(x.dtype), new
+
+
+def _flush(layer: Any, state: ConvDecodeState, future: torch.Tensor) -> None:
+    """Add to `future` the contributions of the n generated tokens that the dyadic schedule has not added
+    yet. The block of count c (sources c - lowbit(c) .. c-1, targets c .. c + lowbit(c) - 1, indices
+    among the generated tokens) has run for every c <= n; a later c reaches a source below n exactly
+    when c has one bit k that n lacks and agrees with n above it: sources prefix .. n-1 (prefix: n
+    with bits k and below cleared), targets c .. c + 2^k - 1, c = prefix + 2^k. One FFT per such bit."""
+    n, k = state.pos - state.start, 0
+    while n and state.start + (1 << k) < layer.seq_len:  # c >= 2^k: later bits' targets lie past seq_len
+        prefix = n >> (k + 1) << (k + 1)
+        c = prefix + (1 << k)
+        first, count = state.start + c, min(1 << k, layer.seq_len - state.start - c)
+        if not n >> k & 1 and prefix < n and count > 0:
+            src = state.inputs[..., prefix:n]
+            future[:, first : first + count] += layer._fill_fft(src, c - prefix, count)
+        k += 1
 
 
 @torch.no_grad()

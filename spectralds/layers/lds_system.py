@@ -28,9 +28,9 @@ from torch import nn
 
 from spectralds.errors import UserError, UserTypeError, check_int
 from spectralds.layers.lds_paths import ConvolutionPaths
-from spectralds.layers.registry import SequenceLayer
+from spectralds.layers.registry import SequenceLayer, check_continuation
 from spectralds.ops.lds_conv import impulse_response_ref
-from spectralds.ops.lds_scan import final_state, scan, table_dtype
+from spectralds.ops.lds_scan import final_state, scan, state_response, table_dtype
 from spectralds.ops.spectrum_cache import SpectrumCache
 
 
@@ -215,12 +215,31 @@ class LDS(ConvolutionPaths, SequenceLayer):
         path = self._sequence_path(x.shape[0], x.shape[1])
         return self._scan_prefill(x)[0] if path == "scan" else self._convolve(x, path)
 
-    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def prefill(
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs for a whole prompt and the state after it, by the path `forward` takes (no step loop):
-        the scan, or the convolution plus the final state as one matmul (`ops.lds_scan.final_state`)."""
+        the scan, or the convolution plus the final state as one matmul (`ops.lds_scan.final_state`).
+        state: continue from it (`SequenceLayer.prefill`): what it adds is `ops.lds_scan.state_response`."""
         self._check_input(x)
+        check_continuation(start, state, x.shape[0], self._state_batch(state))
         path = self._sequence_path(x.shape[0], x.shape[1])
-        return self._scan_prefill(x) if path == "scan" else (self._convolve(x, path), self._final_state(x))
+        scanned = path == "scan"
+        y, final = self._scan_prefill(x) if scanned else (self._convolve(x, path), self._final_state(x))
+        if state is None:
+            return y, final
+        C = self._scan_readout(table_dtype(x.device))
+        U, carried = state_response(state, self.system()[0], C, x.shape[1], self.run_dtype)
+        return y + self._read_scan(U).to(x.dtype), final + carried
+
+    def _state_batch(self, state: torch.Tensor | None) -> int | None:
+        if state is None:
+            return None
+        shape = (self.channels, self.state_dim)
+        if not (isinstance(state, torch.Tensor) and state.dim() == 3 and state.shape[1:] == shape):
+            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise UserError(f"an LDS state is a (batch, {shape[0]}, {shape[1]}) tensor, got {got}")
+        return state.shape[0]
 
     def _scan_prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         U, state = self.scan(self._inputs(x), self._scan_readout(table_dtype(x.device)))

@@ -106,7 +106,8 @@ class SequenceLayer(nn.Module):
     """Base of every mixer: a full-sequence forward plus one incremental decoding protocol.
 
     Decoding: `state = layer.init_state(batch, device, dtype)`, or `y, state = layer.prefill(x)` for a
-    prompt, then `y_t, state = layer.step(x_t, state)` one token at a time (x_t: (batch, dim)). A state
+    prompt, then `y_t, state = layer.step(x_t, state)` one token at a time (x_t: (batch, dim));
+    `layer.prefill(chunk, state=state)` continues a prompt chunk by chunk from any such state. A state
     is whatever the layer needs (a tensor, a cache); `forward` never builds one. Two more methods let
     `spectralds.generate` batch and graph any layer without knowing its state: `merge_states` (prompts
     prefilled apart -> one batched state) and `static_state` (fixed shapes for a CUDA graph).
@@ -150,13 +151,24 @@ class SequenceLayer(nn.Module):
     def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         raise NotImplementedError
 
-    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def prefill(
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
         """Run a prompt and return its outputs and the state after it.
 
-        This default steps token by token (correct for a layer time-invariant from its zero state, the
-        padded inputs being zeros); layers override it with a fast path.
+        state: None (a first prefill, from the zero state), or a state of this layer from an earlier
+        `prefill` or `step` (same batch): x is then a chunk following what that state has seen, and the
+        outputs and the state returned are those of one prefill over prefix + chunk (the same later
+        `step` outputs; the state also merges, `merge_states`). `start` (left padding) is for a first
+        prefill only (`check_continuation`).
+
+        This default steps token by token from the state (correct for any layer; from the zero state for
+        a layer time-invariant from it, the padded inputs being zeros); layers override it with a fast
+        path. It knows no state's batch: a mismatched one fails in the layer's `step`.
         """
-        state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        check_continuation(start, state, x.shape[0], None)
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         ys = []
         for t in range(x.shape[1]):
             y_t, state = self.step(x[:, t], state)
@@ -188,6 +200,19 @@ def check_start(start: torch.Tensor | None, batch: int, length: int) -> None:
     if batch and (start.min() < 0 or start.max() >= length):
         raise UserError(f"start must lie in [0, {length}) so every row keeps a real token, "
                         f"got {start.tolist()}")
+
+
+def check_continuation(start: torch.Tensor | None, state: Any, batch: int, state_batch: int | None) -> None:
+    """A prefill continuing from `state` (not None) takes no `start`, and a state of the chunk's batch
+    (`state_batch`: the sequences the state holds, None: not known to the caller)."""
+    if state is None:
+        return
+    if start is not None:
+        raise UserError("start (left padding) is for a first prefill only: a prefill continuing from a "
+                        "state takes start=None")
+    if state_batch is not None and state_batch != batch:
+        raise UserError(f"the decoding state holds {state_batch} sequences but the chunk continuing it has "
+                        f"{batch}")
 
 
 def padding_mask(start: torch.Tensor, length: int) -> torch.Tensor:

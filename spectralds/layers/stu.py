@@ -24,7 +24,7 @@ from spectralds.layers import futurefill
 from spectralds.layers.ar import ar_init_state, ar_merge_states, ar_prefill, ar_step, make_ar
 from spectralds.layers.filter_bank import FilterBankLayer, cached_filters, check_bank
 from spectralds.layers.futurefill import ConvDecodeState
-from spectralds.layers.registry import DECODE_METHODS, register_layer
+from spectralds.layers.registry import DECODE_METHODS, check_continuation, register_layer
 from spectralds.ops.costs import STU_PATHS, conv_flops, conv_path_property, stu_arrangement
 from spectralds.ops.fft_conv import (
     alternating,
@@ -212,9 +212,15 @@ class SpectralConv(FilterBankLayer):
         state = futurefill.init_state(self, batch_size, device, dtype)
         return state if self.ar is None else ar_init_state(self, state, batch_size, device, dtype)
 
-    def prefill(self, x: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass (`start`: unused)."""
-        return futurefill.prefill(self, x) if self.ar is None else ar_prefill(self, x, self.prefill)
+    def prefill(
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass (`start`: unused);
+        state: continue from it (`SequenceLayer.prefill`, `futurefill.prefill_from`)."""
+        check_continuation(start, state, x.shape[0], None)  # the batch: futurefill.prefill_from
+        if self.ar is None:
+            return futurefill.prefill(self, x, state)
+        return ar_prefill(self, x, self.prefill, state)
 
     def step(self, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
         """One token x_t (B, dim) -> (y_t (B, dim_out), state), as `forward` would give it."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from spectralds.errors import UserError, UserTypeError, check_bool, check_float, check_int
 from spectralds.layers.blocks import RMSNorm
-from spectralds.layers.registry import SequenceLayer, check_start
+from spectralds.layers.registry import SequenceLayer, check_continuation, check_start
 from spectralds.models.common import (
     SpectralModule,
     build_blocks,
@@ -140,16 +140,37 @@ class LanguageModel(SpectralModule):
             x = block(x) if start is None else block(x, start)
         return self.head(self.norm(x))
 
-    def prefill(self, idx: torch.Tensor, start: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Any]]:
-        """Logits of the last prompt position and the per-block decoding states (aligned with
-        `decoding_layers()`); start: left padding, as in `forward`."""
+    def prefill(
+        self,
+        idx: torch.Tensor,
+        start: torch.Tensor | None = None,
+        states: list[Any] | None = None,
+        all_logits: bool = False,
+    ) -> tuple[torch.Tensor, list[Any]]:
+        """Run a prompt: logits of its last position (batch, vocab) and the per-block decoding states
+        (aligned with `decoding_layers()`); start: left padding, as in `forward`.
+
+        states: the states of an earlier `prefill` or `step` of this model (same batch, start=None): idx
+        is then a chunk following what they have seen, and the logits and states are those of one
+        prefill over prefix + chunk (`SequenceLayer.prefill`). all_logits: the logits of every position
+        of idx, (batch, T, vocab), instead of the last one's: what scoring a continuation needs (its
+        tokens' log-probabilities) from one pass. Chunk by chunk, a long prompt's activations stay those
+        of a chunk; the states are the layers' own (an STU's spans seq_len, an LDS's is fixed).
+        """
         start = self._start(idx, start)
+        if states is not None:
+            check_continuation(start, states, idx.shape[0], None)  # each layer checks the batch
+            if not isinstance(states, (list, tuple)) or len(states) != len(self.blocks):
+                got = f"{len(states)} states" if isinstance(states, (list, tuple)) else type(states).__name__
+                raise UserError(f"states must list one state per block ({len(self.blocks)}), got {got}")
+        if idx.shape[1] == 0:
+            raise UserError("a prefill needs at least one token")
         x = self.embed(idx)
-        states = []
-        for block in self.blocks:
-            x, state = block.prefill(x, start)
-            states.append(state)
-        return self.head(self.norm(x[:, -1])), states
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, state = block.prefill(x, start) if states is None else block.prefill(x, state=states[i])
+            new_states.append(state)
+        return self.head(self.norm(x if all_logits else x[:, -1])), new_states
 
     def _start(self, idx: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor | None:
         if idx.dim() != 2:

@@ -8,6 +8,7 @@ With A (h,), B (h,) and a readout C, every input channel i runs its own copy of 
 fast op                                          reference (a loop over time)
   scan(u, A, B, C, chunk, dtype)                   scan_ref(u, A, B, C)
   final_state(u, A, B, dtype)                      scan_ref's second result
+  state_response(x0, A, C, T, dtype)               (x = A x from x0, zero inputs, in a loop)
 (the impulse response, G[t] = sum_j C[j] B[j] A[j]^t, is `ops.lds_conv.impulse_response` and its
 reference `impulse_response_ref`.)
 
@@ -92,6 +93,26 @@ def final_state(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dtype: torch.
     tdt = table_dtype(u.device)
     weights = (powers(A.to(tdt), 0, u.shape[1]).flip(0) * B.to(tdt)).to(dtype)  # (T, h)
     return torch.einsum("btc,th->bch", u.to(dtype), weights)
+
+
+def state_response(
+    state: torch.Tensor, A: torch.Tensor, C: torch.Tensor, T: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a state x0 (batch, ch, h), left by earlier inputs, adds to the next T steps: to their outputs,
+    (batch, T, ch, F) readouts of A^(t+1) x0 through C ((h, F) or (ch, h, F)), and A^T x0 to the state
+    after them, both in `dtype` (powers built in `table_dtype`). The scan from a zero state plus this is
+    the scan from x0: the recurrence is linear."""
+    batch, ch, h = state.shape
+    tdt = table_dtype(state.device)
+    pw = powers(A.to(tdt), 1, T)  # (T, h): A^1 .. A^T
+    C, x0 = C.to(tdt).to(dtype), state.to(dtype)
+    with torch.autocast(state.device.type, enabled=False):
+        if C.dim() == 2:  # one readout: (batch ch, h) @ (h, T F)
+            table = (pw.T.to(dtype)[:, :, None] * C[:, None, :]).flatten(1)
+            out = (x0.reshape(-1, h) @ table).view(batch, ch, T, -1).transpose(1, 2)
+        else:
+            out = torch.einsum("bch,th,chf->btcf", x0, pw.to(dtype), C)
+    return out, x0 * pw[-1].to(dtype)
 
 
 def scan_ref(

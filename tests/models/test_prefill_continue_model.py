@@ -1,0 +1,109 @@
+"""`LanguageModel.prefill(idx, states=..., all_logits=...)`, float64: a prompt in chunks gives one prefill's
+logits and states, every position's logits are `forward`'s, and one context state repeated for a batch of
+continuations (the multiple-choice pattern) scores each as if run alone; lm-eval's wrapper delegates it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spectralds.errors import UserError
+from spectralds.generate import merge_prefills, set_decode_method
+from spectralds.models import LanguageModel
+
+PATTERNS = [("stu", "attn"), ("stu_t", "lds"), ("lds", "attn"), ("lds_ar", "stu")]
+TOL = 1e-10
+
+
+def tiny_lm(pattern, decode: str = "futurefill") -> LanguageModel:
+    torch.manual_seed(0)
+    model = LanguageModel(
+        vocab_size=32, dim=16, num_layers=len(pattern), layer_pattern=list(pattern), seq_len=48,
+        num_filters=4,
+        layer_kwargs={"attn": {"num_heads": 2, "window_size": 6}, "lds": {"state_dim": 8, "dtype": "float64"},
+                      "lds_ar": {"state_dim": 8, "ar_order": 2, "dtype": "float64"}},
+    ).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ar." in name:  # AR weights start at zero: make them do something
+                p.copy_(torch.randn_like(p) * 0.1)
+    set_decode_method(model, decode)
+    return model
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 32, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and (a - b).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("decode", ["futurefill", "naive"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_chunks_give_one_prefill_and_every_position_is_forward(pattern, decode):
+    model = tiny_lm(pattern, decode)
+    idx = tokens(2, 30)
+    with torch.inference_mode():
+        last, states = model.prefill(idx)
+        every = model(idx)
+        cut = [0, 1, 8, 9, 23, 30]
+        chunk_states, pieces = None, []
+        for a, b in zip(cut[:-1], cut[1:], strict=True):
+            logits, chunk_states = model.prefill(idx[:, a:b], states=chunk_states, all_logits=True)
+            pieces.append(logits)
+        close(torch.cat(pieces, 1), every)
+        close(model.prefill(idx, all_logits=True)[0], every)
+        close(pieces[-1][:, -1], last)
+        token = last.argmax(-1)
+        for _ in range(4):
+            expected, states = model.step(token, states)
+            got, chunk_states = model.step(token, chunk_states)
+            close(got, expected)
+            token = expected.argmax(-1)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_one_context_state_scores_a_batch_of_continuations_as_each_alone(pattern):
+    model = tiny_lm(pattern)
+    context, choices = tokens(1, 17, seed=1), tokens(4, 5, seed=2)
+    with torch.inference_mode():
+        _, state = model.prefill(context)
+        _, state = model.prefill(tokens(1, 3, seed=5), states=state)  # a context itself continued
+        full_context = torch.cat([context, tokens(1, 3, seed=5)], 1)
+        merged = merge_prefills(model, [state] * 4)
+        logits, _ = model.prefill(choices, states=merged, all_logits=True)
+        for row in range(4):
+            alone = model(torch.cat([full_context, choices[row : row + 1]], 1))[:, -5:]
+            close(logits[row : row + 1], alone)
+    # what a scorer reads: the log-probability of each continuation
+    assert F.log_softmax(logits, -1).shape == (4, 5, 32)
+
+
+def test_bad_continuations_are_one_line_errors():
+    model = tiny_lm(("stu", "attn"))
+    with torch.inference_mode():
+        _, states = model.prefill(tokens(2, 5))
+        for call, match in [
+            (lambda: model.prefill(tokens(2, 3), torch.tensor([0, 1]), states), "start \\(left padding\\)"),
+            (lambda: model.prefill(tokens(3, 3), states=states), "holds 2 sequences but the chunk"),
+            (lambda: model.prefill(tokens(2, 3), states=states[:1]), "one state per block \\(2\\), got 1"),
+            (lambda: model.prefill(tokens(2, 0), states=states), "at least one token"),
+        ]:
+            with pytest.raises(UserError, match=match) as info:
+                call()
+            assert "\n" not in str(info.value)
+
+
+def test_lm_eval_wrapper_delegates_continuation_and_all_logits():
+    pytest.importorskip("lm_eval")
+    from spectralds.evaluation.lm_eval_backend import _DecodableOnly
+
+    model = tiny_lm(("stu", "attn"))
+    wrapped = _DecodableOnly(model, 30)
+    idx = tokens(2, 12)
+    with torch.inference_mode():
+        _, states = wrapped.prefill(idx[:, :7])
+        logits, _ = wrapped.prefill(idx[:, 7:], states=states, all_logits=True)
+        expected = model(idx)[:, 7:]
+    close(logits[..., :30], expected[..., :30])
+    assert torch.isinf(logits[..., 30:]).all()  # ids past the tokenizer stay masked
