@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from spectralds.generate import merge_prefills, prefill_prompts
 from spectralds.layers.positions import at_least_float32
+from spectralds.layers.registry import SequenceLayer
 
 Request = tuple[object, list[int], list[int]]  # lm-eval's (cache key, context tokens, continuation tokens)
 
@@ -84,6 +86,14 @@ def score_groups(
     The logits predicting a continuation's first token are those of its context's last position.
     """
     contexts = [torch.tensor(requests[g[0]][1], device=device) for g in groups]
+    with stu_decoding(model, scoring_method(min(len(c) for c in contexts), model.seq_len)):
+        return _score(model, requests, groups, contexts, device)
+
+
+def _score(
+    model: torch.nn.Module, requests: Sequence[Request], groups: list[list[int]],
+    contexts: list[torch.Tensor], device: torch.device,
+) -> dict[int, tuple[float, bool]]:
     last, states = prefill_prompts(model, contexts)  # (G, vocab): what predicts each first token
     count, choices = len(groups), max(len(g) for g in groups)
     width = max(len(requests[i][2]) for g in groups for i in g) - 1
@@ -105,6 +115,28 @@ def score_groups(
 def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax on the CPU, half precision in float32 and float64 kept (a float64 model's scores)."""
     return F.log_softmax(at_least_float32(logits), dim=-1).cpu()
+
+
+def scoring_method(context: int, window: int) -> str:
+    """How STU layers score continuations after a context (both exact): FutureFill's prefill adds the
+    context to every later position of the window and its continuation adds itself to every position
+    after it, a cost that grows with the window; naive decoding's continuation reads each row's context
+    again, a cost that grows with the context. FutureFill when the window is at most twice the context."""
+    return "futurefill" if window <= 2 * context else "naive"
+
+
+@contextmanager
+def stu_decoding(model: torch.nn.Module, method: str) -> Iterator[None]:
+    """Every STU layer decoding by `method` inside the block, each back to its own method after it."""
+    layers = [m for m in model.modules() if isinstance(m, SequenceLayer) and method in m.decode_methods]
+    before = [layer.decode_method for layer in layers]
+    for layer in layers:
+        layer.set_decode_method(method)
+    try:
+        yield
+    finally:
+        for layer, own in zip(layers, before, strict=True):
+            layer.set_decode_method(own)
 
 
 def continuation_score(logprobs: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:

@@ -130,3 +130,14 @@ def test_batches_hold_about_the_rows_asked_for():
     assert [g for b in batches for g in b] == [[1, 2], [3], [0], [4, 5]]  # longest context first
     assert all(max(len(g) for g in b) * len(b) <= 4 for b in batches)
     assert list(sharing.batches([[0, 1, 2]], requests, rows=2)) == [[[0, 1, 2]]]  # a group is never split
+
+
+def test_stu_layers_score_by_the_cheaper_exact_method_and_get_theirs_back():
+    model = tiny_lm(["stu_t", "stu"], torch.float64)
+    assert sharing.scoring_method(context=24, window=48) == "futurefill"  # the window at most twice it
+    assert sharing.scoring_method(context=23, window=48) == "naive"
+    stus = [m for m in model.modules() if getattr(m, "decode_methods", ())]
+    assert len(stus) == 2 and {m.decode_method for m in stus} == {"futurefill"}
+    with sharing.stu_decoding(model, "naive"):
+        assert {m.decode_method for m in stus} == {"naive"}
+    assert {m.decode_method for m in stus} == {"futurefill"}
