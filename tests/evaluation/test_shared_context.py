@@ -141,3 +141,12 @@ def test_stu_layers_score_by_the_cheaper_exact_method_and_get_theirs_back():
     with sharing.stu_decoding(model, "naive"):
         assert {m.decode_method for m in stus} == {"naive"}
     assert {m.decode_method for m in stus} == {"futurefill"}
+
+
+@pytest.mark.parametrize("value, expected", [(-1, "shared_context must be >= 0"), ("many", "shared_context")])
+def test_a_bad_shared_context_is_a_one_line_error(value, expected):
+    from spectralds.errors import UserError
+
+    with pytest.raises(UserError, match=expected) as info:
+        SpectraLDSLM(model=tiny_lm(["lds"], torch.float32), shared_context=value)
+    assert "\n" not in str(info.value)
