@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectralds.errors import UserError, check_choice, check_float, check_int
-from spectralds.layers.kv_cache import KVCache, RingKVCache, extended, grown, merge_caches
+from spectralds.layers.attention_continue import prefill_from
+from spectralds.layers.kv_cache import KVCache, RingKVCache, grown, merge_caches
 from spectralds.layers.positions import POSITIONS, alibi_bias, alibi_slopes, at_least_float32, lags, rope
 from spectralds.layers.registry import (
     SequenceLayer,
@@ -145,11 +146,12 @@ class SlidingWindowAttention(SequenceLayer):
         so later steps keep each row's own positions and masks). state: continue from that cache
         (`SequenceLayer.prefill`): the chunk's queries see the cached keys and their own, at positions
         after the cache's (a CUDA-graph `RingKVCache` is stepped through)."""
-        if isinstance(state, RingKVCache):
-            check_continuation(start, state, x.shape[0], state.k.shape[0])
+        ring = isinstance(state, RingKVCache)
+        check_continuation(start, state, x.shape[0], state.k.shape[0] if ring else None)  # else: below
+        if ring:
             return super().prefill(x, state=state)
-        if state is not None:
-            return self._continue(x, start, state)
+        if state is not None:  # spectralds.layers.attention_continue
+            return prefill_from(self, x, state)
         y, k, v = self._sequence(x, start)
         T = x.shape[1]
         keep = T if self.window_size is None else min(T, self.window_size)
@@ -157,23 +159,6 @@ class SlidingWindowAttention(SequenceLayer):
         shift = 0 if self.window_size is None else (T - keep) % self.window_size
         k, v = (t[:, :, T - keep :].roll(shift, dims=2) for t in (k, v))
         return y, KVCache(k, v, T, start)
-
-    def _continue(self, x: torch.Tensor, start: torch.Tensor | None, cache: KVCache) -> tuple:
-        if not isinstance(cache, KVCache):
-            raise UserError(f"attention continues from a KVCache, not {type(cache).__name__}")
-        check_continuation(start, cache, x.shape[0], cache.k.shape[0])
-        self._check_sequence(x)
-        positions = cache.pos + torch.arange(x.shape[1], device=x.device)
-        own = positions if cache.start is None else (positions - cache.start[:, None])[:, None]
-        q, k, v = self._qkv(x, own)
-        keys, values, held, cache = extended(cache, k, v, self.window_size)
-        lag = positions[:, None] - held  # (T, keys)
-        mask = (lag >= 0) & (lag < (self.window_size or lag.shape[1] + 1))
-        if cache.start is not None:  # (B, 1, T, keys): a row's padding never seen
-            mask = mask & (held >= cache.start[:, None])[:, None, None]
-        scores = self._capped_scores(q, keys, self.alibi_slopes(q), lag)
-        y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype) @ values
-        return self.o_proj(y.transpose(1, 2).flatten(2)), cache
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None = None

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spectralds.errors import check_bool, check_choice, check_float
-from spectralds.layers.registry import check_continuation, padding_mask
+from spectralds.errors import UserError, check_bool, check_choice, check_float
+from spectralds.layers.registry import SequenceLayer, check_continuation, padding_mask
 
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -54,6 +55,16 @@ class SwiGLU(nn.Module):
         gate = self.w1(x)
         gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
         return self.w2(gate * self.w3(x))
+
+
+def continued_prefill(mixer: nn.Module, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """`mixer.prefill(x, state=state)`; a layer whose own prefill takes no `state` (written before it
+    existed) continues by the protocol's default, its steps."""
+    if "state" in inspect.signature(mixer.prefill).parameters:
+        return mixer.prefill(x, state=state)
+    if not isinstance(mixer, SequenceLayer):
+        raise UserError(f"{type(mixer).__name__}.prefill takes no `state`: it cannot continue a prefill")
+    return SequenceLayer.prefill(mixer, x, state=state)
 
 
 class Block(nn.Module):
@@ -116,7 +127,7 @@ class Block(nn.Module):
         after it, `SequenceLayer.prefill`)."""
         if state is not None:
             check_continuation(start, state, x.shape[0], None)  # the mixer checks the batch
-            y, state = self.mixer.prefill(self.norm1(x), state=state)
+            y, state = continued_prefill(self.mixer, self.norm1(x), state)
         elif start is None:  # a mixer that takes no `start` still prefills unpadded prompts
             y, state = self.mixer.prefill(self.norm1(x))
         else:

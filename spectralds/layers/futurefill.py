@@ -25,10 +25,13 @@ import torch
 
 from spectralds.errors import UserError
 from spectralds.layers.registry import DECODE_METHODS, check_continuation
-from spectralds.ops.fft_conv import compute_dtype, fft_size, no_autocast
+from spectralds.ops.fft_conv import compute_dtype, fft_size, no_autocast, real_fft
 
 _DIRECT_BLOCK = 16  # FutureFill blocks up to this many tokens are summed directly (faster than an FFT)
 _INITIAL_CACHE = 16  # first capacity of FutureFill's cache of generated tokens; it doubles as needed
+# A continued prefill convolves at most max(chunk, _PIECE) sources with as many targets per FFT, so its
+# memory follows the chunk, not seq_len (`prefill_from`).
+_PIECE = 256
 
 
 @dataclass
@@ -113,20 +116,25 @@ def prefill(
         state.inputs[:, layer.seq_len - length :] = history.to(state.inputs.dtype)
         y = layer.forward(x)
     else:
-        # One FFT gives the prompt's outputs and its contribution to every later position.
-        state.future = layer._sequence_conv(x, layer.seq_len).clone()  # own compact storage, not a view
+        # The prompt's outputs as `forward` computes them, then its part of every later position.
+        state.future[:, :length] = layer._sequence_conv(x, length)
         y = state.future[:, :length].to(x.dtype)
+        if length < layer.seq_len:
+            with no_autocast(x.device):
+                _add_later(layer, layer._encode(x).to(state.future.dtype), state.future, 0, length)
         state.inputs = state.inputs[..., : min(_INITIAL_CACHE, layer.seq_len - length)]
     state.pos = state.start = length
     return y, state
 
 
+@torch.no_grad()
 def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
     """A chunk x (B, T, dim) after all `state` has seen (a prefill, steps, earlier chunks): the outputs
-    and the state of one prefill over prefix + chunk; `state` is left unchanged. The chunk's own
-    contribution to its positions and every later one is one FFT; naive: the stored history adds its
-    part by another; FutureFill: what the dyadic schedule still owes from generated tokens is added
-    first (`_flush`), so the new state holds no generated token (it merges like a fresh prefill's)."""
+    and the state of one prefill over prefix + chunk; `state` is left unchanged. FutureFill: the chunk's
+    part of its positions and every later one, by FFTs over pieces of targets; naive: the chunk's own
+    convolution plus the stored history's part, by FFTs over pieces of the history. FutureFill first adds
+    what the dyadic schedule still owes from generated tokens (`_flush`): the new state holds no generated
+    token, and merges like a fresh prefill's."""
     if not isinstance(state, ConvDecodeState):
         raise UserError(f"an STU layer continues from a ConvDecodeState, not {type(state).__name__}")
     check_continuation(None, state, x.shape[0], state.inputs.shape[0])
@@ -137,28 +145,43 @@ def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[t
                         "length")
     if length == 0:
         return x.new_zeros(batch, 0, layer.dim_out), state
-    own = layer._sequence_conv(x, length if state.method == "naive" else seq_len - pos)
+    piece, end = max(length, _PIECE), pos + length  # naive: history pieces
     if state.method == "naive":
         inputs = state.inputs.clone()
-        inputs[:, seq_len - pos - length : seq_len - pos] = _naive_encode(layer, x, state.weight).flip(1).to(
-            inputs.dtype)
-        y = own
-        if pos:  # the history, back in time order and encoded, to the chunk's positions
-            history = state.inputs[:, seq_len - pos :].flip(1)
-            z = history.transpose(1, 2) if layer.depthwise else layer._encode(history)
-            with no_autocast(x.device):
-                y = y + layer._fill_fft(z.to(own.dtype), pos, length)
-        return y.to(x.dtype), ConvDecodeState("naive", pos + length, pos + length, state.kernel, state.weight,
-                                             inputs)
-    future = state.future.clone()
+        encoded = _naive_encode(layer, x, state.weight).flip(1)
+        inputs[:, seq_len - end : seq_len - pos] = encoded.to(inputs.dtype)
+        y = layer._sequence_conv(x, length)
+        with no_autocast(x.device):
+            for first in range(0, pos, piece):  # the history, in pieces, back in time order and encoded
+                history = state.inputs[:, seq_len - min(pos, first + piece) : seq_len - first].flip(1)
+                z = history.transpose(1, 2) if layer.depthwise else layer._encode(history)
+                y = y + layer._fill_fft(z.to(y.dtype), pos - first, length)
+        return y.to(x.dtype), ConvDecodeState("naive", end, end, state.kernel, state.weight, inputs)
+    future, z = state.future.clone(), layer._encode(x)
     with no_autocast(x.device):
         _flush(layer, state, future)
-    future[:, pos:] += own
-    capacity = min(_INITIAL_CACHE, seq_len - pos - length)
-    inputs = state.inputs.new_zeros(*state.inputs.shape[:-1], capacity)
-    end = pos + length
+        _add_later(layer, z.to(future.dtype), future, pos, pos)
+    inputs = state.inputs.new_zeros(*state.inputs.shape[:-1], min(_INITIAL_CACHE, seq_len - end))
     new = ConvDecodeState("futurefill", end, end, state.kernel, state.weight, inputs, future, {**state.cache})
     return future[:, pos:end].to(x.dtype), new
+
+
+def _add_later(layer: Any, z: torch.Tensor, future: torch.Tensor, origin: int, first: int) -> None:
+    """future[:, first:] += the part of encoded inputs z (B, ..., m), at positions origin.. origin+m-1,
+    of every position from `first` on, max(m, _PIECE) positions at a time (memory follows m): one FFT of
+    z serves every piece, each with the kernel spectrum of its lags (as `SpectralConv._fill_fft`)."""
+    m = z.shape[-1]
+    if first >= layer.seq_len:
+        return
+    piece = max(m, _PIECE)
+    n = fft_size(m + piece - 1)  # no circular wrap-around reaches a kept output (see _fill_fft)
+    zf = real_fft(z, n)
+    for begin in range(first, layer.seq_len, piece):
+        count, start = min(piece, layer.seq_len - begin), begin - origin
+        lo = max(0, start - m + 1)  # the smallest lag that occurs
+        spectrum = layer._kernel_spectrum(lo, start + count, n, z.dtype)
+        y = torch.fft.irfft(layer._contract(zf, spectrum), n=n)[..., start - lo : start - lo + count]
+        future[:, begin : begin + count] += y.transpose(1, 2)
 
 
 def _flush(layer: Any, state: ConvDecodeState, future: torch.Tensor) -> None:

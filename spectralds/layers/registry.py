@@ -160,7 +160,8 @@ class SequenceLayer(nn.Module):
         `prefill` or `step` (same batch): x is then a chunk following what that state has seen, and the
         outputs and the state returned are those of one prefill over prefix + chunk (the same later
         `step` outputs; the state also merges, `merge_states`). `start` (left padding) is for a first
-        prefill only (`check_continuation`).
+        prefill only (`check_continuation`). The package's layers leave the given state unchanged (one
+        context state can serve several continuations); this default's steps may write it, as `step` does.
 
         This default steps token by token from the state (correct for any layer; from the zero state for
         a layer time-invariant from it, the padded inputs being zeros); layers override it with a fast

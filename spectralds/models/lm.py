@@ -152,10 +152,12 @@ class LanguageModel(SpectralModule):
 
         states: the states of an earlier `prefill` or `step` of this model (same batch, start=None): idx
         is then a chunk following what they have seen, and the logits and states are those of one
-        prefill over prefix + chunk (`SequenceLayer.prefill`). all_logits: the logits of every position
-        of idx, (batch, T, vocab), instead of the last one's: what scoring a continuation needs (its
-        tokens' log-probabilities) from one pass. Chunk by chunk, a long prompt's activations stay those
-        of a chunk; the states are the layers' own (an STU's spans seq_len, an LDS's is fixed).
+        prefill over prefix + chunk (`SequenceLayer.prefill`; the package's layers leave the states as given).
+        all_logits: the logits of every position of idx, (batch, T, vocab), instead of the last one's:
+        what scoring a continuation needs (its tokens' log-probabilities) from one pass; continuations of
+        different lengths may be right-padded in one batch (every layer is causal: padding changes no
+        earlier position, only the states after it). Chunk by chunk, a long prompt's activations stay
+        those of a chunk; the states are the layers' own (an STU's spans seq_len, an LDS's is fixed).
         """
         start = self._start(idx, start)
         if states is not None:

@@ -11,7 +11,7 @@ from test_left_padding import fitted_lds, with_ar
 
 from spectralds.errors import UserError
 from spectralds.generate import merge_prefills, static_states
-from spectralds.layers import SequenceLayer, build_layer
+from spectralds.layers import SequenceLayer, attention_continue, build_layer, futurefill
 from spectralds.layers.kv_cache import RingKVCache
 
 F64 = torch.float64
@@ -155,6 +155,39 @@ def test_a_continued_state_merges_into_a_batch_decoding_as_each_row(kind):
             assert_close(batched_steps[own], later_steps(layer, alone, batch=3, rows=own))
 
 
+@pytest.mark.parametrize("kind", sorted(set(LAYERS) - {"default_ema"}))
+def test_continued_states_of_different_lengths_merge_right_aligned(kind):
+    """Contexts of different lengths, each prefilled in two chunks, merged (right-aligned at the longest),
+    then one more chunk for all: each row's outputs and later steps are its own run alone."""
+    layer = LAYERS[kind]().eval()
+    contexts = [inputs(n, batch=1, seed=n) for n in (13, 6, 9)]
+    chunk = inputs(5, batch=3, seed=4)
+    with torch.no_grad():
+        states = []
+        for x in contexts:
+            _, state = layer.prefill(x[:, :3])
+            states.append(layer.prefill(x[:, 3:], state=state)[1])
+        y, merged = layer.prefill(chunk, state=merge_prefills(layer, states))
+        steps = later_steps(layer, merged, batch=3)
+        for row, x in enumerate(contexts):
+            alone = torch.cat([x, chunk[row : row + 1]], 1)
+            whole, state = layer.prefill(alone)
+            own = slice(row, row + 1)
+            assert_close(y[own], whole[:, -5:])
+            assert_close(steps[own], later_steps(layer, state, batch=3, rows=own))
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_continuing_from_the_initial_state_is_a_first_prefill(kind):
+    layer = LAYERS[kind]().eval()
+    x = inputs(10)
+    with torch.no_grad():
+        whole, state = layer.prefill(x)
+        y, continued = layer.prefill(x, state=layer.init_state(2, dtype=F64))
+        assert_close(y, whole)
+        assert_close(later_steps(layer, continued), later_steps(layer, state))
+
+
 def test_futurefill_owes_exactly_the_pending_blocks():
     """After n generated tokens (n = 1..20) the next chunk's outputs are one prefill's: every (source,
     target) pair the dyadic schedule had not added yet is added once, none twice."""
@@ -166,6 +199,24 @@ def test_futurefill_owes_exactly_the_pending_blocks():
             for n in range(1, 21):
                 out, _ = run_plan(layer, x[:, : 5 + n + 9], [("prefill", 5), ("step", n), ("prefill", 9)])
                 assert_close(out, whole[:, : 5 + n + 9])
+
+
+@pytest.mark.parametrize("kind", ["stu_futurefill", "stu_t_naive", "stu_naive", "stu_ar_futurefill", "attn",
+                                  "attn_window", "attn_alibi_window"])
+def test_pieces_and_query_blocks_change_nothing(kind, monkeypatch):
+    """Long chunks run in pieces (FutureFill's targets, naive's history, attention's query blocks) so
+    their memory follows the chunk: pieces of 3 give one prefill's outputs."""
+    monkeypatch.setattr(futurefill, "_PIECE", 3)
+    monkeypatch.setattr(attention_continue, "QUERY_BLOCK", 3)
+    layer = LAYERS[kind]().eval()
+    x = inputs(40)
+    with torch.no_grad():
+        whole, reference = layer.prefill(x)
+        for plan in ([("prefill", 1), ("prefill", 17), ("step", 2), ("prefill", 20)],
+                     [("prefill", 11), ("prefill", 2), ("prefill", 27)]):
+            out, state = run_plan(layer, x, plan)
+            assert_close(out, whole)
+        assert_close(later_steps(layer, state), later_steps(layer, reference))
 
 
 def test_a_ring_cache_continues_by_steps():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from spectralds.errors import UserError
 from spectralds.generate import merge_prefills, set_decode_method
+from spectralds.layers import SequenceLayer, register_layer
 from spectralds.models import LanguageModel
 
 PATTERNS = [("stu", "attn"), ("stu_t", "lds"), ("lds", "attn"), ("lds_ar", "stu")]
@@ -79,6 +80,22 @@ def test_one_context_state_scores_a_batch_of_continuations_as_each_alone(pattern
     assert F.log_softmax(logits, -1).shape == (4, 5, 32)
 
 
+@pytest.mark.parametrize("decode", ["futurefill", "naive"])
+def test_one_context_state_serves_several_continuations_unchanged(decode):
+    """The package's layers leave a state as given: continuing it twice (after a step too) is right both
+    times."""
+    model = tiny_lm(("stu", "attn", "lds_ar", "stu_t"), decode)
+    context = tokens(2, 9, seed=3)
+    with torch.inference_mode():
+        _, states = model.prefill(context)
+        _, states = model.step(tokens(2, 1, seed=4)[:, 0], states)
+        prefix = torch.cat([context, tokens(2, 1, seed=4)], 1)
+        for seed in (5, 6, 7):
+            chunk = tokens(2, 4, seed=seed)
+            logits, _ = model.prefill(chunk, states=states, all_logits=True)
+            close(logits, model(torch.cat([prefix, chunk], 1))[:, -4:])
+
+
 def test_bad_continuations_are_one_line_errors():
     model = tiny_lm(("stu", "attn"))
     with torch.inference_mode():
@@ -107,3 +124,38 @@ def test_lm_eval_wrapper_delegates_continuation_and_all_logits():
         expected = model(idx)[:, 7:]
     close(logits[..., :30], expected[..., :30])
     assert torch.isinf(logits[..., 30:]).all()  # ids past the tokenizer stay masked
+
+
+@register_layer("test_old_prefill")
+class OldPrefill(SequenceLayer):
+    """A layer written before `state` existed: its own prefill(x, start) and step, nothing else."""
+
+    def __init__(self, dim: int, seq_len: int | None = None) -> None:
+        super().__init__()
+        self.w = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, start=None):
+        return self.prefill(x)[0]
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return torch.zeros(batch_size, self.w.in_features, device=device, dtype=dtype)
+
+    def step(self, x_t, state):
+        state = 0.5 * state + self.w(x_t)
+        return state.tanh(), state
+
+    def prefill(self, x, start=None):
+        state, ys = self.init_state(x.shape[0], x.device, x.dtype), []
+        for t in range(x.shape[1]):
+            y, state = self.step(x[:, t], state)
+            ys.append(y)
+        return torch.stack(ys, 1), state
+
+
+def test_a_layer_whose_prefill_takes_no_state_continues_by_its_steps():
+    model = tiny_lm(("test_old_prefill", "attn"))
+    idx = tokens(2, 14)
+    with torch.inference_mode():
+        _, states = model.prefill(idx[:, :6])
+        logits, _ = model.prefill(idx[:, 6:], states=states, all_logits=True)
+        close(logits, model(idx)[:, 6:])
