@@ -44,6 +44,12 @@ def _labels(ckpts: list[str], given: list[str] | None) -> list[str]:
     return labels
 
 
+def _rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def evaluate(
     *,
     ckpt: Sequence[str],
@@ -63,6 +69,9 @@ def evaluate(
 ) -> None:
     """Evaluate checkpoints on lm-eval tasks: one row per checkpoint, then their difference.
 
+    Under `torchrun --nproc-per-node N -m spectralds eval ...` the documents are split across the N
+    processes (one GPU each, or CPU with gloo) and rank 0 prints and writes the results.
+
     Args:
         ckpt: a checkpoint (repeat: one row each)
         label: row label per --ckpt (None: file name)
@@ -73,7 +82,7 @@ def evaluate(
         limit: documents per task (< 1: a fraction)
         tokenizer: tokenizer (None: the one each model trained with)
         decode: STU decoding
-        device: None: cuda when available, else cpu
+        device: None: cuda when available, else cpu (under torchrun: cuda:LOCAL_RANK)
         offline: never download (sets HF_HUB_OFFLINE)
         output: results JSON; its markdown table goes beside it with suffix .md (results.json: results.md),
             replacing only a report spectralds eval wrote
@@ -97,6 +106,8 @@ def evaluate(
             num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, tokenizer=tokenizer,
             device=device, decode=decode,
         )
+    if not _rank_zero():  # data-parallel (torchrun): every rank has the results, rank 0 reports them
+        return
     print(format_table(results))
     if log_dir is not None:
         log_tensorboard(results, log_dir)

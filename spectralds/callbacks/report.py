@@ -35,9 +35,10 @@ class StageReport(Callback):
         decode_tokens: time at most this many greedy decode steps (batch 1) after the prompt.
         prompt_len: prompt length (None: half the model's seq_len); prompt + decode_tokens fit seq_len.
         repeats: timed decodes after one warm-up; the fastest counts (the least disturbed by other load).
-        eval_tasks: lm-evaluation-harness tasks to run on this stage's model (needs the `eval` extra);
-            the printing StageReport then also prints their side-by-side table (with the difference of
-            the second row from the first) and writes it to <log_dir>/eval.md and eval.json.
+        eval_tasks: lm-evaluation-harness tasks to run on this stage's model (needs the `eval` extra;
+            data-parallel under DDP: the same numbers as one process); the printing StageReport then
+            also prints their side-by-side table (with the difference of the second row from the first)
+            and writes it to <log_dir>/eval.md and eval.json.
         eval_include_path: a folder of extra task YAMLs (lm-eval's include_path).
         eval_num_fewshot / eval_limit / eval_batch_size: lm-eval's few-shot count, documents per task,
             requests per forward pass.
@@ -114,8 +115,8 @@ class StageReport(Callback):
         }
         if trainer.is_global_zero:  # no collectives in decoding; the other ranks need not wait for it
             self.row.update(self._time_decode(trainer, pl_module))
-            if self.eval_tasks:
-                self.eval_results = self._evaluate(trainer, pl_module)
+        if self.eval_tasks:  # under DDP every rank scores its share of the documents (lm-eval's split)
+            self.eval_results = self._evaluate(trainer, pl_module)
         if self.print_table:
             self._report(trainer)
 

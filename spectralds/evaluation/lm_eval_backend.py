@@ -13,7 +13,6 @@ from typing import Any
 
 import lm_eval.models  # noqa: F401 (lm-eval's own names first: it skips them once its registry is non-empty)
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences
@@ -24,11 +23,14 @@ from spectralds.data import build_tokenizer
 from spectralds.data.corpus import DOC_SEPARATOR
 from spectralds.data.tokenizers import Tokenizer
 from spectralds.errors import UserError, check_choice, check_int
+from spectralds.evaluation import data_parallel
+from spectralds.evaluation import shared_context as sharing
 from spectralds.evaluation.backend_args import generation_settings, merge_model_args, resolve_device
 from spectralds.generate import generate, set_decode_method
 from spectralds.layers.registry import SequenceLayer
 
 GEN_CHUNK = 32  # tokens generated between checks for a stop sequence
+SHARED_CONTEXT = 1  # the shortest context scored once for all requests sharing it (see shared_context)
 
 
 def load_language_model(ckpt: str | Path) -> tuple[torch.nn.Module, str]:
@@ -60,6 +62,11 @@ class SpectraLDSLM(TemplateLM):
     tokenizer: a spec for `spectralds.data.build_tokenizer` or a Tokenizer, overriding the checkpoint's
     (needed for "bpe" models, whose tokenizer.json lives in the training cache).
     decode: how STU layers generate ("futurefill" or "naive"); LDS layers always step their state.
+    shared_context: requests sharing a context of at least this many tokens (the choices of a question) are
+    scored from one run of it (`spectralds.evaluation.shared_context`); 0: every request a full forward.
+
+    Under torchrun or in a DDP run, lm-eval gives each rank its share of the documents through the
+    `rank` / `world_size` / gather hooks below (`spectralds.evaluation.data_parallel`).
     """
 
     @classmethod
@@ -81,13 +88,14 @@ class SpectraLDSLM(TemplateLM):
         device: str | None = None,
         decode: str = "futurefill",
         seed: int | str = 1234,
+        shared_context: int | str = SHARED_CONTEXT,
         max_batch_size: Any = None,  # lm-eval passes it to every backend; only for batch_size "auto"
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:  # a misspelt model_args key would otherwise be ignored without a word
             raise UserError(f"unknown spectralds model argument(s): {', '.join(sorted(unknown))}; "
-                            "expected ckpt, tokenizer, batch_size, device, decode, seed")
+                            "expected ckpt, tokenizer, batch_size, device, decode, seed, shared_context")
         if (ckpt is None) == (model is None):
             raise UserError("give the spectralds backend exactly one of ckpt=PATH or model=<module>")
         if str(batch_size).startswith("auto"):
@@ -95,6 +103,7 @@ class SpectraLDSLM(TemplateLM):
         self.batch_size = _as_int("batch_size", batch_size)
         self.decode = check_choice("decode", decode, ("futurefill", "naive"))
         self.seed = _as_int("seed", seed, minimum=0)
+        self.shared_context = _as_int("shared_context", shared_context, minimum=0)
         spec: str | Tokenizer = "byte"
         if ckpt is not None:
             model, spec = load_language_model(ckpt)
@@ -111,13 +120,26 @@ class SpectraLDSLM(TemplateLM):
         if device is None and ckpt is None:  # a module given as is stays where it is
             self._device = next(iter(model.parameters()), torch.empty(0)).device
         else:
-            self._device = resolve_device(device)
+            self._device = data_parallel.local_device(resolve_device(device))
+        # Under torchrun or a DDP run, lm-eval hands each rank its share of the documents (see rank).
+        self.ranks = data_parallel.join(self._device)
+        self._rank, self._world_size = self.ranks.rank, self.ranks.world_size
         self.model = model.to(self._device).eval()
         set_decode_method(self.model, self.decode)
         self.max_length = int(self.model.seq_len)
         # Documents in our training streams are separated by DOC_SEPARATOR, so its last token is what
         # precedes a document's first token: the natural "beginning of text" for an empty context.
         self._prefix = self.tok.encode(DOC_SEPARATOR)[-1]
+
+    # ---- data parallelism: the hooks lm-eval's evaluator calls when world_size > 1 ------------------
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return data_parallel.all_gather(tensor, self.ranks)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        return data_parallel.gather_object(obj, self.ranks, dst)
+
+    def barrier(self) -> None:
+        data_parallel.barrier(self.ranks)
 
     # ---- tokenization (TemplateLM plumbing) ---------------------------------------------------
     @property
@@ -142,35 +164,47 @@ class SpectraLDSLM(TemplateLM):
         disable_tqdm: bool = False,
         **kwargs: Any,
     ) -> list[tuple[float, bool]]:
-        """One full forward per batch; requests longest first so each batch pads little."""
+        """Requests sharing a context (multiple choice) scored from one run of it (`shared_context`); the
+        others by full forwards in batches, longest first so each batch pads little."""
         for _, _, cont in requests:
             if not 0 < len(cont) <= self.max_length:
                 raise UserError(
                     f"a continuation of {len(cont)} tokens does not fit the context of {self.max_length}"
                 )
+        groups: list[list[int]] = []
+        rest = list(range(len(requests)))
+        if self.shared_context and sharing.can_continue(self.model):
+            groups, rest = sharing.shared_contexts(requests, self.max_length, self.shared_context)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank > 0, desc="loglikelihood")
+        answers: dict[int, tuple[float, bool]] = {}
+        for batch in sharing.batches(groups, requests, self.batch_size):
+            answers.update(sharing.score_groups(self.model, requests, batch, self._device))
+            bar.update(sum(len(g) for g in batch))
+        answers.update(zip(rest, self._full_forwards([requests[i] for i in rest], bar), strict=True))
+        bar.close()
+        results = [answers[i] for i in range(len(requests))]
+        for (key, _, _), answer in zip(requests, results, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return results
+
+    def _full_forwards(self, requests: list[Any], bar: tqdm) -> list[tuple[float, bool]]:
+        """One full forward per batch of requests, each left-truncated to the window as lm-eval's own
+        models do: the last seq_len tokens of context + continuation, minus the final one (a target)."""
         collator = Collator(requests, sort_fn=lambda r: (-len(r[1]) - len(r[2]), tuple(r[1] + r[2])))
         results: list[tuple[float, bool]] = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
         for batch in collator.get_batched(n=self.batch_size):
-            # The last seq_len tokens of context + continuation, minus the final one (it is only a target).
             inputs = [(ctx + cont)[-(self.max_length + 1) :][:-1] for _, ctx, cont in batch]
             width = max(len(x) for x in inputs)
             # Right padding is safe: every layer is causal, so padding never reaches earlier positions.
             padded = torch.zeros(len(batch), width, dtype=torch.long)
             for i, x in enumerate(inputs):
                 padded[i, : len(x)] = torch.tensor(x)
-            logprobs = F.log_softmax(self.model(padded.to(self._device)).float(), dim=-1).cpu()
-            for i, (key, _, cont) in enumerate(batch):
+            logprobs = sharing.log_probabilities(self.model(padded.to(self._device)))
+            for i, (_, _, cont) in enumerate(batch):
                 end = len(inputs[i])
-                rows = logprobs[i, end - len(cont) : end]
-                target = torch.tensor(cont)
-                logprob = float(rows.gather(1, target[:, None]).sum())
-                answer = (logprob, bool((rows.argmax(-1) == target).all()))
-                results.append(answer)
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, answer)
+                results.append(sharing.continuation_score(logprobs[i, end - len(cont) : end], cont))
                 bar.update(1)
-        bar.close()
         return collator.get_original(results)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -203,7 +237,7 @@ class SpectraLDSLM(TemplateLM):
         collator = Collator(encoded, sort_fn=lambda r: -len(r[1]), group_fn=lambda r: r[2],
                             group_by="gen_kwargs")
         results: list[str] = []
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank > 0, desc="generate_until")
         for batch in collator.get_batched(n=self.batch_size):
             kwargs = batch[0][2]
             settings = generation_settings(kwargs)

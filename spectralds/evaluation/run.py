@@ -13,13 +13,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning import LightningModule
 
 from spectralds.errors import MissingFileError, UserError, check_float, check_int, first_line
+from spectralds.evaluation import data_parallel
 from spectralds.evaluation.task_checks import build_problem, check_task, leaf_tasks, yaml_syntax_problem
+
+if TYPE_CHECKING:  # only a type here: importing spectralds.evaluation need not load Lightning
+    from lightning import LightningModule
 
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
@@ -185,6 +188,10 @@ def evaluate_models(
     {task: {metric: value}}, "higher_is_better": {task: {metric: bool}}, "n-shot": {task: count},
     "samples": lm-eval's per-document records (only with log_samples)}}}.
     bootstrap_iters=0 skips lm-eval's bootstrap standard errors (minutes for perplexity metrics).
+
+    Data-parallel under `torchrun --nproc-per-node N` or inside a DDP run: every rank calls this with the
+    same arguments, lm-eval splits the documents across the ranks, and every rank returns the same
+    results (gathered on rank 0, then broadcast); writing them is the caller's business, on rank 0.
     """
 
     tasks = [t.strip() for t in tasks if t.strip()]
@@ -228,12 +235,15 @@ def _evaluate(
                 model=backend, tasks=group, num_fewshot=count, limit=limit, task_manager=manager,
                 bootstrap_iters=bootstrap_iters, log_samples=log_samples, verbosity=None,
             )
+            # Data-parallel: rank 0 gathered every rank's documents and alone has the results.
+            result = data_parallel.broadcast_object(result, backend.ranks)
             for t in (t for t in result["results"] if t in group):
                 entry["results"][t] = _numbers(result["results"][t])
                 entry["higher_is_better"][t] = result.get("higher_is_better", {}).get(t, {})
                 entry["n-shot"][t] = result.get("n-shot", {}).get(t)
-            if log_samples:
-                entry["samples"].update(result.get("samples") or {})
+            if log_samples:  # in document order (lm-eval concatenates the ranks' shares)
+                entry["samples"].update({task: _in_document_order(records) for task, records in
+                                         (result.get("samples") or {}).items()})
         out["models"][label] = entry
     return out
 
@@ -246,6 +256,12 @@ def check_limit(limit: Any) -> int | float | None:
     if limit >= 1 and not float(limit).is_integer():
         raise UserError(f"limit must be a whole number of documents or a fraction below 1, got {limit!r}")
     return int(limit) if limit >= 1 else float(limit)
+
+
+def _in_document_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-document records sorted by document, each filter's together as in one process."""
+    filters = list(dict.fromkeys(r.get("filter") for r in records))
+    return sorted(records, key=lambda r: (filters.index(r.get("filter")), r["doc_id"]))
 
 
 def fewshot_groups(
