@@ -138,3 +138,51 @@ def test_ar_order_bound_through_fit(capsys, tmp_path):
 def test_filters_refuse_before_allocating():
     with pytest.raises(UserError, match="above the bound"):
         spectral_filters(MAX_SEQ_LEN, MAX_SEQ_LEN // 2)
+
+
+# ---- fit / test / predict: config files are bounded reads; a stage without data is one line ----------
+
+
+def big_yaml(tmp_path) -> str:
+    path = tmp_path / "big.yaml"
+    path.write_text("trainer: {}\n" + "#" * 2**20 + "\n")
+    return str(path)
+
+
+def fifo(tmp_path) -> str:
+    path = tmp_path / "fifo.yaml"
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (lambda tmp: "/dev/zero", "is not a regular file"),
+        (fifo, "is not a regular file"),
+        (big_yaml, "more than a config's 1,048,576"),
+    ],
+    ids=["dev-zero", "fifo", "huge"],
+)
+@pytest.mark.parametrize("form", ["--config", "--config=", "callbacks+=", "--model"])
+def test_config_reads_are_bounded(config, form, expected, capsys, tmp_path):
+    """/dev/zero was read until memory ran out; a FIFO blocked forever."""
+    from test_adversarial_cli import TINY
+
+    value = config(tmp_path)
+    args, label = {
+        "--config": (["--config", value], "config file"),
+        "--config=": ([f"--config={value}"], "config file"),
+        "callbacks+=": (["--config", TINY, f"--trainer.callbacks+={value}"], "--trainer.callbacks+ value"),
+        "--model": (["--config", TINY, "--model", value], "--model value"),
+    }[form]
+    fails(capsys, tmp_path, ["fit", *args], f"{label} {value} ", expected)
+
+
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_a_stage_without_its_data_is_one_line(stage, capsys, tmp_path):
+    from test_adversarial_cli import CORPUS, TINY
+
+    err = fails(capsys, tmp_path, [stage, "--config", TINY, f"--data.source={CORPUS}"],
+                f"`spectralds {stage}` needs {stage} data", f"{stage}_dataloader()", "TextDataModule")
+    assert "LanguageModel" in err
