@@ -222,8 +222,12 @@ def generate(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """prompt (B, T) token ids -> (B, T + max_new_tokens). The prompt is run once (prefill).
+
+    vocab_size: sample only ids below it, the ids a tokenizer can decode (a model's vocabulary may be
+    padded past its tokenizer's); None: every id of the logits.
 
     prompt may also be a list of 1-D prompts of different lengths -> a list of 1-D tensors, each its
     prompt + max_new_tokens tokens; they decode as one batch, greedy tokens as if each ran alone.
@@ -239,6 +243,8 @@ def generate(
         raise UserError("the prompt must be a non-empty (batch, tokens) tensor")
     if temperature < 0:
         raise UserError(f"temperature must be >= 0, got {temperature}")
+    if vocab_size is not None and vocab_size < 1:
+        raise UserError(f"vocab_size must be >= 1, got {vocab_size}")
     longest = max(p.numel() for p in prompts) if ragged else prompt.shape[1]
     if longest + max_new_tokens > model.seq_len:
         raise UserError(
@@ -252,6 +258,9 @@ def generate(
     new: list[torch.Tensor] = []
 
     def choose(i: int, logits: torch.Tensor) -> torch.Tensor:
+        if vocab_size is not None and logits.shape[-1] > vocab_size:
+            logits = logits.clone()  # not the model's own output
+            logits[..., vocab_size:] = float("-inf")
         token = sample_next(logits, temperature, top_k, generator)
         new.append(token[:, None])
         return token
