@@ -186,3 +186,24 @@ def test_a_stage_without_its_data_is_one_line(stage, capsys, tmp_path):
     err = fails(capsys, tmp_path, [stage, "--config", TINY, f"--data.source={CORPUS}"],
                 f"`spectralds {stage}` needs {stage} data", f"{stage}_dataloader()", "TextDataModule")
     assert "LanguageModel" in err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--model.init_args.dim=99999999999", "dim=99999999999, num_layers=2 make at least"),
+        ("--model.init_args.num_layers=99999999", "num_layers=99999999 make at least"),
+        ("--model.init_args.seq_len=99999999999", f"seq_len must be <= {MAX_SEQ_LEN}"),
+        ("--model.init_args.dim=0", "dim must be >= 1, got 0"),
+        ("--seed_everything=99999999999999999999999", "seed_everything must be between 0 and 4294967295"),
+        ("--seed_everything=-1", "seed_everything must be between 0 and 4294967295, got -1"),
+    ],
+    ids=["dim", "num-layers", "seq-len", "zero-dim", "seed-overflow", "negative-seed"],
+)
+def test_sizes_in_a_fit_config_are_bounded(override, expected, capsys, tmp_path):
+    """A mistyped size was a 100 TB allocation's traceback (or memory filled layer by layer); a seed
+    numpy cannot take was Lightning's traceback once the run started."""
+    from test_adversarial_cli import CORPUS, TINY
+
+    fails(capsys, tmp_path, ["fit", "--config", TINY, f"--data.source={CORPUS}", override], expected)
+    assert not (tmp_path / "runs").exists()
