@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,6 +17,9 @@ from spectralds.layers import DECODE_METHODS
 GENERATE_DEFAULTS = library_defaults(generate_tokens)
 
 
+MAX_PROMPTS_BYTES = 2**24  # every prompt must fit a model's context: far more than any batch of them
+
+
 def _read_prompts(path: str) -> list[str]:
     """One prompt per line; an empty line or file is an error, never an empty prompt.
 
@@ -23,6 +28,13 @@ def _read_prompts(path: str) -> list[str]:
     byte order mark at the start of the file is not text.
     """
     try:
+        info = os.stat(path)  # stat, not open: /dev/zero would be read until memory runs out, a FIFO block
+        if not stat.S_ISREG(info.st_mode):
+            what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device or a FIFO)"
+            raise UserError(f"the prompts file {path} is {what}")
+        if info.st_size > MAX_PROMPTS_BYTES:
+            raise UserError(f"the prompts file {path} has {info.st_size:,} bytes, more than the "
+                            f"{MAX_PROMPTS_BYTES:,} prompts could use")
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
@@ -87,6 +99,7 @@ def generate(
     # Every argument is checked before the checkpoint is read or a token decoded.
     check_int("--max-new-tokens", max_new_tokens, minimum=1)
     check_float("--temperature", temperature, minimum=0.0)
+    check_int("--seed", seed, minimum=0, maximum=2**64 - 1)  # what torch.Generator.manual_seed takes
     if top_k is not None:
         check_int("--top-k", top_k, minimum=1)
     texts = [*prompt, *(_read_prompts(prompts_file) if prompts_file else [])]

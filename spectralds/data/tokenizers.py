@@ -283,6 +283,10 @@ def _existing_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
     """`path`, which must be a file; the error names the absolute path looked for (a relative one is
     read from the current directory)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path.absolute()} is a directory")
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: read forever or block
+        raise UserError(f"{what} {path.absolute()} is not a regular file")
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path.absolute()}{hint}")
     return path

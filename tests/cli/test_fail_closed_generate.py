@@ -128,3 +128,73 @@ def test_a_blank_line_with_crlf_or_a_separator_only_is_still_refused(capsys, tmp
     path.write_bytes(b"one\r\n\r\nthree\r\n")
     args = ["generate", "--ckpt", ckpt, "--prompts-file", str(path)]
     fails(capsys, tmp_path, args, f"line 2 of the prompts file {path} is empty")
+
+
+def fifo(tmp_path) -> str:
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    return str(tmp_path / "fifo")
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        (lambda tmp: "/dev/zero", "is not a regular file (a device or a FIFO)"),
+        (fifo, "is not a regular file"),
+        (lambda tmp: str(tmp), "is a directory"),
+        (lambda tmp: _huge(tmp), "has 16,777,217 bytes, more than"),
+    ],
+    ids=["dev-zero", "fifo", "directory", "huge"],
+)
+def test_prompts_file_reads_are_bounded(source, expected, capsys, tmp_path):
+    """--prompts-file /dev/zero read until memory ran out (MemoryError traceback); a FIFO blocked."""
+    torch.manual_seed(0)
+    ckpt = checkpoint(tmp_path / "m.ckpt", LanguageModel(**HPARAMS), HPARAMS)
+    path = source(tmp_path)
+    fails(capsys, tmp_path, ["generate", "--ckpt", ckpt, "--prompts-file", path],
+          f"the prompts file {path}", expected)
+
+
+def _huge(tmp_path) -> str:
+    path = tmp_path / "huge.txt"
+    with open(path, "wb") as f:
+        f.truncate(2**24 + 1)  # sparse on disk
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "weight, expected",
+    [
+        (lambda w: w.to_sparse(), "'norm.weight' is a torch.sparse_coo tensor"),
+        (lambda w: torch.empty_like(w, device="meta"), "'norm.weight' is a meta tensor"),
+    ],
+    ids=["sparse", "meta"],
+)
+def test_checkpoint_weights_without_numbers(weight, expected, capsys, tmp_path):
+    """A meta weight was a traceback ("Tensor.item() cannot be called on meta tensors"), a sparse one an
+    unclear "does not match ... Error(s) in loading state_dict"."""
+    torch.manual_seed(0)
+    model = LanguageModel(**HPARAMS)
+    state = model.state_dict()
+    state["norm.weight"] = weight(state["norm.weight"])
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"_class_path": "spectralds.models.LanguageModel",
+                                                          **HPARAMS}}, ckpt)
+    fails(capsys, tmp_path, ["generate", "--ckpt", str(ckpt), "--prompt", "ab"], str(ckpt), expected)
+
+
+@pytest.mark.parametrize(
+    "seed, expected",
+    [("99999999999999999999999", "--seed must be <= 18446744073709551615"), ("-1", "--seed must be >= 0")],
+)
+def test_seed_out_of_range(seed, expected, capsys, tmp_path):
+    """An overflowing seed was torch's "Overflow when unpacking long long" traceback."""
+    torch.manual_seed(0)
+    ckpt = checkpoint(tmp_path / "m.ckpt", LanguageModel(**HPARAMS), HPARAMS)
+    fails(capsys, tmp_path, ["generate", "--ckpt", ckpt, "--prompt", "ab", "--seed", seed], expected)
+
+
+def test_checkpoint_that_is_a_device(capsys, tmp_path):
+    fails(capsys, tmp_path, ["generate", "--ckpt", "/dev/zero", "--prompt", "ab"],
+          "checkpoint /dev/zero is not a regular file")

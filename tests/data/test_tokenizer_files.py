@@ -88,3 +88,17 @@ def test_byte_tokenizer_takes_undecodable_bytes_as_bytes():
     assert ByteTokenizer().encode(text) == list(raw)
     with pytest.raises(UnicodeEncodeError):
         ByteTokenizer().encode("\ud800")  # a surrogate that is no byte: not text, not a byte
+
+
+@pytest.mark.parametrize("kind", ["dir", "fifo"])
+@pytest.mark.parametrize("suffix", [".tiktoken", ".json"])
+def test_a_tokenizer_path_that_is_no_file_says_what_it_is(kind, suffix, tmp_path):
+    import os
+
+    from spectralds.data import build_tokenizer
+
+    path = tmp_path / f"tok{suffix}"
+    path.mkdir() if kind == "dir" else os.mkfifo(path)
+    expected = "is a directory" if kind == "dir" else "is not a regular file"
+    with pytest.raises(UserError, match=re.escape(f"{path} {expected}")):
+        build_tokenizer(str(path))
