@@ -23,8 +23,8 @@ MAX_PROMPTS_BYTES = 2**24  # every prompt must fit a model's context: far more t
 def _read_prompts(path: str) -> list[str]:
     """One prompt per line; an empty line or file is an error, never an empty prompt.
 
-    Lines end at \n or \r\n only: a form feed, \x0b, \x1c-\x1e, \x85, U+2028 or U+2029 inside a
-    line (each a line boundary to `str.splitlines`) stays in its prompt, as does a lone \r. A UTF-8
+    Lines end at LF or CRLF only: a form feed, VT, FS, GS, RS, NEL, U+2028 or U+2029 inside a line (each
+    a line boundary to `str.splitlines`) stays in its prompt, as does a lone CR. A UTF-8
     byte order mark at the start of the file is not text.
     """
     try:
@@ -81,8 +81,10 @@ def generate(
 
     Args:
         ckpt: a checkpoint written by `spectralds fit`
-        prompt: a text to continue; repeat it for several (all decode as one batch)
-        prompts_file: a UTF-8 text file of prompts, one per line
+        prompt: a text to continue; repeat it for several (all decode as one batch). A byte that is not
+            UTF-8 reaches the byte tokenizer as that byte; other tokenizers refuse it
+        prompts_file: a UTF-8 text file of prompts, one per line (a line ends at LF or CRLF only; a leading
+            byte order mark is dropped)
         max_new_tokens: tokens to generate (>= 1)
         temperature: 0 = greedy
         top_k: sample from the k likeliest tokens (None: all)
