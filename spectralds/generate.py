@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,7 +44,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     """Greedy when temperature == 0, else softmax sampling at `temperature` over the top_k logits."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature  # as Hugging Face samples (the export tests compare draws)
+    if bool((scaled == math.inf).any() or scaled.isnan().any()):
+        # A tiny temperature overflowed, or a huge one (inf as a float32 scalar) made a masked -inf NaN:
+        # the same distribution from the max-shifted logits in float64, which stay <= 0.
+        shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+        scaled = (shifted / temperature).float()
+    logits = scaled
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

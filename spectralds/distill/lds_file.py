@@ -165,6 +165,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.is_dir():
         raise UserError(f"LDS fit file {path} is a directory")
     if not path.is_file():
+        if path.exists():  # /dev/zero, a FIFO
+            raise UserError(f"LDS fit file {path} is not a regular file")
         raise MissingFileError(f"LDS fit file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -73,6 +73,8 @@ def read_released(path: str | os.PathLike, num_filters: int, seq_len: int) -> tu
     if path.is_dir():
         raise UserError(f"fit file {path} is a directory")
     if not path.is_file():
+        if path.exists():  # /dev/zero, a FIFO: the unpickler would read forever or block
+            raise UserError(f"fit file {path} is not a regular file")
         raise MissingFileError(f"fit file {path} does not exist")
     try:  # weights_only: a released file is data, never code to run
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -198,3 +198,24 @@ def test_seed_out_of_range(seed, expected, capsys, tmp_path):
 def test_checkpoint_that_is_a_device(capsys, tmp_path):
     fails(capsys, tmp_path, ["generate", "--ckpt", "/dev/zero", "--prompt", "ab"],
           "checkpoint /dev/zero is not a regular file")
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 1e-40, 1e300, 1.7e308])
+def test_extreme_temperatures_sample_a_valid_distribution(temperature):
+    """A tiny temperature overflowed the scaled logits to inf, a huge one turned the padding's -inf mask
+    into NaN: both were torch's "probability tensor contains inf, nan" traceback."""
+    model, prompt = padded_model(), torch.tensor([list(b"def f(")])
+    out = generate(model, prompt, 6, temperature=temperature,
+                   generator=torch.Generator().manual_seed(0), vocab_size=256)
+    assert (out[0, 6:] < 256).all()
+    if temperature < 1e-30:  # the limit is greedy
+        assert torch.equal(out, generate(model, prompt, 6, vocab_size=256))
+
+
+def test_extreme_temperature_through_the_command(capsys, tmp_path):
+    ckpt = checkpoint(tmp_path / "padded.ckpt", padded_model(), PADDED)
+    base = ["generate", "--ckpt", ckpt, "--prompt", "def f(", "--max-new-tokens", "4"]
+    assert run_cli(base) == 0
+    greedy = capsys.readouterr().out
+    assert run_cli([*base, "--temperature", "1e-320"]) == 0
+    assert capsys.readouterr().out == greedy

@@ -100,6 +100,15 @@ def test_import_fit_of_a_directory_says_so(capsys, tmp_path):
     fails(capsys, tmp_path, import_fit(folder), f"fit file {folder} is a directory")
 
 
+def test_import_fit_of_a_device_or_fifo_says_so(capsys, tmp_path):
+    from pathlib import Path
+
+    fifo_path = Path(fifo(tmp_path))
+    for path in (Path("/dev/zero"), fifo_path):
+        fails(capsys, tmp_path, import_fit(path, out=str(tmp_path / "o.safetensors")),
+              f"fit file {path} is not a regular file")
+
+
 @pytest.mark.parametrize("spelling", ["same", "dot-dot", "symlink", "hardlink"])
 def test_import_fit_never_writes_over_its_input(spelling, capsys, tmp_path):
     path = saved(tmp_path, "phi_lds.pt")

@@ -49,3 +49,8 @@ def test_not_measured_errors_load(tmp_path):
 def test_a_directory_is_not_a_missing_file(tmp_path):
     with pytest.raises(UserError, match=f"LDS fit file {tmp_path} is a directory"):
         load_fit(tmp_path)
+
+
+def test_a_device_is_not_a_missing_file():
+    with pytest.raises(UserError, match="LDS fit file /dev/zero is not a regular file"):
+        load_fit("/dev/zero")
