@@ -45,12 +45,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     if temperature == 0:
         return logits.argmax(dim=-1)
     scaled = logits.float() / temperature  # as Hugging Face samples (the export tests compare draws)
-    if bool((scaled == math.inf).any() or scaled.isnan().any()):
-        # A tiny temperature overflowed, or a huge one (inf as a float32 scalar) made a masked -inf NaN:
-        # the same distribution from the max-shifted logits in float64, which stay <= 0.
-        shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
-        scaled = (shifted / temperature).float()
-    logits = scaled
+    # Where a tiny temperature overflowed, or a huge one (inf as a float32 scalar) made a masked -inf NaN:
+    # the same distribution from the max-shifted logits in float64, which stay <= 0 (no host sync).
+    shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+    broken = ((scaled == math.inf) | scaled.isnan()).any(dim=-1, keepdim=True)
+    logits = torch.where(broken, (shifted / temperature).float(), scaled)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
