@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from spectralds.distill.measure import cancellation_factor, float32_check, relative_mse, target_filters
 from spectralds.errors import MissingFileError, UserError, check_float
-from spectralds.filters import MAX_SEQ_LEN, spectral_filters
+from spectralds.filters import MAX_SEQ_LEN, check_size, spectral_filters
 from spectralds.io import atomic_write, tensor_hash
 from spectralds.ops.lds_conv import impulse_response_ref
 
@@ -217,6 +217,7 @@ def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
     if fit.A.shape != (h,) or fit.B.shape != (h,) or fit.C.shape != (h, width):
         shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in (("A", fit.A), ("B", fit.B), ("C", fit.C)))
         raise bad(f"shapes {shapes} do not match state_dim={h}, 2*num_filters={width}")
+    check_size(f"{path}: measuring {h:,} states at seq_len {fit.seq_len}", fit.seq_len * (h + width))
     errors = {"rel_mse_f64": [fit.rel_mse_f64], "rel_mse_f32": [fit.rel_mse_f32],
               "cancellation": [fit.cancellation], "rel_mse_f64_per_filter": fit.rel_mse_f64_per_filter,
               "rel_mse_f32_per_filter": fit.rel_mse_f32_per_filter}

@@ -54,3 +54,13 @@ def test_a_directory_is_not_a_missing_file(tmp_path):
 def test_a_device_is_not_a_missing_file():
     with pytest.raises(UserError, match="LDS fit file /dev/zero is not a regular file"):
         load_fit("/dev/zero")
+
+
+def test_more_states_than_can_be_measured_at_its_length(tmp_path):
+    """A real (not claimed) size: 4096 states at seq_len 2^20 would need a 32 GiB impulse response."""
+    many = 4096
+    path = tmp_path / "fit.safetensors"
+    save_fit(fit(A=torch.full((many,), 0.5, dtype=torch.float64), B=torch.ones(many, dtype=torch.float64),
+                 C=torch.zeros(many, 2 * K, dtype=torch.float64), seq_len=MAX_SEQ_LEN), path)
+    with pytest.raises(UserError, match=f"{path}: measuring 4,096 states at seq_len {MAX_SEQ_LEN} needs"):
+        load_fit(path, expect_filters=True)
