@@ -3,6 +3,7 @@ option claims against a bound before allocating anything; import-fit never write
 AR order that would run for minutes is refused when the layer is built. Each bad input: exit status 2,
 one `spectralds: error:` line naming the problem, no traceback, every existing file unchanged."""
 
+import math
 import os
 
 import pytest
@@ -216,3 +217,25 @@ def test_sizes_in_a_fit_config_are_bounded(override, expected, capsys, tmp_path)
 
     fails(capsys, tmp_path, ["fit", "--config", TINY, f"--data.source={CORPUS}", override], expected)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [("A", math.nan, "A holds a non-finite value"), ("C", math.inf, "C holds a non-finite value"),
+     ("B", -math.inf, "B holds a non-finite value"), ("A", 1.5, "max |A| = 1.5 > 1, the system is unstable")],
+)
+def test_import_fit_of_non_finite_or_unstable_values(name, value, expected, capsys, tmp_path):
+    tensors = abc()
+    tensors[name].view(-1)[0] = value
+    path = saved(tmp_path, "fit.pt", **tensors)
+    fails(capsys, tmp_path, import_fit(path), str(path), expected)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("num_filters, expected", [("0", "num_filters must be >= 1"),
+                                                   ("-4", "num_filters must be >= 1"),
+                                                   ("99999999999", "num_filters must be <= 64")])
+def test_import_fit_num_filters_bounds(num_filters, expected, capsys, tmp_path):
+    args = import_fit(saved(tmp_path, "fit.pt"))
+    args[args.index("--num-filters") + 1] = num_filters
+    fails(capsys, tmp_path, args, expected)
