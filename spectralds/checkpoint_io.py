@@ -57,6 +57,8 @@ def _torch_load(
     if file.is_dir():
         raise UserError(f"checkpoint {file} is a directory, not a checkpoint file")
     if not file.is_file():
+        if file.exists():  # /dev/zero, a FIFO: torch.load would read forever or block
+            raise UserError(f"checkpoint {file} is not a regular file")
         raise MissingFileError(f"checkpoint {file} does not exist")
     try:
         return torch.load(file, map_location=map_location, weights_only=weights_only, mmap=mmap)
@@ -80,6 +82,10 @@ def check_checkpoint(checkpoint: Any, path: str | os.PathLike) -> dict[str, Any]
     hparams = checkpoint.get("hyper_parameters", {})
     if not isinstance(hparams, Mapping):
         raise UserTypeError(f"checkpoint {path}: 'hyper_parameters' must be a mapping")
+    for key, value in checkpoint["state_dict"].items():  # a sparse or meta weight fails later, in a kernel
+        if isinstance(value, torch.Tensor) and (value.layout != torch.strided or value.device.type == "meta"):
+            kind = "meta" if value.layout == torch.strided else str(value.layout)
+            raise UserError(f"checkpoint {path}: {key!r} is a {kind} tensor; weights must be dense numbers")
     return checkpoint
 
 

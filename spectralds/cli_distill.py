@@ -3,9 +3,6 @@ without training, through the code `STUToLDSDistillation` and `LayerAdaptiveStat
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from spectralds.cli_signature import library_defaults
 from spectralds.distill.prune import DEFAULT_METHOD
 from spectralds.distill.swap import (
@@ -14,7 +11,7 @@ from spectralds.distill.swap import (
     layer_fit,
 )
 from spectralds.errors import UserError, check_float, check_int
-from spectralds.io import check_output_path
+from spectralds.io import check_output_path, same_file
 
 # Training state that belongs to the STU run and names its parameters: not carried to the new model.
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
@@ -22,12 +19,6 @@ TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 
 LAYER_FIT_DEFAULTS = library_defaults(layer_fit)
 DISTILL_DEFAULTS = library_defaults(distill_stu_layers)
-
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)  # links and other spellings of one file included
-    return Path(a).resolve() == Path(b).resolve()
 
 
 def distill(
@@ -62,7 +53,7 @@ def distill(
     if prune is not None:
         check_ratio("--prune", prune)
     check_output_path(out, make_parents=True)
-    if _same_file(out, ckpt):
+    if same_file(out, ckpt):
         raise UserError(f"refusing to write {out}: it is the input checkpoint --ckpt")
 
     checkpoint = read_checkpoint(ckpt)

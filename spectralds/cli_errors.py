@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import yaml
@@ -67,6 +68,10 @@ def parser_problem(error: BaseException) -> str:
     return f"{'.'.join(keys)}: {problem}" if keys else problem
 
 
+# A config is a few kB; jsonargparse reads a file whole, so /dev/zero or a huge file would fill memory.
+MAX_CONFIG_BYTES = 2**20
+
+
 def _config_values(argv: list[str]) -> list[str]:
     values = []
     for i, arg in enumerate(argv):
@@ -77,9 +82,38 @@ def _config_values(argv: list[str]) -> list[str]:
     return values
 
 
+def _option_values(argv: list[str]) -> list[tuple[str, str]]:
+    """(option, value) of every value on the command line (`--key=value`, or the word after an option):
+    jsonargparse reads one naming an existing file as a config (`--trainer.callbacks+=distill.yaml`)."""
+    pairs = [tuple(arg.split("=", 1)) for arg in argv if arg.startswith("-") and "=" in arg]
+    return pairs + [(prev, arg) for prev, arg in zip(argv, argv[1:], strict=False)
+                    if prev.startswith("-") and "=" not in prev and not arg.startswith("-")]
+
+
+def _check_readable_size(value: str, what: str) -> None:
+    """A regular file (not a FIFO or a device such as /dev/zero) of at most MAX_CONFIG_BYTES."""
+    try:
+        info = os.stat(value)  # stat, not open: opening a FIFO would block
+    except OSError:
+        return  # a value that is not a path (the caller checks what must exist)
+    if stat.S_ISDIR(info.st_mode):
+        return
+    what = what if what == "config file" else f"{what} value"
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{what} {value} is not a regular file (a device or a FIFO cannot be read as YAML)")
+    if info.st_size > MAX_CONFIG_BYTES and (what == "config file" or value.endswith((".yaml", ".yml"))):
+        raise UserError(f"{what} {value} has {info.st_size:,} bytes, more than a config's "
+                        f"{MAX_CONFIG_BYTES:,}: is it the right file?")
+
+
 def check_config_files(argv: list[str]) -> None:
-    """Each --config file exists, is a file, and holds a non-empty YAML mapping: one line naming it."""
-    for value in _config_values(argv):
+    """Each --config file exists, is a regular file of a config's size, and holds a non-empty YAML
+    mapping; no option value names a FIFO or a device: one line naming it."""
+    configs = _config_values(argv)
+    for option, value in _option_values(argv):
+        if option not in ("--config", "-c"):
+            _check_readable_size(value, option)
+    for value in configs:
         if "\n" in value or value.lstrip().startswith("{"):
             continue  # an inline config, which jsonargparse also accepts
         path = Path(value)
@@ -87,6 +121,7 @@ def check_config_files(argv: list[str]) -> None:
             raise UserError(f"config {value} is a directory, not a YAML file")
         if not path.exists():
             raise UserError(f"config file {value} does not exist")
+        _check_readable_size(value, "config file")
         if not os.access(path, os.R_OK):
             raise UserError(f"config file {value} is not readable")
         try:

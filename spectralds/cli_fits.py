@@ -12,8 +12,9 @@ from spectralds.distill.swap import (
     STATE_DIM_RULE,  # noqa: F401  (named in a help text)
     default_state_dim,
 )
+from spectralds.errors import UserError
 from spectralds.filters import VARIANTS
-from spectralds.io import check_output_path
+from spectralds.io import check_output_path, same_file
 from spectralds.layers.stu import SpectralConv
 
 # The filter length of the reference models and of their released fits; the library has no default
@@ -45,6 +46,8 @@ def import_fit(
     from spectralds.distill import save_fit
 
     check_output_path(out, make_parents=True)  # before the work, not after it
+    if same_file(out, file):
+        raise UserError(f"refusing to write {out}: it is the input fit file")
     fit, order, flipped = import_released(file, seq_len, num_filters, variant)
     save_fit(fit, out)
     print(

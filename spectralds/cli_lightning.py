@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from spectralds.callbacks._common import OneShotLayerChange
 from spectralds.callbacks.final_save import final_weights_saved, last_path, save_final_weights
@@ -249,7 +250,25 @@ class SpectraLDSCLI(LightningCLI):
         self._check_run_dirs()
         self._check_resumed_callbacks()
 
-    before_validate = before_test = before_predict = _check_run_dirs
+    before_validate = _check_run_dirs
+
+    def before_test(self) -> None:
+        self._check_data("test")
+
+    def before_predict(self) -> None:
+        self._check_data("predict")
+
+    def _check_data(self, stage: str) -> None:
+        """The model or the data module defines the stage's dataloader: Lightning would raise its
+        MisconfigurationException with a traceback only once the run starts."""
+        hook = f"{stage}_dataloader"
+        sources = [s for s in (self.datamodule, self.model) if s is not None]
+        if not any(is_overridden(hook, source) for source in sources):
+            names = [type(source).__name__ for source in sources]
+            who = f"neither {names[0]} nor {names[1]} defines" if len(names) == 2 else f"{names[0]} lacks"
+            raise UserError(f"`spectralds {stage}` needs {stage} data, but {who} {hook}() (give --data a "
+                            "data module that has it)")
+        self._check_run_dirs()
 
 
 def _as_list(value: Any) -> list[Any]:

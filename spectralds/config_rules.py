@@ -72,7 +72,20 @@ def keep_written_vocab_size(config: Any, given: Any) -> None:
     model.vocab_size = written
 
 
+SEED_RANGE = (0, 2**32 - 1)  # what seed_everything (numpy's generator) accepts
+
+
+def check_seed(config: Any) -> None:
+    """seed_everything within `SEED_RANGE`: Lightning refuses another value only once the run starts, with
+    a traceback."""
+    seed = config.get("seed_everything")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UserError(f"seed_everything must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {seed}")
+
+
 def apply_written_rules(config: Any, given: Any) -> None:
-    """Both rules that depend on what the user wrote, not on the parser's defaults, in place."""
+    """The rules that depend on what the user wrote, not on the parser's defaults, in place; the seed's
+    range checked."""
     derive_seq_len(config, given)
     keep_written_vocab_size(config, given)
+    check_seed(config)

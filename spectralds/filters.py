@@ -55,6 +55,11 @@ VARIANTS = ("hankel", "hankel_L", "tensor")
 EIGEN_SOLVERS = ("auto", "eigh", "lanczos")
 RESOLUTION = 1e-13  # Lanczos refuses filters with sigma_k / sigma_1 below this: float64 cannot fix them
 _EIGH_MAX_LEN, _EIGH_FALLBACK_MAX_LEN = 512, 4096
+# Bounds checked before anything is allocated, so that a mistyped size (--seq-len 99999999999, a file
+# claiming one) is a one-line refusal, not a memory or time blow-up: 128x the reference models' 8192,
+# and 2 GiB of float64 for the largest array a filter bank or a fit of it holds.
+MAX_SEQ_LEN = 2**20
+MAX_ELEMENTS = 2**28
 _CACHE_VERSION = 2  # 2: files carry their request and a content hash (v1 files are not read)
 _EPS = torch.finfo(torch.float64).eps
 
@@ -142,11 +147,21 @@ def _lanczos(seq_len: int, k: int, variant: str) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(theta), torch.from_numpy(ritz)
 
 
+def check_size(what: str, elements: int) -> None:
+    """Refuse work whose largest float64 array would hold more than `MAX_ELEMENTS` values."""
+    if elements > MAX_ELEMENTS:
+        raise UserError(f"{what} needs an array of {elements:,} float64 values ({elements * 8 / 2**30:,.1f} "
+                        f"GiB), above the bound of {MAX_ELEMENTS:,} ({MAX_ELEMENTS * 8 / 2**30:g} GiB)")
+
+
 def _validate(
     seq_len: int, num_filters: int, variant: str, method: str, names: tuple = ("seq_len", "num_filters")
 ) -> None:
-    check_int(names[0], seq_len)
+    check_int(names[0], seq_len, maximum=MAX_SEQ_LEN)
     check_int(names[1], num_filters, maximum=seq_len)
+    # The Lanczos basis and its images: 2 x (steps <= 2K + 100) x L (eigh's L x L below 4096 is smaller)
+    check_size(f"{num_filters} spectral filters of length {seq_len}",
+               2 * min(seq_len, 2 * num_filters + 100) * seq_len)
     check_choice("filter variant", variant, VARIANTS)
     check_choice("filter method", method, EIGEN_SOLVERS)
 

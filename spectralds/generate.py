@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,7 +46,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     """Greedy when temperature == 0, else softmax sampling at `temperature` over the top_k logits."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature  # as Hugging Face samples (the export tests compare draws)
+    # Where a tiny temperature overflowed, or a huge one (inf as a float32 scalar) made a masked -inf NaN:
+    # the same distribution from the max-shifted logits in float64, which stay <= 0 (no host sync).
+    shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+    broken = ((scaled == math.inf) | scaled.isnan()).any(dim=-1, keepdim=True)
+    logits = torch.where(broken, (shifted / temperature).float(), scaled)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -253,8 +259,12 @@ def generate(
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
     prefill_chunk: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """prompt (B, T) token ids -> (B, T + max_new_tokens). The prompt is run once (prefill).
+
+    vocab_size: sample only ids below it, the ids a tokenizer can decode (a model's vocabulary may be
+    padded past its tokenizer's); None: every id of the logits.
 
     prompt may also be a list of 1-D prompts of different lengths -> a list of 1-D tensors, each its
     prompt + max_new_tokens tokens; they decode as one batch, greedy tokens as if each ran alone.
@@ -274,6 +284,8 @@ def generate(
         raise UserError(f"temperature must be >= 0, got {temperature}")
     if prefill_chunk is not None:
         check_int("prefill_chunk", prefill_chunk)
+    if vocab_size is not None and vocab_size < 1:
+        raise UserError(f"vocab_size must be >= 1, got {vocab_size}")
     longest = max(p.numel() for p in prompts) if ragged else prompt.shape[1]
     if longest + max_new_tokens > model.seq_len:
         raise UserError(
@@ -290,6 +302,9 @@ def generate(
     new: list[torch.Tensor] = []
 
     def choose(i: int, logits: torch.Tensor) -> torch.Tensor:
+        if vocab_size is not None and logits.shape[-1] > vocab_size:
+            logits = logits.clone()  # not the model's own output
+            logits[..., vocab_size:] = float("-inf")
         token = sample_next(logits, temperature, top_k, generator)
         new.append(token[:, None])
         return token

@@ -54,6 +54,14 @@ def check_output_path(path: str | os.PathLike, make_parents: bool = False) -> Pa
     return path
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: links and other spellings included (resolved paths when one
+    does not exist yet)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
@@ -67,13 +68,18 @@ class Tokenizer:
 
 
 class ByteTokenizer(Tokenizer):
-    """One token per UTF-8 byte; decoding replaces invalid byte sequences with U+FFFD."""
+    """One token per UTF-8 byte; decoding replaces invalid byte sequences with U+FFFD.
+
+    Encoding takes a byte that is not UTF-8 as Python hands it over from a command line or a file read
+    with ``errors="surrogateescape"`` (a lone surrogate U+DC80-U+DCFF) as that byte itself: the model
+    reads exactly the bytes given. Any other lone surrogate is a UnicodeEncodeError.
+    """
 
     name = "byte"
     vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(text.encode("utf-8", errors="surrogateescape"))
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -153,14 +159,11 @@ class TiktokenTokenizer(Tokenizer):
         special_tokens: dict[str, int] | None = None,
     ):
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
         path = _existing_file(path, "tiktoken file", _tiktoken_hint(Path(path)))
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        # tiktoken caches what it reads under a key made from the path alone; passing the hash of
-        # the current contents makes it drop a stale copy if the file changed since.
-        ranks = load_tiktoken_bpe(str(path), expected_hash=digest)
+        ranks = read_tiktoken_ranks(path, data)
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             raise UserError(f"{path} is not a byte-level BPE: {len(missing)} of the 256 bytes have no rank")
@@ -188,6 +191,47 @@ class TiktokenTokenizer(Tokenizer):
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+
+MAX_TIKTOKEN_RANK = 2**24 - 1  # 84x o200k's ranks: a model's vocabulary is the largest rank + 1
+
+
+def read_tiktoken_ranks(path: Path, data: bytes) -> dict[bytes, int]:
+    """The ranks of a ``.tiktoken`` file's bytes `data`: one ``<base64 token> <rank>`` per line.
+
+    Read here rather than by tiktoken's loader, which names no line (and "too many values to unpack" for
+    a line of three fields) and lets duplicate ranks through to a Rust panic: every problem is a one-line
+    UserError naming the file and the line.
+    """
+    ranks: dict[bytes, int] = {}
+    rank_lines: dict[int, int] = {}
+    token_lines: dict[bytes, int] = {}
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        token, rank, problem = _rank_line(line)
+        if problem is None and token in token_lines:
+            problem = f"repeats the token of line {token_lines[token]} ({token!r})"
+        if problem is None and rank in rank_lines:
+            problem = f"repeats rank {rank} of line {rank_lines[rank]}"
+        if problem is not None:
+            raise UserError(f"{path} is not a .tiktoken rank file: line {number} {problem}")
+        ranks[token], rank_lines[rank], token_lines[token] = rank, number, number
+    return ranks
+
+
+def _rank_line(line: bytes) -> tuple[bytes, int, str | None]:
+    """(token, rank, None) of one line of a rank file, or (.., .., what is wrong with it)."""
+    fields = line.split()
+    if len(fields) != 2:
+        return b"", -1, f"has {len(fields)} field{'s' * (len(fields) != 1)}, expected '<base64 token> <rank>'"
+    try:
+        token = base64.b64decode(fields[0], validate=True)
+    except ValueError:
+        return b"", -1, f"has a token that is not base64: {fields[0][:40]!r}"
+    if not fields[1].isdigit() or int(fields[1]) > MAX_TIKTOKEN_RANK:
+        return b"", -1, f"has rank {fields[1][:40]!r}, expected an integer from 0 to {MAX_TIKTOKEN_RANK}"
+    return token, int(fields[1]), None
 
 
 def build_tokenizer(
@@ -239,6 +283,10 @@ def _existing_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
     """`path`, which must be a file; the error names the absolute path looked for (a relative one is
     read from the current directory)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path.absolute()} is a directory")
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: read forever or block
+        raise UserError(f"{what} {path.absolute()} is not a regular file")
     if not path.is_file():
         raise MissingFileError(f"{what} not found: {path.absolute()}{hint}")
     return path

@@ -59,7 +59,7 @@ from spectralds.distill.varpro import (
     hankel_singular_values,
 )
 from spectralds.errors import UserError, check_choice, check_int
-from spectralds.filters import spectral_filters
+from spectralds.filters import MAX_SEQ_LEN, check_size, spectral_filters
 from spectralds.ops.lds_conv import impulse_response_ref
 
 # Part of the fit cache's key (spectralds.distill.cache): bump when the solver's results change,
@@ -87,10 +87,13 @@ def _fit_spectralds(phi: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Ten
 # ---- public entry points --------------------------------------------------------------------------
 def check_fit_args(seq_len: int, num_filters: int, state_dim: int, method: str) -> None:
     """Validate a fit request before any work (a UserError naming the bad argument)."""
-    check_int("seq_len", seq_len, minimum=16)
+    check_int("seq_len", seq_len, minimum=16, maximum=MAX_SEQ_LEN)
     check_int("num_filters", num_filters, maximum=seq_len)
     check_choice("fit method", method, FIT_METHODS)
     check_int("state_dim", state_dim, maximum=seq_len // 4)  # a fit needs several samples per state
+    # The largest arrays: the (L, h) powers and (L, 2K) targets, and varpro's (2K h, h) step system
+    check_size(f"a fit of {state_dim} states to {2 * num_filters} filters of length {seq_len}",
+               max(seq_len * (state_dim + 2 * num_filters), 2 * num_filters * state_dim**2))
     if method == "spectralds" and state_dim % 2:
         raise UserError(f"state_dim must be even for the mirrored 'spectralds' fit, got {state_dim}")
 

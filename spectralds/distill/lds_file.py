@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from spectralds.distill.measure import cancellation_factor, float32_check, relative_mse, target_filters
 from spectralds.errors import MissingFileError, UserError, check_float
-from spectralds.filters import spectral_filters
+from spectralds.filters import MAX_SEQ_LEN, check_size, spectral_filters
 from spectralds.io import atomic_write, tensor_hash
 from spectralds.ops.lds_conv import impulse_response_ref
 
@@ -162,7 +162,11 @@ def save_fit(fit: LDSFit, path: str | os.PathLike) -> None:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.is_dir():
+        raise UserError(f"LDS fit file {path} is a directory")
     if not path.is_file():
+        if path.exists():  # /dev/zero, a FIFO
+            raise UserError(f"LDS fit file {path} is not a regular file")
         raise MissingFileError(f"LDS fit file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -203,8 +207,8 @@ def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
     if fit.version > VERSION:
         raise bad(f"format version {fit.version} is newer than this library's {VERSION}")
     # Sizes no fit can have: refused here rather than failing later in a layer or a division.
-    if fit.seq_len < 1:
-        raise bad(f"metadata seq_len={fit.seq_len} (must be >= 1)")
+    if not 1 <= fit.seq_len <= MAX_SEQ_LEN:
+        raise bad(f"metadata seq_len={fit.seq_len} (must be between 1 and {MAX_SEQ_LEN})")
     if not 1 <= fit.num_filters <= fit.seq_len:
         raise bad(f"metadata num_filters={fit.num_filters} (must be between 1 and seq_len={fit.seq_len})")
     if state_dim < 1:
@@ -213,6 +217,15 @@ def _parse(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
     if fit.A.shape != (h,) or fit.B.shape != (h,) or fit.C.shape != (h, width):
         shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in (("A", fit.A), ("B", fit.B), ("C", fit.C)))
         raise bad(f"shapes {shapes} do not match state_dim={h}, 2*num_filters={width}")
+    check_size(f"{path}: measuring {h:,} states at seq_len {fit.seq_len}", fit.seq_len * (h + width))
+    errors = {"rel_mse_f64": [fit.rel_mse_f64], "rel_mse_f32": [fit.rel_mse_f32],
+              "cancellation": [fit.cancellation], "rel_mse_f64_per_filter": fit.rel_mse_f64_per_filter,
+              "rel_mse_f32_per_filter": fit.rel_mse_f32_per_filter}
+    for key, values in errors.items():  # measurements the file reports: NaN (not measured) or >= 0
+        if any(v < 0 for v in values):
+            raise bad(f"metadata {key} holds {min(values)!r} (must be >= 0)")
+        if key.endswith("per_filter") and len(values) not in (0, width):
+            raise bad(f"metadata {key} has {len(values)} entries, expected 2*num_filters={width}")
     if not all(bool(t.isfinite().all()) for t in (fit.A, fit.B, fit.C)):
         raise bad("A, B or C holds a non-finite value")
     if bool((fit.A.abs() > 1).any()):

@@ -19,7 +19,7 @@ import torch
 from spectralds.distill.fit import relative_mse, target_filters
 from spectralds.distill.lds_file import LDSFit, measured_fit
 from spectralds.errors import MissingFileError, UserError, check_int, first_line
-from spectralds.filters import spectral_filters
+from spectralds.filters import MAX_SEQ_LEN, check_size, spectral_filters
 from spectralds.ops.lds_conv import impulse_response_ref
 
 F64 = torch.float64
@@ -57,14 +57,24 @@ def _abc_of(obj: object) -> tuple[object, object, object] | None:
     return None
 
 
-def read_released(path: str | os.PathLike, num_filters: int) -> tuple[torch.Tensor, ...]:
+def _flat(v: torch.Tensor) -> torch.Tensor:
+    """(1, h) and (h, 1) hold the same numbers as (h,)."""
+    return v.reshape(-1) if v.dim() == 2 and 1 in v.shape else v
+
+
+def read_released(path: str | os.PathLike, num_filters: int, seq_len: int) -> tuple[torch.Tensor, ...]:
     """A (h,), B (h,), C (h, 2K) in float64 from a released-layout torch file, validated.
 
     Raises UserError (one line, naming the file) for anything else: not a torch file, another layout,
-    wrong shapes, a filter count other than `num_filters`, non-finite values, |A| > 1.
+    a sparse or meta tensor, wrong shapes, a filter count other than `num_filters`, more states than
+    can be measured at `seq_len` (`check_size`), non-finite values, |A| > 1.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"fit file {path} is a directory")
     if not path.is_file():
+        if path.exists():  # /dev/zero, a FIFO: the unpickler would read forever or block
+            raise UserError(f"fit file {path} is not a regular file")
         raise MissingFileError(f"fit file {path} does not exist")
     try:  # weights_only: a released file is data, never code to run
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -80,15 +90,22 @@ def read_released(path: str | os.PathLike, num_filters: int) -> tuple[torch.Tens
                             + (f" of {value.dtype}" if isinstance(value, torch.Tensor) else ""))
         if value.is_complex():
             raise UserError(f"{path}: {name} is complex ({value.dtype}); a diagonal real LDS was expected")
-    A, B, C = (v.detach().to(F64) for v in abc)
-    shapes = f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
-    A = A.reshape(-1) if A.dim() == 2 and 1 in A.shape else A  # (1, h) and (h, 1) hold the same numbers
-    B = B.reshape(-1) if B.dim() == 2 and 1 in B.shape else B
+        # Only plain dense CPU tensors hold their numbers: a sparse or meta tensor (no data) fails
+        # later in a kernel with a traceback.
+        if value.layout != torch.strided or value.device.type != "cpu":
+            where = value.layout if value.layout != torch.strided else f"device {value.device.type}"
+            raise UserError(f"{path}: {name} is a {where} tensor; a dense tensor of numbers was expected")
+    # Shapes first, from the header alone: a small file can hold an expanded view (stride 0) that
+    # claims 10^9 elements, which a dtype conversion would allocate.
+    shapes = f"A {tuple(abc[0].shape)}, B {tuple(abc[1].shape)}, C {tuple(abc[2].shape)}"
+    A, B, C = _flat(abc[0]), _flat(abc[1]), abc[2]
     if A.dim() != 1 or B.shape != A.shape or C.dim() != 2 or C.shape[0] != A.shape[0] or A.numel() == 0:
         raise UserError(f"{path}: shapes {shapes} are not A (h,), B (h,) or (1, h), C (h, 2K)")
     if C.shape[1] != 2 * num_filters:
         raise UserError(f"{path}: C has {C.shape[1]} columns, so K = {C.shape[1] / 2:g} filters, "
                         f"but --num-filters is {num_filters} (C needs {2 * num_filters})")
+    check_size(f"{path}: measuring {A.numel():,} states", seq_len * (A.numel() + 2 * num_filters))
+    A, B, C = (v.detach().to(F64) for v in (A, B, C))
     for name, value in (("A", A), ("B", B), ("C", C)):
         if not bool(value.isfinite().all()):
             raise UserError(f"{path}: {name} holds a non-finite value")
@@ -133,9 +150,9 @@ def import_released(
     filters: torch.Tensor | None = None,
 ) -> tuple[LDSFit, str, int]:
     """Read a released fit, align it to our filters and measure it: (fit, order taken, columns flipped)."""
-    check_int("seq_len", seq_len, minimum=2)
+    check_int("seq_len", seq_len, minimum=2, maximum=MAX_SEQ_LEN)
     check_int("num_filters", num_filters, minimum=1, maximum=seq_len)
-    A, B, C = read_released(path, num_filters)
+    A, B, C = read_released(path, num_filters, seq_len)
     phi = spectral_filters(seq_len, num_filters, variant) if filters is None else filters
     C, order, flipped = align_columns(A, B, C, target_filters(phi.detach().to("cpu", F64)))
     return measure(A, B, C, seq_len, num_filters, variant, "released", phi), order, flipped

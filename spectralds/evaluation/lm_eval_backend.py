@@ -27,7 +27,6 @@ from spectralds.evaluation import data_parallel
 from spectralds.evaluation import shared_context as sharing
 from spectralds.evaluation.backend_args import generation_settings, merge_model_args, resolve_device
 from spectralds.generate import generate, set_decode_method
-from spectralds.layers.registry import SequenceLayer
 
 GEN_CHUNK = 32  # tokens generated between checks for a stop sequence
 SHARED_CONTEXT = 1  # the shortest context scored once for all requests sharing it (see shared_context)
@@ -267,47 +266,16 @@ class SpectraLDSLM(TemplateLM):
         """
         rows = [p.to(self._device) for p in prompts]
         lengths, done = [len(p) for p in prompts], 0
-        model = _DecodableOnly(self.model, self.tok.vocab_size)
         while done < max_new:
             step = min(GEN_CHUNK, max_new - done)
-            rows, done = generate(model, rows, step, temperature, top_k, generator), done + step
+            # only ids the tokenizer can decode (a vocabulary padded past the tokenizer's)
+            rows = generate(self.model, rows, step, temperature, top_k, generator,
+                            vocab_size=self.tok.vocab_size)
+            done += step
             texts = [self.tok_decode(row[n:].tolist()) for row, n in zip(rows, lengths, strict=True)]
             if all(any(stop in text for stop in until) for text in texts):
                 break
         return [_cut(text, until) for text in texts]
-
-
-class _DecodableOnly:
-    """The model for `generate`, never choosing an id the tokenizer cannot decode (a vocabulary padded
-    past the tokenizer's size, say): those logits are -inf."""
-
-    def __init__(self, model: torch.nn.Module, vocab_size: int) -> None:
-        self.model, self.vocab_size, self.seq_len = model, vocab_size, model.seq_len
-
-    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[-1] > self.vocab_size:
-            logits = logits.clone()
-            logits[..., self.vocab_size :] = float("-inf")
-        return logits
-
-    def prefill(
-        self, tokens: torch.Tensor, start: torch.Tensor | None = None, states: Any = None,
-        all_logits: bool = False,
-    ) -> tuple[torch.Tensor, Any]:
-        """The model's prefill (`LanguageModel.prefill`: left padding, continuing from states, the logits
-        of every position), its logits masked; arguments left at their defaults are not passed."""
-        given = {"states": states, "all_logits": all_logits or None}
-        kwargs = {name: value for name, value in given.items() if value is not None}
-        logits, states = self.model.prefill(tokens, **kwargs) if start is None else self.model.prefill(
-            tokens, start, **kwargs)
-        return self._mask(logits), states
-
-    def decoding_layers(self) -> list[SequenceLayer]:  # what generate batches and graphs the states by
-        return self.model.decoding_layers()
-
-    def step(self, token: torch.Tensor, states: Any) -> tuple[torch.Tensor, Any]:
-        logits, states = self.model.step(token, states)
-        return self._mask(logits), states
 
 
 def _cut(text: str, until: list[str]) -> str:

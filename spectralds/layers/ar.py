@@ -113,9 +113,19 @@ class AutoRegressive(nn.Module):
         return y, inputs, torch.cat([outputs[:, 1:], y[:, None]], dim=1)
 
 
-def make_ar(dim: int, dim_out: int, ar_order: int) -> AutoRegressive | None:
-    """The AR module of a layer, or None for ar_order=0 (no parameters: checkpoint keys unchanged)."""
-    check_int("ar_order", ar_order, minimum=0)
+# The STU paper's AR terms reach a few steps back (orders 2-3). The scan's cost grows faster than p^2
+# (dim 16, seq_len 64, one forward+backward: p=8 0.05 s, 32 0.5 s, 63 3 s), so an order in the
+# hundreds would run for minutes: refused when the layer is built.
+MAX_AR_ORDER = 32
+
+
+def make_ar(dim: int, dim_out: int, ar_order: int, seq_len: int | None = None) -> AutoRegressive | None:
+    """The AR module of a layer, or None for ar_order=0 (no parameters: checkpoint keys unchanged).
+    `ar_order` is at most `MAX_AR_ORDER` and below the layer's `seq_len` (None: no length bound)."""
+    check_int("ar_order", ar_order, minimum=0, maximum=MAX_AR_ORDER)
+    if seq_len is not None and ar_order >= seq_len:
+        raise UserError(f"ar_order must be < seq_len ({seq_len}): lags reach only back to the start, "
+                        f"got {ar_order}")
     return AutoRegressive(dim, dim_out, ar_order) if ar_order else None
 
 
@@ -188,7 +198,7 @@ class LDSWithAR(LDS):
     def __init__(self, *args: Any, ar_order: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_int("ar_order", ar_order)
-        self.ar = make_ar(self.dim, self.dim_out, ar_order).to(self.run_dtype)
+        self.ar = make_ar(self.dim, self.dim_out, ar_order, self.seq_len).to(self.run_dtype)
 
     def projection_axes(self) -> dict[str, tuple[str, ...]]:
         return {**super().projection_axes(), **{f"ar.{name}": axes for name, axes in AR_AXES.items()}}

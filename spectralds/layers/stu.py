@@ -87,7 +87,7 @@ class SpectralConv(FilterBankLayer):
         self._register_bank(filters, store_filters)  # store_filters: phi in the state dict (filter_bank)
         self._spectra = SpectrumCache(_SPECTRA_KEPT)
         self._init_projections()
-        self.ar = make_ar(dim, self.dim_out, ar_order)  # AR terms (spectralds.layers.ar); None for 0
+        self.ar = make_ar(dim, self.dim_out, ar_order, seq_len)  # AR terms (spectralds.layers.ar); None for 0
 
     def _init_projections(self) -> None:
         raise NotImplementedError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spectralds.errors import UserError, UserTypeError, check_bool, check_float, check_int
+from spectralds.filters import MAX_SEQ_LEN
 from spectralds.layers.blocks import RMSNorm
 from spectralds.layers.registry import SequenceLayer, check_continuation, check_start
 from spectralds.models.common import (
@@ -44,6 +46,15 @@ def _check_config(vocab_size, dim, num_layers, layer_pattern, seq_len, mlp_ratio
         isinstance(layer_kwargs, Mapping) and all(isinstance(v, Mapping) for v in layer_kwargs.values())
     ):
         raise UserTypeError(f"layer_kwargs must map layer names to keyword dicts, got {layer_kwargs!r}")
+    check_int("seq_len", seq_len, maximum=MAX_SEQ_LEN)
+    # A mistyped size (dim=99999999999) fails in the allocator with a traceback, or fills memory layer
+    # by layer: a lower bound of the parameters (embedding, two MLP matrices a layer) against the memory.
+    params = vocab_size * dim + num_layers * 2 * int(mlp_ratio * dim) * dim
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * params > memory:
+        raise UserError(f"vocab_size={vocab_size}, dim={dim}, num_layers={num_layers} make at least "
+                        f"{params:,} parameters ({4 * params / 2**30:,.0f} GiB in float32), more than this "
+                        f"machine's {memory / 2**30:,.0f} GiB of memory")
 
 
 class LanguageModel(SpectralModule):

@@ -81,12 +81,26 @@ def prompts(lengths=(3, 9, 1, 6)) -> list[torch.Tensor]:
     return [torch.randint(0, 32, (n,), generator=g) for n in lengths]
 
 
-def wrappers(model) -> list:
-    """The model and every wrapper of it that `generate` may be handed."""
-    pytest.importorskip("lm_eval")
-    from spectralds.evaluation.lm_eval_backend import _DecodableOnly
+class Delegating:
+    """A wrapper delegating to a model (as lm-eval's once did to mask logits): what `generate` may be
+    handed besides the model itself."""
 
-    return [model, _DecodableOnly(model, 30)]
+    def __init__(self, model) -> None:
+        self.model, self.seq_len = model, model.seq_len
+
+    def prefill(self, tokens, start=None):
+        return self.model.prefill(tokens) if start is None else self.model.prefill(tokens, start)
+
+    def decoding_layers(self):
+        return self.model.decoding_layers()
+
+    def step(self, token, states):
+        return self.model.step(token, states)
+
+
+def wrappers(model) -> list:
+    """The model and a wrapper of it."""
+    return [model, Delegating(model)]
 
 
 def test_generate_knows_no_concrete_layer():
@@ -130,8 +144,8 @@ def static_decode(model, states, logits, steps: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("pattern", [("lds", "lds"), ("test_ema", "attn", "lds"), ("lds_ar", "attn")])
 def test_graph_path_states_through_every_wrapper(pattern):
-    """The CUDA-graph path's state handling on the CPU. A distilled multi-layer model behind lm-eval's
-    `_DecodableOnly` once crashed here (one mixer zipped against two states)."""
+    """The CUDA-graph path's state handling on the CPU. A distilled multi-layer model behind a wrapper
+    (lm-eval's, then) once crashed here (one mixer zipped against two states)."""
     model = tiny_lm(pattern)
     for decodable in wrappers(model):
         with torch.inference_mode():
