@@ -111,21 +111,6 @@ def test_bad_continuations_are_one_line_errors():
             assert "\n" not in str(info.value)
 
 
-def test_lm_eval_wrapper_delegates_continuation_and_all_logits():
-    pytest.importorskip("lm_eval")
-    from spectralds.evaluation.lm_eval_backend import _DecodableOnly
-
-    model = tiny_lm(("stu", "attn"))
-    wrapped = _DecodableOnly(model, 30)
-    idx = tokens(2, 12)
-    with torch.inference_mode():
-        _, states = wrapped.prefill(idx[:, :7])
-        logits, _ = wrapped.prefill(idx[:, 7:], states=states, all_logits=True)
-        expected = model(idx)[:, 7:]
-    close(logits[..., :30], expected[..., :30])
-    assert torch.isinf(logits[..., 30:]).all()  # ids past the tokenizer stay masked
-
-
 @register_layer("test_old_prefill")
 class OldPrefill(SequenceLayer):
     """A layer written before `state` existed: its own prefill(x, start) and step, nothing else."""
