@@ -1,5 +1,8 @@
 """Running `spectralds` in-process from tests (the fixture `cli_env` in conftest.py isolates each run)."""
 
+import hashlib
+from pathlib import Path
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,24 @@ def one_line_error(capsys, args: list[str]) -> str:
     assert run_cli(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("spectralds: error:") and "Traceback" not in err and "\n" not in err
+    return err
+
+
+def sha256s(root: Path, also: tuple = ()) -> dict[str, str]:
+    """Content hash of every regular file under `root` (symlinks skipped) and of the files in `also`."""
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()] + [Path(f) for f in also]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def fails(capsys, root: Path, args: list[str], *expected: str, also: tuple = ()) -> str:
+    """`spectralds <args>` fails with one line holding every `expected` piece, and no file that existed
+    under `root` (or in `also`) changes; returns the line."""
+    before = sha256s(root, also)
+    err = one_line_error(capsys, args)
+    for piece in expected:
+        assert piece in err, err
+    after = sha256s(root, also)
+    assert {k: after.get(k) for k in before} == before
     return err
 
 

@@ -3,28 +3,17 @@ prefill (greedy, float64, every kind of model), for one batch and for prompts of
 
 import pytest
 import torch
+from lm_helpers import float64_lm
 
 from spectralds.errors import UserError
-from spectralds.generate import chunked_prefill, generate, prefill_prompts, set_decode_method
+from spectralds.generate import chunked_prefill, generate, prefill_prompts
 from spectralds.models import LanguageModel
 
 MODELS = [("stu", "attn"), ("lds",), ("stu_t", "lds_ar"), ("attn", "attn"), ("lds", "attn", "stu")]
 
 
 def tiny_lm(pattern, decode: str = "futurefill") -> LanguageModel:
-    torch.manual_seed(0)
-    model = LanguageModel(
-        vocab_size=32, dim=16, num_layers=len(pattern), layer_pattern=list(pattern), seq_len=64,
-        num_filters=4,
-        layer_kwargs={"attn": {"num_heads": 2, "window_size": 5}, "lds": {"state_dim": 8, "dtype": "float64"},
-                      "lds_ar": {"state_dim": 8, "ar_order": 2, "dtype": "float64"}},
-    ).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ar." in name:  # AR weights start at zero: make them do something
-                p.copy_(torch.randn_like(p) * 0.1)
-    set_decode_method(model, decode)
-    return model
+    return float64_lm(pattern, decode, seq_len=64, window=5)
 
 
 def ids(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -1,13 +1,12 @@
 """Bad input through the `spectralds` command: exit status 2, one `spectralds: error:` line naming the
 problem, no traceback, and every file that existed before byte-for-byte unchanged."""
 
-import hashlib
 import os
 from pathlib import Path
 
+import cli_helpers
 import pytest
 import torch
-from cli_helpers import one_line_error
 
 from spectralds.models import LanguageModel
 
@@ -21,22 +20,9 @@ HPARAMS = dict(vocab_size=256, dim=16, num_layers=1, layer_pattern=["stu"], seq_
 pytestmark = pytest.mark.usefixtures("cli_env")
 
 
-def sha256s(root: Path) -> dict[str, str]:
-    """Content hash of every regular file under `root` and of the repository's configs."""
-    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
-    files += [Path(TINY), Path(QUICKSTART), Path(DISTILL)]
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
 def fails(capsys, tmp_path: Path, args: list[str], *expected: str) -> str:
-    """The command fails with one line holding every `expected` piece, and changes no existing file."""
-    before = sha256s(tmp_path)
-    err = one_line_error(capsys, args)
-    for piece in expected:
-        assert piece in err, err
-    after = sha256s(tmp_path)
-    assert {k: after.get(k) for k in before} == before
-    return err
+    """`cli_helpers.fails`, the repository's configs unchanged too."""
+    return cli_helpers.fails(capsys, tmp_path, args, *expected, also=(TINY, QUICKSTART, DISTILL))
 
 
 def lightning_checkpoint(path: Path, **changes) -> Path:

@@ -5,7 +5,6 @@ one error line naming the problem, no traceback, every file that existed before 
 Tasks are copies of the shipped local tasks in tmp_path, edited per case; the model is a tiny untrained
 byte-level STU LM (the checks run before any model would matter)."""
 
-import hashlib
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ import torch
 pytest.importorskip("lm_eval")
 import lm_eval.tasks  # noqa: E402
 import lm_eval.utils  # noqa: E402
-from cli_helpers import one_line_error, run_cli  # noqa: E402
+from cli_helpers import fails, run_cli, sha256s  # noqa: E402
 
 from spectralds.evaluation.outputs import REPORT_MARK, run_name  # noqa: E402
 from spectralds.models import LanguageModel  # noqa: E402
@@ -67,22 +66,6 @@ def _tasks(root: Path, which: str = "mc", jsonl: str | None = None, edit=None) -
         assert edit[0] in text
         yaml.write_text(text.replace(*edit))
     return folder
-
-
-def sha256s(root: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
-
-
-def fails(capsys, root: Path, args: list[str], *expected: str) -> str:
-    """`spectralds <args>` fails with one line holding every `expected` piece; no existing file changes."""
-    before = sha256s(root)
-    err = one_line_error(capsys, args)
-    for piece in expected:
-        assert piece in err, err
-    after = sha256s(root)
-    assert {k: after.get(k) for k in before} == before
-    return err
 
 
 def evaluate(ckpt: Path, tasks: Path, *extra: str, task: str = "spectralds_mc") -> list[str]:

@@ -5,9 +5,10 @@ continuations (the multiple-choice pattern) scores each as if run alone; lm-eval
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_helpers import float64_lm
 
 from spectralds.errors import UserError
-from spectralds.generate import merge_prefills, set_decode_method
+from spectralds.generate import merge_prefills
 from spectralds.layers import SequenceLayer, register_layer
 from spectralds.models import LanguageModel
 
@@ -16,19 +17,7 @@ TOL = 1e-10
 
 
 def tiny_lm(pattern, decode: str = "futurefill") -> LanguageModel:
-    torch.manual_seed(0)
-    model = LanguageModel(
-        vocab_size=32, dim=16, num_layers=len(pattern), layer_pattern=list(pattern), seq_len=48,
-        num_filters=4,
-        layer_kwargs={"attn": {"num_heads": 2, "window_size": 6}, "lds": {"state_dim": 8, "dtype": "float64"},
-                      "lds_ar": {"state_dim": 8, "ar_order": 2, "dtype": "float64"}},
-    ).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ar." in name:  # AR weights start at zero: make them do something
-                p.copy_(torch.randn_like(p) * 0.1)
-    set_decode_method(model, decode)
-    return model
+    return float64_lm(pattern, decode, seq_len=48, window=6)
 
 
 def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
