@@ -39,3 +39,19 @@ def cli_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["spectralds"])  # LightningCLI warns when pytest's args are there
     monkeypatch.setenv("SPECTRALDS_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def steps_taken(monkeypatch) -> list[int]:
+    """Counts the LanguageModel training steps of the runs in a test (a refused run takes none)."""
+    from spectralds.models import LanguageModel
+
+    taken: list[int] = []
+    original = LanguageModel.training_step
+
+    def counting(self, batch, batch_idx):
+        taken.append(batch_idx)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModel, "training_step", counting)
+    return taken

@@ -43,20 +43,6 @@ def fit_args(*callbacks: str, steps: int = 4) -> list[str]:
     return args + [f"--trainer.callbacks+={c}" for c in callbacks]
 
 
-@pytest.fixture
-def steps_taken(monkeypatch) -> list[int]:
-    """Counts LanguageModel training steps of the runs in this test."""
-    taken: list[int] = []
-    original = LanguageModel.training_step
-
-    def counting(self, batch, batch_idx):
-        taken.append(batch_idx)
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(LanguageModel, "training_step", counting)
-    return taken
-
-
 def refused(capsys, tmp_path: Path, steps_taken: list[int], args: list[str], *expected: str) -> str:
     """Exit 2, one line holding every `expected` piece, no existing file changed, no step, no checkpoint."""
     err = fails(capsys, tmp_path, args, *expected, also=(TINY,))

@@ -10,8 +10,6 @@ import pytest
 import torch
 from cli_helpers import one_line_error, run_cli, sha256s
 
-from spectralds.models import LanguageModel
-
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "tests" / "assets" / "configs" / "tiny_lm.yaml")
 CORPUS = str(ROOT / "tests" / "assets" / "data" / "corpus")
@@ -31,19 +29,6 @@ def distill(tmp_path: Path, name: str, **init_args) -> str:
     path.write_text(json.dumps({"class_path": "spectralds.callbacks.STUToLDSDistillation",
                                 "init_args": init_args}))
     return f"--trainer.callbacks+={path}"
-
-
-@pytest.fixture
-def steps_taken(monkeypatch) -> list[int]:
-    taken: list[int] = []
-    original = LanguageModel.training_step
-
-    def counting(self, batch, batch_idx):
-        taken.append(batch_idx)
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(LanguageModel, "training_step", counting)
-    return taken
 
 
 def trained(capsys, *extra: str) -> Path:
