@@ -111,13 +111,13 @@ def test_readme_cpu_command_under_torchrun_equals_one_process(cli_env, tmp_path)
     assert done.stdout.count("LDS - STU") == 1  # rank 0 alone prints the table
     output = Path(args[args.index("--output") + 1])
     two = json.loads((tmp_path / output).read_text())
-    two_report = (tmp_path / output.with_name("report.md")).read_text()
+    two_report = (tmp_path / output.with_name("results.md")).read_text()
 
     single = args[args.index("-m") + 2 :]  # the same command in one process: spectralds eval ...
     single[single.index("--output") + 1] = "one/results.json"
     assert run_cli(single) == 0
     one = json.loads((tmp_path / "one" / "results.json").read_text())
-    assert (tmp_path / "one" / "report.md").read_text() == two_report  # the table, as printed
+    assert (tmp_path / "one" / "results.md").read_text() == two_report  # the table, as printed
     _assert_same_numbers(_metrics(two), _metrics(one))
 
 
@@ -131,7 +131,7 @@ def test_stage_report_under_ddp_gives_the_single_process_table(cli_env, tmp_path
     assert run_cli(["eval", "--ckpt", str(ckpt), "--label", "hybrid", "--tasks", ",".join(TASKS), "--offline",
                     "--include-path", str(tasks_dir), "--num-fewshot", "0", "--batch-size", "3",
                     "--output", str(tmp_path / "one" / "results.json")]) == 0
-    assert (tmp_path / "eval.md").read_text() == (tmp_path / "one" / "report.md").read_text()
+    assert (tmp_path / "eval.md").read_text() == (tmp_path / "one" / "results.md").read_text()
     in_run = json.loads((tmp_path / "eval.json").read_text())
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     _assert_same_numbers(_metrics(in_run), _metrics(one))
