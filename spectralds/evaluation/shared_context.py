@@ -105,7 +105,7 @@ def _score(
                 tail = requests[index][2][:-1]
                 tokens[k * count + g, : len(tail)] = torch.tensor(tail, dtype=torch.long)
         repeated = merge_prefills(model, [states] * choices)
-        more, _ = model.prefill(tokens.to(device), states=repeated, all_logits=True)
+        more, _ = model.prefill(tokens.to(device), states=repeated, all_logits=True, keep_state=False)
         logits = torch.cat([logits, more], 1)
     logprobs = log_probabilities(logits)
     return {index: continuation_score(logprobs[k * count + g], requests[index][2])

@@ -152,7 +152,7 @@ class SequenceLayer(nn.Module):
         raise NotImplementedError
 
     def prefill(
-        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None, keep_state: bool = True
     ) -> tuple[torch.Tensor, Any]:
         """Run a prompt and return its outputs and the state after it.
 
@@ -162,6 +162,10 @@ class SequenceLayer(nn.Module):
         `step` outputs; the state also merges, `merge_states`). `start` (left padding) is for a first
         prefill only (`check_continuation`). The package's layers leave the given state unchanged (one
         context state can serve several continuations); this default's steps may write it, as `step` does.
+        keep_state=False: only the outputs are wanted (scoring a continuation): a layer may return None as
+        the state and skip building it (an STU's FutureFill then reads the chunk's positions of its
+        `future` buffer and adds the chunk's own convolution; an LDS adds only its state's response; an
+        attention layer builds no cache); the outputs are those of keep_state=True, to rounding.
 
         This default steps token by token from the state (correct for any layer; from the zero state for
         a layer time-invariant from it, the padded inputs being zeros); layers override it with a fast
