@@ -161,6 +161,9 @@ class SlidingWindowAttention(SequenceLayer):
         k, v = (t[:, :, T - keep :].roll(shift, dims=2) for t in (k, v))
         return y, KVCache(k, v, T, start)
 
+    def continues_repeated(self) -> bool:  # `attention_continue.prefill_from`
+        return True
+
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -32,8 +32,12 @@ def prefill_from(
     call, else explicit scores."""
     if not isinstance(cache, KVCache):
         raise UserError(f"attention continues from a KVCache, not {type(cache).__name__}")
-    check_continuation(None, cache, x.shape[0], cache.k.shape[0])
+    check_continuation(None, cache, x.shape[0], cache.k.shape[0], not keep_state)
     layer._check_sequence(x)
+    if x.shape[0] != cache.k.shape[0]:  # n continuations of each row (keep_state=False): the keys repeated
+        n = x.shape[0] // cache.k.shape[0]
+        start = None if cache.start is None else cache.start.repeat(n)
+        cache = KVCache(cache.k.repeat(n, 1, 1, 1), cache.v.repeat(n, 1, 1, 1), cache.pos, start)
     T, window = x.shape[1], layer.window_size
     positions = cache.pos + torch.arange(T, device=x.device)
     own = positions if cache.start is None else (positions - cache.start[:, None])[:, None]

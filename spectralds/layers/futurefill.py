@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from spectralds.errors import UserError
-from spectralds.layers.registry import DECODE_METHODS, check_continuation
+from spectralds.layers.registry import DECODE_METHODS, add_repeated, check_continuation
 from spectralds.ops.fft_conv import compute_dtype, fft_size, no_autocast, real_fft
 
 _DIRECT_BLOCK = 16  # FutureFill blocks up to this many tokens are summed directly (faster than an FFT)
@@ -160,11 +160,12 @@ def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[t
 
 @torch.no_grad()
 def outputs_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> torch.Tensor:
-    """The outputs `prefill_from` gives for a chunk x (B, T, dim) after `state`, without the state after
-    it: the chunk's own causal convolution plus what the state adds to its positions. FutureFill: its
+    """The outputs `prefill_from` gives for a chunk x (n B, T, dim) after `state` (B rows, each continued
+    by n rows of x), without the state after it: the chunk's own causal convolution plus what the state
+    adds to its positions. FutureFill: its
     `future` buffer there (after the schedule's outstanding part, `_flush`, when tokens were generated);
     naive: the stored history's part, by FFTs over pieces of it (no copy of the history)."""
-    _check_chunk(layer, x, state)
+    _check_chunk(layer, x, state, repeats=True)
     length, pos = x.shape[1], state.pos
     if length == 0:
         return x.new_zeros(x.shape[0], 0, layer.dim_out)
@@ -175,14 +176,16 @@ def outputs_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> torch.T
             if state.pos != state.start:  # generated tokens: the schedule still owes later positions
                 future = future.clone()
                 _flush(layer, state, future)
-            return (y + future[:, pos : pos + length].to(y.dtype)).to(x.dtype)
-        return _with_history(layer, state, y).to(x.dtype)
+            part = future[:, pos : pos + length].to(y.dtype)
+        else:
+            part = _with_history(layer, state, y.new_zeros(state.inputs.shape[0], *y.shape[1:]))
+        return add_repeated(y, part).to(x.dtype)
 
 
-def _check_chunk(layer: Any, x: torch.Tensor, state: Any) -> None:
+def _check_chunk(layer: Any, x: torch.Tensor, state: Any, repeats: bool = False) -> None:
     if not isinstance(state, ConvDecodeState):
         raise UserError(f"an STU layer continues from a ConvDecodeState, not {type(state).__name__}")
-    check_continuation(None, state, x.shape[0], state.inputs.shape[0])
+    check_continuation(None, state, x.shape[0], state.inputs.shape[0], repeats)
     if state.pos + x.shape[1] > layer.seq_len:
         raise UserError(f"cannot prefill {x.shape[1]} tokens after {state.pos}: past "
                         f"seq_len={layer.seq_len}, the filters' length")

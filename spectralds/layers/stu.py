@@ -223,6 +223,9 @@ class SpectralConv(FilterBankLayer):
             return futurefill.prefill(self, x, state, keep_state)
         return ar_prefill(self, x, self.prefill, state)
 
+    def continues_repeated(self) -> bool:  # FutureFill / naive outputs (`futurefill.outputs_from`)
+        return self.ar is None
+
     def step(self, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
         """One token x_t (B, dim) -> (y_t (B, dim_out), state), as `forward` would give it."""
         return futurefill.step(self, x_t, state) if self.ar is None else ar_step(self, x_t, state, self.step)
