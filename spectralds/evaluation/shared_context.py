@@ -1,13 +1,14 @@
 """Multiple choice from one shared context: each context run once, every choice then scored as a batched,
 right-padded continuation from the context's decoding state.
 
-lm-eval asks for one (context, continuation) pair per choice, the context repeated, so scoring each pair
-with a full forward reads the context once per choice. Here the requests that share a context (a question
-and its choices) form a group; the contexts of several groups are prefilled as one left-padded batch
+lm-eval asks for one (context, continuation) pair per choice, the context repeated, so scoring each pair with
+a full forward reads the context once per choice. Here the requests that share a context (a question and its
+choices) form a group; the contexts of several groups are prefilled as one left-padded batch
 (`generate.prefill_prompts`), and all choices continue from their states in one pass, outputs only
-(`LanguageModel.prefill(states=..., all_logits=True, keep_state=False)`), each state serving its
-choices' rows without a copy. The scores are those of the full forwards, to float rounding. A request whose context + continuation exceeds the
-model's window is not grouped: it keeps lm-eval's left truncation (the caller's full forward).
+(`LanguageModel.prefill(states=..., all_logits=True, keep_state=False)`), each state serving its choices' rows
+without a copy. The scores are those of the full forwards, to float rounding. A request whose context +
+continuation exceeds the model's window is not grouped: it keeps lm-eval's left truncation (the caller's full
+forward).
 """
 
 from __future__ import annotations

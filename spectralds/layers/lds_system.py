@@ -225,7 +225,7 @@ class LDS(ConvolutionPaths, SequenceLayer):
         check_continuation(start, state, x.shape[0], self._state_batch(state), not keep_state)
         path, T, keep = self._sequence_path(x.shape[0], x.shape[1]), x.shape[1], state is None or keep_state
         y, final = self._scan_prefill(x) if path == "scan" else (self._convolve(x, path), None)
-        final = self._final_state(x) if final is None and keep else final
+        final = (self._final_state(x) if final is None else final) if keep else None
         if state is None:
             return y, final
         if keep_state:  # A^T state on top of the chunk's own
