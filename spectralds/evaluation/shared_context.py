@@ -28,13 +28,13 @@ Request = tuple[object, list[int], list[int]]  # lm-eval's (cache key, context t
 
 
 def can_continue(model: object) -> bool:
-    """Whether the model prefills from earlier states and returns every position's logits (a spectralds
-    LanguageModel does; a module with only `forward` is scored by full forwards)."""
+    """Whether the model prefills from earlier states, outputs only, and returns every position's logits (a
+    spectralds LanguageModel does; a module with only `forward` is scored by full forwards)."""
     prefill = getattr(model, "prefill", None)
     if prefill is None or not hasattr(model, "decoding_layers"):
         return False
     parameters = inspect.signature(prefill).parameters
-    return all(name in parameters for name in ("start", "states", "all_logits"))
+    return all(name in parameters for name in ("start", "states", "all_logits", "keep_state"))
 
 
 def shared_contexts(
@@ -107,7 +107,7 @@ def _score(
             for k, index in enumerate(group):
                 tail = requests[index][2][:-1]
                 tokens[k * count + g, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-        if not all(layer.continues_repeated() for layer in model.decoding_layers()):
+        if not all(getattr(layer, "continues_repeated", bool)() for layer in model.decoding_layers()):
             states = merge_prefills(model, [states] * choices)  # a copy of each state per choice
         more, _ = model.prefill(tokens.to(device), states=states, all_logits=True, keep_state=False)
         logits = torch.cat([logits, more], 1)
