@@ -61,6 +61,7 @@ def evaluate(
     limit: float | None = EVAL_DEFAULTS["limit"],
     tokenizer: str | None = EVAL_DEFAULTS["tokenizer"],
     decode: Literal[DECODE_METHODS] = EVAL_DEFAULTS["decode"],
+    shared_context: int = EVAL_DEFAULTS["shared_context"],
     device: str | None = EVAL_DEFAULTS["device"],
     offline: bool = False,
     output: str | None = None,
@@ -82,6 +83,8 @@ def evaluate(
         limit: documents per task (< 1: a fraction)
         tokenizer: tokenizer (None: the one each model trained with)
         decode: STU decoding
+        shared_context: score requests sharing a context of at least N tokens (a question's choices)
+            from one run of it; 0: a full forward per request
         device: None: cuda when available, else cpu (under torchrun: cuda:LOCAL_RANK)
         offline: never download (sets HF_HUB_OFFLINE)
         output: results JSON; its markdown table goes beside it with suffix .md (results.json: results.md),
@@ -104,7 +107,7 @@ def evaluate(
         results = evaluate_models(
             dict(zip(labels, ckpt, strict=True)), tasks.split(","), include_path=include_path,
             num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, tokenizer=tokenizer,
-            device=device, decode=decode,
+            device=device, decode=decode, shared_context=shared_context,
         )
     if not _rank_zero():  # data-parallel (torchrun): every rank has the results, rank 0 reports them
         return

@@ -177,6 +177,7 @@ def evaluate_models(
     decode: str = "futurefill",
     bootstrap_iters: int = 0,
     log_samples: bool = False,
+    shared_context: int = 1,
 ) -> dict[str, Any]:
     """Run lm-eval's `simple_evaluate` on every model (label -> module or checkpoint path).
 
@@ -188,6 +189,8 @@ def evaluate_models(
     {task: {metric: value}}, "higher_is_better": {task: {metric: bool}}, "n-shot": {task: count},
     "samples": lm-eval's per-document records (only with log_samples)}}}.
     bootstrap_iters=0 skips lm-eval's bootstrap standard errors (minutes for perplexity metrics).
+    shared_context: the backend's (`SpectraLDSLM`): requests sharing a context of at least this many
+    tokens (a question's choices) are scored from one run of it; 0: a full forward per request.
 
     Data-parallel under `torchrun --nproc-per-node N` or inside a DDP run: every rank calls this with the
     same arguments, lm-eval splits the documents across the ranks, and every rank returns the same
@@ -201,10 +204,12 @@ def evaluate_models(
         raise UserError("no model given")
     shots = fewshot_groups(tasks, num_fewshot)
     limit = check_limit(limit)
+    check_int("shared_context", shared_context, minimum=0)
     modes = {m: m.training for m in models.values() if isinstance(m, torch.nn.Module)}
     try:
         return _evaluate(models, tasks, include_path, shots, limit, bootstrap_iters, log_samples,
-                         tokenizer=tokenizer, batch_size=batch_size, device=device, decode=decode)
+                         tokenizer=tokenizer, batch_size=batch_size, device=device, decode=decode,
+                         shared_context=shared_context)
     finally:  # the backend puts a module in eval mode; a caller's training module goes back as it was
         for module, training in modes.items():
             module.train(training)

@@ -1,13 +1,14 @@
 """Multiple choice from one shared context: each context run once, every choice then scored as a batched,
 right-padded continuation from the context's decoding state.
 
-lm-eval asks for one (context, continuation) pair per choice, the context repeated, so scoring each pair
-with a full forward reads the context once per choice. Here the requests that share a context (a question
-and its choices) form a group; the contexts of several groups are prefilled as one left-padded batch
-(`generate.prefill_prompts`), their states repeated once per choice (`generate.merge_prefills`), and all
-choices continue from them in one pass (`LanguageModel.prefill(states=..., all_logits=True)`). The scores
-are those of the full forwards, to float rounding. A request whose context + continuation exceeds the
-model's window is not grouped: it keeps lm-eval's left truncation (the caller's full forward).
+lm-eval asks for one (context, continuation) pair per choice, the context repeated, so scoring each pair with
+a full forward reads the context once per choice. Here the requests that share a context (a question and its
+choices) form a group; the contexts of several groups are prefilled as one left-padded batch
+(`generate.prefill_prompts`), and all choices continue from their states in one pass, outputs only
+(`LanguageModel.prefill(states=..., all_logits=True, keep_state=False)`), each state serving its choices' rows
+without a copy. The scores are those of the full forwards, to float rounding. A request whose context +
+continuation exceeds the model's window is not grouped: it keeps lm-eval's left truncation (the caller's full
+forward).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ Request = tuple[object, list[int], list[int]]  # lm-eval's (cache key, context t
 
 
 def can_continue(model: object) -> bool:
-    """Whether the model prefills from earlier states and returns every position's logits (a spectralds
-    LanguageModel does; a module with only `forward` is scored by full forwards)."""
+    """Whether the model prefills from earlier states, outputs only, and returns every position's logits (a
+    spectralds LanguageModel does; a module with only `forward` is scored by full forwards)."""
     prefill = getattr(model, "prefill", None)
     if prefill is None or not hasattr(model, "decoding_layers"):
         return False
     parameters = inspect.signature(prefill).parameters
-    return all(name in parameters for name in ("start", "states", "all_logits"))
+    return all(name in parameters for name in ("start", "states", "all_logits", "keep_state"))
 
 
 def shared_contexts(
@@ -80,9 +81,11 @@ def score_groups(
 ) -> dict[int, tuple[float, bool]]:
     """{request index: (loglikelihood, is_greedy)} of the requests in `groups`, scored together.
 
-    The G contexts are prefilled as one batch; their states are repeated n times (n: the most choices of a
-    group), row k * G + g holding group g for its k-th choice (a group with fewer choices leaves rows
-    unused); each row's continuation but its last token is then one right-padded pass from those states.
+    The G contexts are prefilled as one batch; row k * G + g of the continuation holds group g's k-th
+    choice (n rows per group, n: the most choices of a group; a group with fewer leaves rows unused), all
+    choices but their last tokens one right-padded pass from the G states, outputs only (`keep_state=
+    False`): each layer continues row r from state row r % G (`SequenceLayer.continues_repeated`), or,
+    where one cannot, the states are repeated n times first (`generate.merge_prefills`).
     The logits predicting a continuation's first token are those of its context's last position.
     """
     contexts = [torch.tensor(requests[g[0]][1], device=device) for g in groups]
@@ -104,8 +107,9 @@ def _score(
             for k, index in enumerate(group):
                 tail = requests[index][2][:-1]
                 tokens[k * count + g, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-        repeated = merge_prefills(model, [states] * choices)
-        more, _ = model.prefill(tokens.to(device), states=repeated, all_logits=True)
+        if not all(getattr(layer, "continues_repeated", bool)() for layer in model.decoding_layers()):
+            states = merge_prefills(model, [states] * choices)  # a copy of each state per choice
+        more, _ = model.prefill(tokens.to(device), states=states, all_logits=True, keep_state=False)
         logits = torch.cat([logits, more], 1)
     logprobs = log_probabilities(logits)
     return {index: continuation_score(logprobs[k * count + g], requests[index][2])
@@ -118,10 +122,10 @@ def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def scoring_method(context: int, window: int) -> str:
-    """How STU layers score continuations after a context (both exact): FutureFill's prefill adds the
-    context to every later position of the window and its continuation adds itself to every position
-    after it, a cost that grows with the window; naive decoding's continuation reads each row's context
-    again, a cost that grows with the context. FutureFill when the window is at most twice the context."""
+    """How STU layers score continuations after a context (both exact, outputs only): FutureFill's
+    prefill adds each context to every later position of the window, a cost that grows with the window;
+    naive decoding's continuation convolves each context again, a cost that grows with the context.
+    FutureFill when the window is at most twice the context."""
     return "futurefill" if window <= 2 * context else "naive"
 
 

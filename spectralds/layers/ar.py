@@ -227,6 +227,9 @@ class LDSWithAR(LDS):
         inputs, outputs = self.ar.history(x.to(self.run_dtype).detach(), y.detach())
         return y.to(x.dtype), ARDecodeState(state, inputs, outputs)
 
+    def continues_repeated(self) -> bool:  # its prefill keeps every state (no keep_state)
+        return False
+
     def init_state(
         self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> ARDecodeState:

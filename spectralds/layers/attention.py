@@ -140,18 +140,19 @@ class SlidingWindowAttention(SequenceLayer):
             raise UserError(f"sequence length {x.shape[1]} exceeds the attention seq_len {self.seq_len}")
 
     def prefill(
-        self, x: torch.Tensor, start: torch.Tensor | None = None, state: KVCache | RingKVCache | None = None
-    ) -> tuple[torch.Tensor, KVCache | RingKVCache]:
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: KVCache | RingKVCache | None = None,
+        keep_state: bool = True,
+    ) -> tuple[torch.Tensor, KVCache | RingKVCache | None]:
         """Outputs for a prompt and a cache holding its last `window_size` keys and values (and `start`,
         so later steps keep each row's own positions and masks). state: continue from that cache
         (`SequenceLayer.prefill`): the chunk's queries see the cached keys and their own, at positions
-        after the cache's (a CUDA-graph `RingKVCache` is stepped through)."""
+        after the cache's (a CUDA-graph `RingKVCache` is stepped through); keep_state=False: no new cache."""
         ring = isinstance(state, RingKVCache)
         check_continuation(start, state, x.shape[0], state.k.shape[0] if ring else None)  # else: below
         if ring:
             return super().prefill(x, state=state)
         if state is not None:  # spectralds.layers.attention_continue
-            return prefill_from(self, x, state)
+            return prefill_from(self, x, state, keep_state)
         y, k, v = self._sequence(x, start)
         T = x.shape[1]
         keep = T if self.window_size is None else min(T, self.window_size)
@@ -159,6 +160,9 @@ class SlidingWindowAttention(SequenceLayer):
         shift = 0 if self.window_size is None else (T - keep) % self.window_size
         k, v = (t[:, :, T - keep :].roll(shift, dims=2) for t in (k, v))
         return y, KVCache(k, v, T, start)
+
+    def continues_repeated(self) -> bool:  # `attention_continue.prefill_from`
+        return True
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor | None = None

@@ -57,10 +57,16 @@ class SwiGLU(nn.Module):
         return self.w2(gate * self.w3(x))
 
 
-def continued_prefill(mixer: nn.Module, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-    """`mixer.prefill(x, state=state)`; a layer whose own prefill takes no `state` (written before it
-    existed) continues by the protocol's default, its steps."""
-    if "state" in inspect.signature(mixer.prefill).parameters:
+def continued_prefill(
+    mixer: nn.Module, x: torch.Tensor, state: Any, keep_state: bool = True
+) -> tuple[torch.Tensor, Any]:
+    """`mixer.prefill(x, state=state, keep_state=keep_state)`; a layer whose own prefill takes no
+    `keep_state` keeps its state, and one that takes no `state` (written before it existed) continues by
+    the protocol's default, its steps."""
+    parameters = inspect.signature(mixer.prefill).parameters
+    if "keep_state" in parameters:
+        return mixer.prefill(x, state=state, keep_state=keep_state)
+    if "state" in parameters:
         return mixer.prefill(x, state=state)
     if not isinstance(mixer, SequenceLayer):
         raise UserError(f"{type(mixer).__name__}.prefill takes no `state`: it cannot continue a prefill")
@@ -120,14 +126,15 @@ class Block(nn.Module):
         return self._mlp(x_t + self.dropout(y_t)), state
 
     def prefill(
-        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None, keep_state: bool = True
     ) -> tuple[torch.Tensor, Any]:
         """A prompt (batch, seq, dim) through the block; returns outputs and the mixer's state.
         start: left padding (see `SequenceLayer`); state: the mixer's state to continue from (a chunk
-        after it, `SequenceLayer.prefill`)."""
+        after it, `SequenceLayer.prefill`); keep_state=False: a continuation's outputs only (the state
+        may come back None)."""
         if state is not None:
             check_continuation(start, state, x.shape[0], None)  # the mixer checks the batch
-            y, state = continued_prefill(self.mixer, self.norm1(x), state)
+            y, state = continued_prefill(self.mixer, self.norm1(x), state, keep_state)
         elif start is None:  # a mixer that takes no `start` still prefills unpadded prompts
             y, state = self.mixer.prefill(self.norm1(x))
         else:

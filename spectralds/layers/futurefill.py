@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from spectralds.errors import UserError
-from spectralds.layers.registry import DECODE_METHODS, check_continuation
+from spectralds.layers.registry import DECODE_METHODS, add_repeated, check_continuation
 from spectralds.ops.fft_conv import compute_dtype, fft_size, no_autocast, real_fft
 
 _DIRECT_BLOCK = 16  # FutureFill blocks up to this many tokens are summed directly (faster than an FFT)
@@ -101,12 +101,13 @@ def _naive_output(layer: Any, history: torch.Tensor, kernel: torch.Tensor, weigh
 
 @torch.no_grad()
 def prefill(
-    layer: Any, x: torch.Tensor, state: ConvDecodeState | None = None
-) -> tuple[torch.Tensor, ConvDecodeState]:
-    """Outputs for x (B, T, dim) and the state after it; state: continue from it (`prefill_from`)."""
+    layer: Any, x: torch.Tensor, state: ConvDecodeState | None = None, keep_state: bool = True
+) -> tuple[torch.Tensor, ConvDecodeState | None]:
+    """Outputs for x (B, T, dim) and the state after it; state: continue from it (`prefill_from`, or
+    `outputs_from` for keep_state=False: the outputs only, state None)."""
     layer._check_input(x)
     if state is not None:
-        return prefill_from(layer, x, state)
+        return prefill_from(layer, x, state) if keep_state else (outputs_from(layer, x, state), None)
     batch, length, _ = x.shape
     state = init_state(layer, batch, x.device, x.dtype)
     if length == 0:
@@ -135,27 +136,18 @@ def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[t
     convolution plus the stored history's part, by FFTs over pieces of the history. FutureFill first adds
     what the dyadic schedule still owes from generated tokens (`_flush`): the new state holds no generated
     token, and merges like a fresh prefill's."""
-    if not isinstance(state, ConvDecodeState):
-        raise UserError(f"an STU layer continues from a ConvDecodeState, not {type(state).__name__}")
-    check_continuation(None, state, x.shape[0], state.inputs.shape[0])
+    _check_chunk(layer, x, state)
     batch, length, _ = x.shape
     pos, seq_len = state.pos, layer.seq_len
-    if pos + length > seq_len:
-        raise UserError(f"cannot prefill {length} tokens after {pos}: past seq_len={seq_len}, the filters' "
-                        "length")
     if length == 0:
         return x.new_zeros(batch, 0, layer.dim_out), state
-    piece, end = max(length, _PIECE), pos + length  # naive: history pieces
+    end = pos + length
     if state.method == "naive":
         inputs = state.inputs.clone()
         encoded = _naive_encode(layer, x, state.weight).flip(1)
         inputs[:, seq_len - end : seq_len - pos] = encoded.to(inputs.dtype)
-        y = layer._sequence_conv(x, length)
         with no_autocast(x.device):
-            for first in range(0, pos, piece):  # the history, in pieces, back in time order and encoded
-                history = state.inputs[:, seq_len - min(pos, first + piece) : seq_len - first].flip(1)
-                z = history.transpose(1, 2) if layer.depthwise else layer._encode(history)
-                y = y + layer._fill_fft(z.to(y.dtype), pos - first, length)
+            y = _with_history(layer, state, layer._sequence_conv(x, length))
         return y.to(x.dtype), ConvDecodeState("naive", end, end, state.kernel, state.weight, inputs)
     future, z = state.future.clone(), layer._encode(x)
     with no_autocast(x.device):
@@ -164,6 +156,51 @@ def prefill_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> tuple[t
     inputs = state.inputs.new_zeros(*state.inputs.shape[:-1], min(_INITIAL_CACHE, seq_len - end))
     new = ConvDecodeState("futurefill", end, end, state.kernel, state.weight, inputs, future, {**state.cache})
     return future[:, pos:end].to(x.dtype), new
+
+
+@torch.no_grad()
+def outputs_from(layer: Any, x: torch.Tensor, state: ConvDecodeState) -> torch.Tensor:
+    """The outputs `prefill_from` gives for a chunk x (n B, T, dim) after `state` (B rows, each continued
+    by n rows of x), without the state after it: the chunk's own causal convolution plus what the state
+    adds to its positions. FutureFill: its
+    `future` buffer there (after the schedule's outstanding part, `_flush`, when tokens were generated);
+    naive: the stored history's part, by FFTs over pieces of it (no copy of the history)."""
+    _check_chunk(layer, x, state, repeats=True)
+    length, pos = x.shape[1], state.pos
+    if length == 0:
+        return x.new_zeros(x.shape[0], 0, layer.dim_out)
+    y = layer._sequence_conv(x, length)
+    with no_autocast(x.device):
+        if state.method == "futurefill":
+            future = state.future
+            if state.pos != state.start:  # generated tokens: the schedule still owes later positions
+                future = future.clone()
+                _flush(layer, state, future)
+            part = future[:, pos : pos + length].to(y.dtype)
+        else:
+            part = _with_history(layer, state, y.new_zeros(state.inputs.shape[0], *y.shape[1:]))
+        return add_repeated(y, part).to(x.dtype)
+
+
+def _check_chunk(layer: Any, x: torch.Tensor, state: Any, repeats: bool = False) -> None:
+    if not isinstance(state, ConvDecodeState):
+        raise UserError(f"an STU layer continues from a ConvDecodeState, not {type(state).__name__}")
+    check_continuation(None, state, x.shape[0], state.inputs.shape[0], repeats)
+    if state.pos + x.shape[1] > layer.seq_len:
+        raise UserError(f"cannot prefill {x.shape[1]} tokens after {state.pos}: past "
+                        f"seq_len={layer.seq_len}, the filters' length")
+
+
+def _with_history(layer: Any, state: ConvDecodeState, y: torch.Tensor) -> torch.Tensor:
+    """y (B, T, dim_out), a chunk's own outputs after a naive `state`, plus the stored history's part: FFTs
+    over pieces of the history (max(T, _PIECE) tokens each), back in time order and encoded."""
+    pos, length, seq_len = state.pos, y.shape[1], layer.seq_len
+    piece = max(length, _PIECE)
+    for first in range(0, pos, piece):
+        history = state.inputs[:, seq_len - min(pos, first + piece) : seq_len - first].flip(1)
+        z = history.transpose(1, 2) if layer.depthwise else layer._encode(history)
+        y = y + layer._fill_fft(z.to(y.dtype), pos - first, length)
+    return y
 
 
 def _add_later(layer: Any, z: torch.Tensor, future: torch.Tensor, origin: int, first: int) -> None:

@@ -65,19 +65,19 @@ def merge_caches(caches: list[KVCache], window_size: int | None) -> KVCache:
 
 
 def extended(
-    cache: KVCache, k: torch.Tensor, v: torch.Tensor, window_size: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache]:
+    cache: KVCache, k: torch.Tensor, v: torch.Tensor, window_size: int | None, keep: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache | None]:
     """A chunk's keys and values k, v (batch, heads, T, head_dim) after `cache`: every key the chunk's
     queries may see (the cached ones, then the chunk's), the position of each, and the cache after the
-    chunk (a window's last `window_size` positions, position p in slot p % window_size)."""
+    chunk (a window's last `window_size` positions, position p in slot p % window_size; None if not keep)."""
     n, end = cache.entries(window_size), cache.pos + k.shape[2]
     held = torch.arange(n, device=k.device)
     if window_size is not None:  # slot j holds the latest position p < pos with p % window == j
         held = cache.pos - 1 - (cache.pos - 1 - held) % window_size
     positions = torch.cat([held, torch.arange(cache.pos, end, device=k.device)])
     keys, values = (torch.cat([old[:, :, :n], new], 2) for old, new in ((cache.k, k), (cache.v, v)))
-    if window_size is None:
-        return keys, values, positions, KVCache(keys, values, end, cache.start)
+    if window_size is None or not keep:
+        return keys, values, positions, KVCache(keys, values, end, cache.start) if keep else None
     kept = positions >= end - window_size
     slots = positions[kept] % window_size
     ring_k, ring_v = (t.new_zeros(*t.shape[:2], min(end, window_size), t.shape[3]) for t in (k, v))

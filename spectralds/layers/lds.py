@@ -25,7 +25,7 @@ from spectralds.layers.lds_system import LDS
 from spectralds.layers.registry import register_layer
 from spectralds.ops.fft_conv import no_autocast
 from spectralds.ops.lds_conv import depthwise_conv, exact_conv
-from spectralds.ops.lds_scan import table_dtype
+from spectralds.ops.lds_scan import mapped_state_response, table_dtype
 
 
 class LDSExact(LDS):
@@ -82,6 +82,13 @@ class LDSExact(LDS):
     def _conv(self, z: torch.Tensor, T: int, n: int, dtype: torch.dtype, path: str) -> torch.Tensor:
         m = self.stacked_projection().to(dtype)  # M may have been cast
         return exact_conv(z, self._response_spectrum(T, n, dtype, stacked=False), m, n, path)
+
+    def _carried_outputs(self, state: torch.Tensor, T: int) -> torch.Tensor:
+        """`LDS._carried_outputs` by one map per state (`state_maps`: float64, no autograd through it),
+        not a readout of every channel at every step projected by M (T times the work)."""
+        if table_dtype(state.device) != torch.float64 or torch.is_grad_enabled():
+            return super()._carried_outputs(state, T)
+        return mapped_state_response(state, self.system()[0], self.state_maps(self.C), T)
 
     def state_maps(self, C: torch.Tensor) -> torch.Tensor:
         """(h, dim_out, dim) float64: W_j, the map from state j's copies (one per input channel) to the

@@ -28,8 +28,8 @@ from torch import nn
 
 from spectralds.errors import UserError, UserTypeError, check_int
 from spectralds.layers.lds_paths import ConvolutionPaths
-from spectralds.layers.registry import SequenceLayer, check_continuation
-from spectralds.ops.lds_conv import impulse_response_ref
+from spectralds.layers.registry import SequenceLayer, add_repeated, check_continuation
+from spectralds.ops.lds_conv import impulse_response_ref, powers
 from spectralds.ops.lds_scan import final_state, scan, state_response, table_dtype
 from spectralds.ops.spectrum_cache import SpectrumCache
 
@@ -216,21 +216,30 @@ class LDS(ConvolutionPaths, SequenceLayer):
         return self._scan_prefill(x)[0] if path == "scan" else self._convolve(x, path)
 
     def prefill(
-        self, x: torch.Tensor, start: torch.Tensor | None = None, state: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Outputs for a whole prompt and the state after it, by the path `forward` takes (no step loop):
-        the scan, or the convolution plus the final state as one matmul (`ops.lds_scan.final_state`).
-        state: continue from it (`SequenceLayer.prefill`): what it adds is `ops.lds_scan.state_response`."""
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: torch.Tensor | None = None,
+        keep_state: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outputs and the state after them by `forward`'s path: the scan, or the convolution plus the
+        final state (`ops.lds_scan.final_state`, one matmul); state: continue it (`SequenceLayer.prefill`)."""
         self._check_input(x)
-        check_continuation(start, state, x.shape[0], self._state_batch(state))
-        path = self._sequence_path(x.shape[0], x.shape[1])
-        scanned = path == "scan"
-        y, final = self._scan_prefill(x) if scanned else (self._convolve(x, path), self._final_state(x))
+        check_continuation(start, state, x.shape[0], self._state_batch(state), not keep_state)
+        path, T, keep = self._sequence_path(x.shape[0], x.shape[1]), x.shape[1], state is None or keep_state
+        y, final = self._scan_prefill(x) if path == "scan" else (self._convolve(x, path), None)
+        final = (self._final_state(x) if final is None else final) if keep else None
         if state is None:
             return y, final
-        C = self._scan_readout(table_dtype(x.device))
-        U, carried = state_response(state, self.system()[0], C, x.shape[1], self.run_dtype)
-        return y + self._read_scan(U).to(x.dtype), final + carried
+        if keep_state:  # A^T state on top of the chunk's own
+            A_T = powers(self.system()[0].to(table_dtype(x.device)), T, 1)[0]
+            final = final + state.to(self.run_dtype) * A_T.to(self.run_dtype)
+        return add_repeated(y, self._carried_outputs(state, T).to(x.dtype)), final
+
+    def continues_repeated(self) -> bool:  # the state's response is added to each of its rows' chunks
+        return True
+
+    def _carried_outputs(self, state: torch.Tensor, T: int) -> torch.Tensor:
+        """What `state` (B, channels, h) adds to the next T outputs (B, T, dim_out)."""
+        C = self._scan_readout(table_dtype(state.device))
+        return self._read_scan(state_response(state, self.system()[0], C, T, self.run_dtype)[0])
 
     def _state_batch(self, state: torch.Tensor | None) -> int | None:
         if state is None:

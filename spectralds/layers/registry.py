@@ -152,7 +152,7 @@ class SequenceLayer(nn.Module):
         raise NotImplementedError
 
     def prefill(
-        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None, keep_state: bool = True
     ) -> tuple[torch.Tensor, Any]:
         """Run a prompt and return its outputs and the state after it.
 
@@ -162,6 +162,12 @@ class SequenceLayer(nn.Module):
         `step` outputs; the state also merges, `merge_states`). `start` (left padding) is for a first
         prefill only (`check_continuation`). The package's layers leave the given state unchanged (one
         context state can serve several continuations); this default's steps may write it, as `step` does.
+        keep_state=False: only the outputs are wanted (scoring a continuation): a layer may return None as
+        the state and skip building it (an STU's FutureFill then reads the chunk's positions of its
+        `future` buffer and adds the chunk's own convolution; an LDS adds only its state's response; an
+        attention layer builds no cache); the outputs are those of keep_state=True, to rounding. A layer
+        whose `continues_repeated()` is True then also takes a chunk of n times the state's batch, row r
+        continuing the state's row r % batch (n continuations of each context without copying its state).
 
         This default steps token by token from the state (correct for any layer; from the zero state for
         a layer time-invariant from it, the padded inputs being zeros); layers override it with a fast
@@ -175,6 +181,10 @@ class SequenceLayer(nn.Module):
             y_t, state = self.step(x[:, t], state)
             ys.append(y_t)
         return torch.stack(ys, dim=1), state
+
+    def continues_repeated(self) -> bool:
+        """Whether `prefill(x, state=s, keep_state=False)` takes x of a multiple of s's batch (above)."""
+        return False
 
     def merge_states(self, states: list[Any]) -> Any:
         """States of prompts prefilled apart (each fresh from `prefill`, any batch) -> one state for their
@@ -203,17 +213,27 @@ def check_start(start: torch.Tensor | None, batch: int, length: int) -> None:
                         f"got {start.tolist()}")
 
 
-def check_continuation(start: torch.Tensor | None, state: Any, batch: int, state_batch: int | None) -> None:
+def check_continuation(
+    start: torch.Tensor | None, state: Any, batch: int, state_batch: int | None, repeats: bool = False
+) -> None:
     """A prefill continuing from `state` (not None) takes no `start`, and a state of the chunk's batch
-    (`state_batch`: the sequences the state holds, None: not known to the caller)."""
+    (`state_batch`: the sequences the state holds, None: not known to the caller); repeats: or a batch
+    that is a multiple of it (`SequenceLayer.continues_repeated`)."""
     if state is None:
         return
     if start is not None:
         raise UserError("start (left padding) is for a first prefill only: a prefill continuing from a "
                         "state takes start=None")
+    if repeats and state_batch is not None and batch % state_batch == 0:
+        return
     if state_batch is not None and state_batch != batch:
         raise UserError(f"the decoding state holds {state_batch} sequences but the chunk continuing it has "
                         f"{batch}")
+
+
+def add_repeated(y: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """y (n * B, ...) plus part (B, ...) added to each of its n blocks of B rows (row r gets r % B)."""
+    return (y.unflatten(0, (-1, part.shape[0])) + part).flatten(0, 1)
 
 
 def padding_mask(start: torch.Tensor, length: int) -> torch.Tensor:

@@ -213,14 +213,18 @@ class SpectralConv(FilterBankLayer):
         return state if self.ar is None else ar_init_state(self, state, batch_size, device, dtype)
 
     def prefill(
-        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None
+        self, x: torch.Tensor, start: torch.Tensor | None = None, state: Any = None, keep_state: bool = True
     ) -> tuple[torch.Tensor, Any]:
         """Outputs for a prompt x (B, P, dim) and the state after it, by one FFT pass (`start`: unused);
-        state: continue from it (`SequenceLayer.prefill`, `futurefill.prefill_from`)."""
+        state: continue from it (`SequenceLayer.prefill`, `futurefill.prefill_from`); keep_state=False:
+        a continuation's outputs only, state None (AR terms keep theirs)."""
         check_continuation(start, state, x.shape[0], None)  # the batch: futurefill.prefill_from
         if self.ar is None:
-            return futurefill.prefill(self, x, state)
+            return futurefill.prefill(self, x, state, keep_state)
         return ar_prefill(self, x, self.prefill, state)
+
+    def continues_repeated(self) -> bool:  # FutureFill / naive outputs (`futurefill.outputs_from`)
+        return self.ar is None
 
     def step(self, x_t: torch.Tensor, state: ConvDecodeState) -> tuple[torch.Tensor, ConvDecodeState]:
         """One token x_t (B, dim) -> (y_t (B, dim_out), state), as `forward` would give it."""

@@ -157,6 +157,7 @@ class LanguageModel(SpectralModule):
         start: torch.Tensor | None = None,
         states: list[Any] | None = None,
         all_logits: bool = False,
+        keep_state: bool = True,
     ) -> tuple[torch.Tensor, list[Any]]:
         """Run a prompt: logits of its last position (batch, vocab) and the per-block decoding states
         (aligned with `decoding_layers()`); start: left padding, as in `forward`.
@@ -169,6 +170,8 @@ class LanguageModel(SpectralModule):
         different lengths may be right-padded in one batch (every layer is causal: padding changes no
         earlier position, only the states after it). Chunk by chunk, a long prompt's activations stay
         those of a chunk; the states are the layers' own (an STU's spans seq_len, an LDS's is fixed).
+        keep_state=False (with `states`): only the logits are wanted; a layer may skip building its state
+        and return None in its place (`SequenceLayer.prefill`).
         """
         start = self._start(idx, start)
         if states is not None:
@@ -181,7 +184,10 @@ class LanguageModel(SpectralModule):
         x = self.embed(idx)
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, state = block.prefill(x, start) if states is None else block.prefill(x, state=states[i])
+            if states is None:
+                x, state = block.prefill(x, start)
+            else:
+                x, state = block.prefill(x, state=states[i], keep_state=keep_state)
             new_states.append(state)
         return self.head(self.norm(x if all_logits else x[:, -1])), new_states
 

@@ -115,6 +115,17 @@ def _frequency_kernel(spectrum: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.complex(spectrum.real @ m_flat, spectrum.imag @ m_flat).view(-1, *m.shape[1:])
 
 
+def _mixed(xf: torch.Tensor, spectrum: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """xf (F, B, dim) @ W(f) for a chunk of frequencies, in real arithmetic: W's real and imaginary parts
+    are one real matmul apart (no complex W is assembled, a copy as costly as the matmul), and the real
+    and imaginary rows of X go through each part in one batched matmul."""
+    count, batch = xf.shape[:2]
+    w = (torch.cat([spectrum.real, spectrum.imag]) @ m.flatten(1)).view(2, count, *m.shape[1:])
+    rows = torch.cat([xf.real, xf.imag], 1)  # (F, 2B, dim)
+    by_real, by_imag = torch.bmm(rows, w[0]), torch.bmm(rows, w[1])
+    return torch.complex(by_real[:, :batch] - by_imag[:, batch:], by_imag[:, :batch] + by_real[:, batch:])
+
+
 class _KernelMix(torch.autograd.Function):
     """Y(f) = X(f) @ W(f) with W(f) = sum_k S[f, k] M[k], a few frequencies at a time.
 
@@ -127,10 +138,7 @@ class _KernelMix(torch.autograd.Function):
     def forward(ctx, xf: torch.Tensor, spectrum: torch.Tensor, m: torch.Tensor, chunk: int) -> torch.Tensor:
         ctx.save_for_backward(xf, spectrum, m)
         ctx.chunk = chunk
-        pieces = [
-            torch.bmm(xf[f : f + chunk], _frequency_kernel(spectrum[f : f + chunk], m))
-            for f in range(0, xf.shape[0], chunk)
-        ]
+        pieces = [_mixed(xf[f : f + chunk], spectrum[f : f + chunk], m) for f in range(0, xf.shape[0], chunk)]
         return torch.cat(pieces)
 
     @staticmethod

@@ -9,6 +9,7 @@ fast op                                          reference (a loop over time)
   scan(u, A, B, C, chunk, dtype)                   scan_ref(u, A, B, C)
   final_state(u, A, B, dtype)                      scan_ref's second result
   state_response(x0, A, C, T, dtype)               (x = A x from x0, zero inputs, in a loop)
+  mapped_state_response(x0, A, maps, T)            (the same, read out and projected)
 (the impulse response, G[t] = sum_j C[j] B[j] A[j]^t, is `ops.lds_conv.impulse_response` and its
 reference `impulse_response_ref`.)
 
@@ -114,6 +115,17 @@ def state_response(
         else:
             out = torch.einsum("bch,th,chf->btcf", x0, pw.to(dtype), C)
     return out, x0 * pw[-1].to(dtype)
+
+
+def mapped_state_response(state: torch.Tensor, A: torch.Tensor, maps: torch.Tensor, T: int) -> torch.Tensor:
+    """What a state x0 (batch, ch, h) adds to the next T outputs of a layer whose readout and output
+    projection fold into one map per state, maps (h, out, ch): sum_j A_j^(t+1) maps[j] x0[:, :, j], as
+    (batch, T, out) in `table_dtype`. It costs batch h ch out + batch T h out multiply-adds instead of
+    `state_response`'s readouts of every channel at every step and their projection."""
+    tdt = table_dtype(state.device)
+    with torch.autocast(state.device.type, enabled=False):
+        mapped = torch.einsum("bcj,joc->bjo", state.to(tdt), maps.to(tdt))  # (batch, h, out)
+        return torch.einsum("th,bho->bto", powers(A.to(tdt), 1, T), mapped)
 
 
 def scan_ref(
