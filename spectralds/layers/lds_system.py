@@ -298,11 +298,8 @@ class LDS(ConvolutionPaths, SequenceLayer):
         return state
 
     def _step_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A, B and the step's readout (`_step_readout`), in the run dtype.
-
-        Cached across decoding steps while autograd is off; the cache holds the source tensors and
-        their versions, so an optimizer step, a load or a new system invalidates it.
-        """
+        """A, B and the step's readout (`_step_readout`) in the run dtype, cached across decoding steps while
+        autograd is off: keyed by the source tensors and their versions (an optimizer step invalidates it)."""
         sources = [(t, t._version) for t in (*self.parameters(), *self.buffers())]
         cached = self._step_cache
         if not torch.is_grad_enabled() and cached is not None and len(cached[0]) == len(sources):
