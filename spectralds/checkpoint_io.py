@@ -14,15 +14,14 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from spectralds.errors import MissingFileError, NonFiniteError, UserError, UserTypeError, first_line
-from spectralds.io import atomic_write
+from spectralds.errors import NonFiniteError, UserError, UserTypeError, first_line
+from spectralds.io import atomic_write, input_file
 
 # Old checkpoints name one of our models by its bare class name instead of a class path.
 _OLD_MODEL_NAMES = {
@@ -53,13 +52,7 @@ def _torch_load(
     path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False, weights_only: bool = True
 ) -> Any:
     """torch.load (weights_only unless told) with one-line errors naming the file (local paths only)."""
-    file = Path(path)
-    if file.is_dir():
-        raise UserError(f"checkpoint {file} is a directory, not a checkpoint file")
-    if not file.is_file():
-        if file.exists():  # /dev/zero, a FIFO: torch.load would read forever or block
-            raise UserError(f"checkpoint {file} is not a regular file")
-        raise MissingFileError(f"checkpoint {file} does not exist")
+    file = input_file(path, "checkpoint")
     try:
         return torch.load(file, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as e:  # truncated, corrupt, or holding objects we refuse to unpickle

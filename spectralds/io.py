@@ -19,7 +19,7 @@ from typing import IO
 
 import torch
 
-from spectralds.errors import FileWriteError, UserError, first_line
+from spectralds.errors import FileWriteError, MissingFileError, UserError, first_line
 
 
 def cache_dir() -> Path:
@@ -54,12 +54,29 @@ def check_output_path(path: str | os.PathLike, make_parents: bool = False) -> Pa
     return path
 
 
+def input_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a file to read, checked before it is opened: a directory, or a path that is not a regular
+    file (/dev/zero, a FIFO: a reader would run forever or block), is a one-line UserError naming `what`,
+    a missing one a MissingFileError."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory")
+    if not path.is_file():
+        if path.exists():
+            raise UserError(f"{what} {path} is not a regular file")
+        raise MissingFileError(f"{what} {path} does not exist")
+    return path
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one file: links and other spellings included (resolved paths when one
-    does not exist yet)."""
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return Path(a).resolve() == Path(b).resolve()
+    does not exist yet, or cannot be inspected)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _umask() -> int:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from spectralds.errors import MissingFileError, UserError, first_line
-from spectralds.io import atomic_write
+from spectralds.io import atomic_write, input_file
 
 # The pre-tokenization regexes that OpenAI's encodings were trained with. A rank file does not
 # record its regex: the right one is named when the file is loaded, or follows an official file name.
@@ -280,13 +280,10 @@ def _tiktoken_hint(path: Path) -> str:
 
 
 def _existing_file(path: str | os.PathLike, what: str, hint: str = "") -> Path:
-    """`path`, which must be a file; the error names the absolute path looked for (a relative one is
-    read from the current directory)."""
+    """`path`, which must be a file (`io.input_file`); the error names the absolute path looked for (a
+    relative one is read from the current directory) and, when it is missing, `hint`."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"{what} {path.absolute()} is a directory")
-    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: read forever or block
-        raise UserError(f"{what} {path.absolute()} is not a regular file")
-    if not path.is_file():
+    if not path.exists():
         raise MissingFileError(f"{what} not found: {path.absolute()}{hint}")
+    input_file(path.absolute(), what)
     return path

@@ -28,9 +28,9 @@ import torch
 from safetensors import safe_open
 
 from spectralds.distill.measure import cancellation_factor, float32_check, relative_mse, target_filters
-from spectralds.errors import MissingFileError, UserError, check_float
+from spectralds.errors import UserError, check_float
 from spectralds.filters import MAX_SEQ_LEN, check_size, spectral_filters
-from spectralds.io import atomic_write, tensor_hash
+from spectralds.io import atomic_write, input_file, tensor_hash
 from spectralds.ops.lds_conv import impulse_response_ref
 
 FORMAT = "spectralds-lds"
@@ -162,12 +162,7 @@ def save_fit(fit: LDSFit, path: str | os.PathLike) -> None:
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if path.is_dir():
-        raise UserError(f"LDS fit file {path} is a directory")
-    if not path.is_file():
-        if path.exists():  # /dev/zero, a FIFO
-            raise UserError(f"LDS fit file {path} is not a regular file")
-        raise MissingFileError(f"LDS fit file {path} does not exist")
+    input_file(path, "LDS fit file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

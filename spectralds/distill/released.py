@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from spectralds.distill.fit import relative_mse, target_filters
 from spectralds.distill.lds_file import LDSFit, measured_fit
-from spectralds.errors import MissingFileError, UserError, check_int, first_line
+from spectralds.errors import UserError, check_int, first_line
 from spectralds.filters import MAX_SEQ_LEN, check_size, spectral_filters
+from spectralds.io import input_file
 from spectralds.ops.lds_conv import impulse_response_ref
 
 F64 = torch.float64
@@ -69,13 +69,7 @@ def read_released(path: str | os.PathLike, num_filters: int, seq_len: int) -> tu
     a sparse or meta tensor, wrong shapes, a filter count other than `num_filters`, more states than
     can be measured at `seq_len` (`check_size`), non-finite values, |A| > 1.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"fit file {path} is a directory")
-    if not path.is_file():
-        if path.exists():  # /dev/zero, a FIFO: the unpickler would read forever or block
-            raise UserError(f"fit file {path} is not a regular file")
-        raise MissingFileError(f"fit file {path} does not exist")
+    path = input_file(path, "fit file")
     try:  # weights_only: a released file is data, never code to run
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # garbage makes the unpickler fail with many types (IndexError, KeyError, ...)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from spectralds.errors import UserError
-from spectralds.io import check_output_path
+from spectralds.io import check_output_path, same_file
 
 REPORT_MARK = "<!-- written by spectralds eval -->"
 
@@ -30,15 +30,6 @@ def run_name(label: str) -> str:
     """A label as one folder name: letters, digits, - _ . kept, anything else "_", never "." or ".."."""
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
     return name if name.strip(".") else "_" * max(len(name), 1)
-
-
-def _same(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def eval_inputs(
@@ -71,7 +62,7 @@ def task_files(folder: Path) -> list[Path]:
 
 def _not_an_input(option: str, path: Path, inputs: Iterable[tuple[str, Path]]) -> None:
     for what, source in inputs:
-        if _same(path, source):
+        if same_file(path, source):
             raise UserError(f"{option} {path} is the {what} this evaluation reads; write elsewhere")
 
 
@@ -114,7 +105,7 @@ def _check_log_dir(
         _not_an_input("--log-dir", folder, inputs)
         if folder.exists() and not folder.is_dir():
             raise UserError(f"cannot log to {folder}: it exists and is not a directory")
-        if output is not None and (_same(folder, Path(output)) or _same(folder, report_path(output))):
+        if output is not None and (same_file(folder, Path(output)) or same_file(folder, report_path(output))):
             raise UserError(f"--log-dir {log_dir} and --output {output} name the same place")
 
 
