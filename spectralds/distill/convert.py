@@ -32,7 +32,7 @@ from torch import nn
 
 from spectralds.distill.bank_match import fit_for_bank
 from spectralds.distill.lds_file import LDSFit
-from spectralds.distill.measure import relative_mse, target_filters
+from spectralds.distill.measure import output_rel_mse, relative_mse, target_filters
 from spectralds.distill.run_precision import rebuilt, run_error
 from spectralds.errors import UserError, UserTypeError
 from spectralds.layers import build_layer
@@ -168,8 +168,7 @@ def layer_errors(
     run dtype against its own float64 forward) on the same probe input."""
     small_stu, small_lds, width = _probe_pair(stu, lds, channels)
     x = torch.randn(1, stu.seq_len, width, generator=torch.Generator().manual_seed(seed)).to(stu.phi.device)
-    ref, out = small_stu(x).double(), small_lds(x).double()
-    error = ((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300)).item()
+    error = output_rel_mse(small_lds(x), small_stu(x))
     return error, run_error(rebuilt(small_lds, lds.run_dtype), x)  # run as the layer runs
 
 

@@ -31,6 +31,13 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor, per_filter: bool = Fa
     return err.sum(dim=0) / torch.where(ref > 0, ref, 1.0)
 
 
+def output_rel_mse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """sum (out - ref)^2 / sum ref^2 over every element, in float64, of a layer's outputs against a
+    reference output (a zero reference, say a zero-initialised projection, gives no division by zero)."""
+    out, ref = out.to(F64), ref.to(F64)
+    return ((out - ref).square().sum() / ref.square().sum().clamp_min(1e-300)).item()
+
+
 def float32_recurrence(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The plain float32 loop x_t = A x_{t-1} + B u_t, y_t = C^T x_t (`ops.lds_scan.scan_ref` run in
     float32) for a 1-d input u (T,): y (T, 2K)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spectralds.distill.measure import output_rel_mse
 from spectralds.layers import build_layer
 
 PROMPT_FRACTION = 4  # the prefill covers the first 1/4 of the probe; decoding steps through the rest
@@ -33,11 +34,6 @@ def rebuilt(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
 def float64_twin(layer: nn.Module) -> nn.Module:
     """The same LDS layer built to run in float64: the reference of `run_error`."""
     return rebuilt(layer, torch.float64)
-
-
-def _relative_mse(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).square().sum() / ref.square().sum().clamp_min(1e-300)).item()
 
 
 @torch.no_grad()
@@ -64,9 +60,9 @@ def run_error(layer: nn.Module, x: torch.Tensor) -> float:
     try:
         for path in PATHS:
             layer.conv_path = path
-            errors.append(_relative_mse(layer(x), reference))
+            errors.append(output_rel_mse(layer(x), reference))
             if prompt_len < x.shape[1]:  # a one-step probe has nothing to decode
-                errors.append(_relative_mse(decode_outputs(layer, x, prompt_len), reference[:, prompt_len:]))
+                errors.append(output_rel_mse(decode_outputs(layer, x, prompt_len), reference[:, prompt_len:]))
     finally:
         layer.conv_path = pinned
     return max(errors)
