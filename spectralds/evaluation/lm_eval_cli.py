@@ -67,9 +67,9 @@ def _default_device(args: list[str]) -> list[str]:
     named = any(a in ("--device", "--config", "-C") or a.startswith(("--device=", "--config=")) for a in args)
     if command != "run" or len(args) < 2 or named:
         return []  # another subcommand, a device given, or a config file that may name one
-    import torch
+    from spectralds.evaluation.backend_args import resolve_device
 
-    return ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    return ["--device", str(resolve_device(None))]
 
 
 if __name__ == "__main__":
